@@ -1,0 +1,205 @@
+"""Open a local Hugging Face checkpoint folder: config, shards, index and fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+from surgery.safetensors_header import ShardHeader, TensorInfo, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Weight formats we recognise but never read: loading them means unpickling.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: its shard and its header entry."""
+
+    shard: ShardHeader
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A validated safetensors checkpoint folder.
+
+    Attributes:
+        path: the folder, resolved.
+        config: the parsed `config.json`.
+        shards: shard headers, in the order their files are named (index order).
+        index: the parsed index JSON, or None for a single-file checkpoint.
+        tensors: every tensor name mapped to its shard and header entry.
+    """
+
+    path: Path
+    config: dict
+    shards: tuple[ShardHeader, ...]
+    index: dict | None
+    tensors: dict[str, TensorRef]
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the config and every tensor's name, dtype and shape.
+
+        It identifies *which* model this is without hashing gigabytes of weights: a
+        manifest made for one checkpoint is refused for another.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode())
+        for name in sorted(self.tensors):
+            t = self.tensors[name].info
+            h.update(f"\n{name}\t{t.dtype}\t{list(t.shape)}".encode())
+        return "sha256:" + h.hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(ref.info.nbytes for ref in self.tensors.values())
+
+    def summary(self) -> dict:
+        """What `surgery inspect` prints: architecture, sizes, dtypes and storage."""
+        # Multimodal configs keep the language model's fields in text_config.
+        cfg = {**self.config.get("text_config", {}), **self.config}
+        dtypes: dict[str, int] = {}
+        for ref in self.tensors.values():
+            dtypes[ref.info.dtype] = dtypes.get(ref.info.dtype, 0) + 1
+        return {
+            "path": str(self.path),
+            "model_type": cfg.get("model_type"),
+            "architectures": cfg.get("architectures"),
+            "layers": cfg.get("num_hidden_layers"),
+            "hidden_size": cfg.get("hidden_size"),
+            "vocab_size": cfg.get("vocab_size"),
+            # Absent from some configs; a checkpoint without lm_head.weight is tied in practice.
+            "tied_embeddings": cfg.get("tie_word_embeddings", "lm_head.weight" not in self.tensors),
+            "dtypes": dict(sorted(dtypes.items())),
+            "shards": len(self.shards),
+            "tensors": len(self.tensors),
+            "total_bytes": self.total_bytes,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and validate a local checkpoint folder.
+
+    Accepts a folder with a single `model.safetensors`, or shards listed in
+    `model.safetensors.index.json`. Every shard header is parsed and validated.
+
+    Args:
+        path: the checkpoint folder.
+
+    Returns:
+        The validated checkpoint.
+
+    Raises:
+        SurgeryError: the folder is missing, holds no safetensors weights, or any
+            header, index or config is malformed.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise SurgeryError(f"{folder}: no such checkpoint folder; check the path")
+    if not folder.is_dir():
+        raise SurgeryError(f"{folder}: not a folder; pass the checkpoint folder, not a file inside it")
+    folder = folder.resolve()
+
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        index = _read_json(index_path, "index")
+        shard_names = _index_shards(folder, index)
+    elif (folder / SINGLE_FILE).is_file():
+        index = None
+        shard_names = [SINGLE_FILE]
+    else:
+        raise SurgeryError(_no_weights_message(folder))
+
+    shards = tuple(read_header(folder / name) for name in shard_names)
+    tensors: dict[str, TensorRef] = {}
+    for shard in shards:
+        for info in shard.tensors:
+            if info.name in tensors:
+                raise SurgeryError(
+                    f"{folder}: tensor {info.name!r} appears in both {tensors[info.name].shard.path.name} "
+                    f"and {shard.path.name}; the checkpoint is corrupt"
+                )
+            tensors[info.name] = TensorRef(shard, info)
+    if index is not None:
+        _check_index_matches(folder, index, tensors)
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SurgeryError(f"{folder}: no config.json; a Hugging Face checkpoint folder needs one")
+    config = _read_json(config_path, "config")
+    return Checkpoint(path=folder, config=config, shards=shards, index=index, tensors=tensors)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"{path}: cannot parse {what} JSON ({e}); the file is corrupt") from None
+    if not isinstance(obj, dict):
+        raise SurgeryError(f"{path}: {what} is not a JSON object; the file is corrupt")
+    return obj
+
+
+def _index_shards(folder: Path, index: dict) -> list[str]:
+    """Shard file names from an index, sorted, each checked to be a plain name of an existing file."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SurgeryError(f"{folder / INDEX_FILE}: no weight_map; the index is corrupt")
+    names: list[str] = []
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not _is_plain_file_name(name):
+            raise SurgeryError(
+                f"{folder / INDEX_FILE}: tensor {tensor!r} names shard {name!r}, which is not a plain file name "
+                "inside the checkpoint folder; refusing a path outside it"
+            )
+        if name not in names:
+            names.append(name)
+    for name in names:
+        if not (folder / name).is_file():
+            raise SurgeryError(f"{folder}: index names shard {name!r}, which is missing; re-download the checkpoint")
+    return sorted(names)
+
+
+def _is_plain_file_name(name: str) -> bool:
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not Path(name).is_absolute()
+    )
+
+
+def _check_index_matches(folder: Path, index: dict, tensors: dict[str, TensorRef]) -> None:
+    weight_map: dict[str, str] = index["weight_map"]
+    for name, shard_name in weight_map.items():
+        ref = tensors.get(name)
+        if ref is None or ref.shard.path.name != shard_name:
+            raise SurgeryError(
+                f"{folder / INDEX_FILE}: tensor {name!r} is listed in {shard_name} but is not there; "
+                "the index and shards disagree, re-download the checkpoint"
+            )
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise SurgeryError(
+            f"{folder / INDEX_FILE}: tensor {extra[0]!r} is in a shard but not in the index; "
+            "the index and shards disagree, re-download the checkpoint"
+        )
+
+
+def _no_weights_message(folder: Path) -> str:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return (
+            f"{folder}: only pickle weights ({', '.join(pickles[:3])}); surgery requires safetensors. Convert with: "
+            'python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\""
+        )
+    return f"{folder}: no model.safetensors or {INDEX_FILE}; pass a Hugging Face checkpoint folder"

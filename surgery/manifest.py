@@ -1,0 +1,263 @@
+"""The module manifest: the JSON contract between analysis and transplant.
+
+A manifest ranks every transplantable module of a source/target pair. It is validated
+against `manifests/schema.json` on load, and selection (top-K, kind, layers, names)
+happens here so that `transplant`, `sweep` and the Python API all select the same way.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from surgery.errors import SurgeryError
+
+SCHEMA_VERSION = 1
+KINDS = ("attn", "mlp", "other")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: str
+    revision: str | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    sha256: str
+    prompts: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: dict
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One ranked module. `a_src`/`a_tgt` are None for methods without activations."""
+
+    name: str
+    kind: str
+    layer: int | None
+    tensors: tuple[str, ...]
+    shape: tuple[int, ...]
+    a_src: float | None
+    a_tgt: float | None
+    score: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. `modules` are sorted by rank (1 = transplant first)."""
+
+    created_by: str
+    source: ModelRef
+    target: ModelRef
+    workload: Workload | None
+    method: Method
+    modules: tuple[ModuleEntry, ...]
+    excluded: tuple[tuple[str, str], ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "created_by": self.created_by,
+            "source": asdict(self.source),
+            "target": asdict(self.target),
+            "workload": asdict(self.workload) if self.workload else None,
+            "method": {"name": self.method.name, "params": self.method.params},
+            "modules": [{**asdict(m), "tensors": list(m.tensors), "shape": list(m.shape)} for m in self.modules],
+            "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+        }
+
+
+def schema() -> dict:
+    """The manifest JSON schema (also at `manifests/schema.json`)."""
+    return json.loads(resources.files("surgery").joinpath("manifest.schema.json").read_text())
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read a manifest file and validate it against the schema.
+
+    Args:
+        path: the manifest JSON file.
+
+    Returns:
+        The manifest, modules sorted by rank.
+
+    Raises:
+        SurgeryError: the file is missing, not JSON, of another schema version, or
+            invalid against the schema.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SurgeryError(f"{path}: no such manifest; check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"{path}: manifest is not valid JSON ({e}); regenerate it with `surgery manifest`") from None
+    return manifest_from_dict(obj, str(path))
+
+
+def manifest_from_dict(obj: object, where: str = "manifest") -> Manifest:
+    """Validate a parsed manifest (see `load_manifest`)."""
+    import jsonschema
+
+    version = obj.get("schema_version") if isinstance(obj, dict) else None
+    if version != SCHEMA_VERSION:
+        raise SurgeryError(
+            f"{where}: schema_version {version!r} is not supported (this surgery reads version {SCHEMA_VERSION}); "
+            "regenerate the manifest with this version of surgery"
+        )
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema()).iter_errors(obj))
+    if error is not None:
+        at = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise SurgeryError(f"{where}: invalid manifest at {at}: {error.message}; see manifests/schema.json")
+
+    modules = sorted(
+        (
+            ModuleEntry(
+                name=m["name"],
+                kind=m["kind"],
+                layer=m["layer"],
+                tensors=tuple(m["tensors"]),
+                shape=tuple(m["shape"]),
+                a_src=m["a_src"],
+                a_tgt=m["a_tgt"],
+                score=m["score"],
+                rank=m["rank"],
+            )
+            for m in obj["modules"]
+        ),
+        key=lambda m: m.rank,
+    )
+    names = [m.name for m in modules]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SurgeryError(f"{where}: module {dup!r} is listed twice; each module must appear once")
+    if [m.rank for m in modules] != list(range(1, len(modules) + 1)):
+        raise SurgeryError(f"{where}: ranks must be 1..{len(modules)} with no gaps or ties")
+    workload = obj["workload"]
+    return Manifest(
+        created_by=obj["created_by"],
+        source=ModelRef(**obj["source"]),
+        target=ModelRef(**obj["target"]),
+        workload=Workload(**workload) if workload else None,
+        method=Method(name=obj["method"]["name"], params=obj["method"].get("params", {})),
+        modules=tuple(modules),
+        excluded=tuple((e["name"], e["reason"]) for e in obj["excluded"]),
+    )
+
+
+def save_manifest(manifest: Manifest, path: str | Path) -> None:
+    """Validate and write a manifest atomically (a temp file renamed into place)."""
+    obj = manifest.to_dict()
+    manifest_from_dict(obj, str(path))
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a (small) file's bytes, as recorded in provenance."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Selectable(Protocol):
+    name: str
+    kind: str
+    layer: int | None
+
+
+T = TypeVar("T", bound=Selectable)
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """Parse `A-B` (inclusive) or `A` into a layer range.
+
+    Raises:
+        SurgeryError: the text is not a range of non-negative integers with A <= B.
+    """
+    lo, sep, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+        raise SurgeryError(f"layer range {text!r} is not of the form A-B (e.g. 0-11) or A") from None
+    if a < 0 or b < a:
+        raise SurgeryError(f"layer range {text!r} is empty or negative; use A-B with 0 <= A <= B")
+    return a, b
+
+
+def select_modules(
+    modules: Sequence[T],
+    top_k: int | None = None,
+    only: str | None = None,
+    layers: tuple[int, int] | None = None,
+    patterns: Sequence[str] = (),
+) -> list[T]:
+    """Select modules: filter by kind, layers and name patterns, then take the first K.
+
+    Args:
+        modules: manifest entries in rank order, or candidates in module order.
+        top_k: keep the first K modules left after filtering; None keeps all.
+        only: keep one kind (`attn`, `mlp` or `other`).
+        layers: keep layers in this inclusive range.
+        patterns: keep modules whose name matches any glob pattern (exact names work too).
+
+    Returns:
+        The selected modules, in input order.
+
+    Raises:
+        SurgeryError: K <= 0 or more than the modules available, an unknown kind, or a
+            pattern that matches no module.
+    """
+    if only is not None and only not in KINDS:
+        raise SurgeryError(f"unknown module kind {only!r}; use one of {', '.join(KINDS)}")
+    chosen = [
+        m
+        for m in modules
+        if (only is None or m.kind == only)
+        and (layers is None or (m.layer is not None and layers[0] <= m.layer <= layers[1]))
+    ]
+    if patterns:
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(m.name, p) for m in chosen):
+                raise SurgeryError(
+                    f"--module pattern {p!r} matches no transplantable module; run `surgery compat` to list them"
+                )
+        chosen = [m for m in chosen if any(fnmatch.fnmatchcase(m.name, p) for p in patterns)]
+    if top_k is not None:
+        if top_k <= 0:
+            raise SurgeryError(f"--top-k must be a positive integer, got {top_k}")
+        if top_k > len(chosen):
+            raise SurgeryError(
+                f"--top-k {top_k} is more than the {len(chosen)} modules available after filtering; "
+                f"use --top-k {len(chosen)} or fewer"
+            )
+        chosen = chosen[:top_k]
+    if not chosen:
+        raise SurgeryError("the selection is empty; loosen --only/--layers or check the manifest")
+    return chosen

@@ -1,0 +1,123 @@
+"""Bounded-memory byte movement between safetensors files.
+
+Everything here works on file descriptors and offsets, in chunks of at most
+`CHUNK_BYTES`, so memory use does not depend on tensor or checkpoint size.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+# safetensors dtype -> torch dtype attribute name (torch is imported lazily: `inspect`
+# and `verify` of same-dtype checkpoints never need it).
+_TORCH_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[name])
+
+
+def check_convertible(src: str, dst: str, what: str) -> None:
+    """Refuse a dtype conversion we cannot do in chunks with torch."""
+    if src == dst:
+        return
+    if src not in _TORCH_NAMES or dst not in _TORCH_NAMES:
+        raise SurgeryError(f"{what}: cannot convert {src} to {dst}; convert the source checkpoint to {dst} first")
+    floating = (torch_dtype(src).is_floating_point, torch_dtype(dst).is_floating_point)
+    if floating != (True, True):
+        raise SurgeryError(
+            f"{what}: source dtype {src} differs from target dtype {dst} and only float-to-float casts are done"
+        )
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
+    """Copy `n` bytes between files, in the kernel when it can (`os.copy_file_range`).
+
+    Falls back to `pread`/`pwrite` through a bounded buffer where the kernel or
+    filesystem cannot (other OS, cross-device on old kernels).
+    """
+    if hasattr(os, "copy_file_range"):
+        try:
+            while n > 0:
+                done = os.copy_file_range(src_fd, dst_fd, min(n, 1 << 30), src_off, dst_off)
+                if done == 0:
+                    raise SurgeryError("source file ended early while copying; was it modified during the run?")
+                src_off, dst_off, n = src_off + done, dst_off + done, n - done
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    for chunk in read_chunks(src_fd, src_off, n):
+        write_all(dst_fd, dst_off, chunk)
+        dst_off += len(chunk)
+
+
+def read_chunks(fd: int, offset: int, n: int, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield `n` bytes from `fd` at `offset`, at most `chunk` bytes at a time."""
+    while n > 0:
+        data = os.pread(fd, min(n, chunk), offset)
+        if not data:
+            raise SurgeryError("file ended early while reading; was it modified during the run?")
+        yield data
+        offset, n = offset + len(data), n - len(data)
+
+
+def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def converted_chunks(fd: int, offset: int, n: int, src: str, dst: str) -> Iterator[bytes]:
+    """Yield a tensor's bytes read as dtype `src` and cast to `dst`, chunk by chunk.
+
+    Chunks are cut on element boundaries, so each cast sees whole elements.
+    """
+    if src == dst:
+        yield from read_chunks(fd, offset, n)
+        return
+    import torch
+
+    src_t, dst_t = torch_dtype(src), torch_dtype(dst)
+    step = CHUNK_BYTES - CHUNK_BYTES % src_t.itemsize
+    for data in read_chunks(fd, offset, n, step):
+        cast = torch.frombuffer(bytearray(data), dtype=src_t).to(dst_t)
+        yield cast.view(torch.uint8).numpy().tobytes()
+
+
+def sha256_range(fd: int, offset: int, n: int) -> str:
+    h = hashlib.sha256()
+    for data in read_chunks(fd, offset, n):
+        h.update(data)
+    return h.hexdigest()

@@ -1,0 +1,392 @@
+"""Plan and write a patched checkpoint: the target's tensors, selected modules from the source.
+
+The output's tensor names, dtypes, shapes and offsets equal the target's, so every
+output header is known before a byte is written. Data moves with `os.copy_file_range`
+(no user-space copy) or through a bounded buffer, so peak memory does not grow with the
+checkpoint. The output is built in a temp folder beside OUT, fsynced and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from surgery import __version__
+from surgery.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from surgery.errors import SurgeryError
+from surgery.manifest import Manifest, file_sha256, load_manifest, select_modules
+from surgery.modules import Compatibility, find_candidates
+from surgery.safetensors_header import encode_header
+from surgery.streaming import check_convertible, converted_chunks, copy_range, sha256_range, write_all
+
+RECORD_FILE = "transplant.json"
+# Files of the target that are not copied: weights (rewritten or stale) and the model card.
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", *PICKLE_SUFFIXES)
+_SKIPPED_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md", RECORD_FILE}
+_SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
+_TMP_PREFIX = ".surgery-tmp-"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of output bytes taken from one input file at one offset (absolute offsets)."""
+
+    src_path: Path
+    src_off: int
+    src_nbytes: int
+    dst_off: int
+    nbytes: int
+    src_dtype: str
+    dst_dtype: str
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    header: bytes
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class TransplantResult:
+    """What `transplant` wrote.
+
+    Attributes:
+        out: the output folder.
+        modules: the transplanted module names, in selection order.
+        tensors: tensor name -> sha256 of its bytes in the output, for tensors from the source.
+        bytes_written: tensor data bytes written.
+    """
+
+    out: Path
+    modules: tuple[str, ...]
+    tensors: dict[str, str]
+    bytes_written: int
+
+
+def transplant(
+    target: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    top_k: int | None = None,
+    only: str | None = None,
+    layers: tuple[int, int] | None = None,
+    modules: Sequence[str] = (),
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> TransplantResult:
+    """Write a copy of `target` with the selected modules' tensors taken from `source`.
+
+    Select with a manifest (`manifest` + `top_k`, optionally `only`/`layers`/`modules`
+    as filters) or by name alone (`modules` glob patterns over the candidates).
+
+    Args:
+        target: the checkpoint folder to patch (never modified).
+        source: the checkpoint folder modules are taken from (never modified).
+        out: the output folder; must not exist unless `overwrite`.
+        manifest: a module manifest ranking the candidates.
+        top_k: transplant the K best-ranked modules left after filtering.
+        only: restrict to one kind: `attn`, `mlp` or `other`.
+        layers: restrict to an inclusive layer range.
+        modules: module names or glob patterns.
+        force: accept a manifest whose fingerprints do not match (with a warning).
+        overwrite: replace an existing `out`, only once the new output is complete.
+        progress: show a progress bar of bytes.
+        trust_remote_code: allow configs that need custom model code.
+
+    Returns:
+        What was written.
+
+    Raises:
+        SurgeryError: any input is invalid; nothing is written in that case.
+    """
+    tgt, src = open_checkpoint(target), open_checkpoint(source)
+    out = _check_out(Path(out), tgt, src, overwrite)
+    compat = find_candidates(src, tgt, trust_remote_code)
+    man = load_manifest(manifest) if manifest is not None else None
+    selected = _select(compat, man, top_k, only, layers, modules)
+    if man is not None:
+        _check_fingerprints(man, src, tgt, force)
+    from_source = {t for c in selected for t in c.tensors}
+    provenance = {
+        "tool": f"surgery {__version__}",
+        "source": {"path": str(src.path), "fingerprint": src.fingerprint},
+        "target": {"path": str(tgt.path), "fingerprint": tgt.fingerprint},
+        "manifest": None
+        if man is None
+        else {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
+    }
+    plans = _plan(tgt, src, from_source, provenance)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
+    _chmod_like_mkdir(tmp)
+    try:
+        hashes = _write_shards(tmp, plans, tgt, from_source, progress)
+        _copy_extra_files(tgt.path, tmp)
+        if tgt.index is not None:
+            _write_json(tmp / INDEX_FILE, tgt.index)
+        record = {
+            **provenance,
+            "selection": {
+                "top_k": top_k,
+                "only": only,
+                "layers": list(layers) if layers else None,
+                "patterns": list(modules),
+            },
+            "modules": [c.name for c in selected],
+            "tensors": [
+                {
+                    "name": name,
+                    "dtype": tgt.tensors[name].info.dtype,
+                    "source_dtype": src.tensors[name].info.dtype,
+                    "sha256": hashes[name],
+                }
+                for name in sorted(hashes)
+            ],
+        }
+        _write_json(tmp / RECORD_FILE, record)
+        _fsync_dir(tmp)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TransplantResult(out, tuple(c.name for c in selected), hashes, tgt.total_bytes)
+
+
+def _check_out(out: Path, tgt: Checkpoint, src: Checkpoint, overwrite: bool) -> Path:
+    resolved = out.resolve()
+    for what, ckpt in (("target", tgt), ("source", src)):
+        if resolved == ckpt.path or ckpt.path in resolved.parents:
+            raise SurgeryError(f"output {out} is inside the {what} checkpoint; choose a folder outside it")
+        if resolved in ckpt.path.parents:
+            raise SurgeryError(f"output {out} contains the {what} checkpoint; choose another folder")
+    if resolved.exists() and not overwrite:
+        raise SurgeryError(f"output {out} already exists; choose a new path or pass --overwrite")
+    if resolved.exists() and not resolved.is_dir():
+        raise SurgeryError(f"output {out} exists and is not a folder; remove it or choose another path")
+    return resolved
+
+
+def _select(
+    compat: Compatibility,
+    man: Manifest | None,
+    top_k: int | None,
+    only: str | None,
+    layers: tuple[int, int] | None,
+    patterns: Sequence[str],
+):
+    by_name = {c.name: c for c in compat.candidates}
+    if man is None:
+        if top_k is not None:
+            raise SurgeryError("--top-k ranks modules and needs --manifest; or name modules with --module")
+        if not patterns:
+            raise SurgeryError("nothing selected: pass --manifest M --top-k K, or --module PATTERN")
+        return select_modules(compat.candidates, only=only, layers=layers, patterns=patterns)
+    if top_k is None and not patterns:
+        raise SurgeryError("a manifest needs --top-k K (or --module PATTERN) to say how many modules to transplant")
+    entries = select_modules(man.modules, top_k=top_k, only=only, layers=layers, patterns=patterns)
+    reasons = dict(compat.excluded)
+    chosen = []
+    for e in entries:
+        c = by_name.get(e.name)
+        if c is None:
+            why = reasons.get(e.name, "no such module in these checkpoints")
+            raise SurgeryError(f"manifest module {e.name!r} is not transplantable ({why}); regenerate the manifest")
+        if c.tensors != e.tensors or c.shape != e.shape:
+            raise SurgeryError(
+                f"manifest module {e.name!r} lists tensors {list(e.tensors)} of shape {list(e.shape)}, but the "
+                f"checkpoints have {list(c.tensors)} of shape {list(c.shape)}; regenerate the manifest"
+            )
+        chosen.append(c)
+    return chosen
+
+
+def _check_fingerprints(man: Manifest, src: Checkpoint, tgt: Checkpoint, force: bool) -> None:
+    for what, ref, ckpt in (("source", man.source, src), ("target", man.target, tgt)):
+        if ref.fingerprint != ckpt.fingerprint:
+            msg = f"manifest was made for {what} {ref.path} ({ref.fingerprint[:19]}…), not {ckpt.path}"
+            if not force:
+                raise SurgeryError(f"{msg}; pass the checkpoints it was made for, or --force to use it anyway")
+            print(f"warning: {msg}; continuing because of --force", file=sys.stderr)
+
+
+def _plan(tgt: Checkpoint, src: Checkpoint, from_source: set[str], provenance: dict) -> list[ShardPlan]:
+    """Compute every output header and every byte's origin, validating dtypes first."""
+    for name in sorted(from_source):
+        check_convertible(src.tensors[name].info.dtype, tgt.tensors[name].info.dtype, f"tensor {name}")
+    provenance_json = json.dumps(provenance, sort_keys=True)
+    plans = []
+    for shard in tgt.shards:
+        metadata = {**shard.metadata, "format": "pt", "surgery.provenance": provenance_json}
+        header = encode_header(list(shard.tensors), metadata)
+        pieces = []
+        for info in shard.tensors:
+            dst_off = len(header) + info.begin
+            if info.name in from_source:
+                ref = src.tensors[info.name]
+                pieces.append(
+                    Piece(
+                        ref.shard.path,
+                        ref.shard.data_start + ref.info.begin,
+                        ref.info.nbytes,
+                        dst_off,
+                        info.nbytes,
+                        ref.info.dtype,
+                        info.dtype,
+                    )
+                )
+            else:
+                pieces.append(
+                    Piece(
+                        shard.path,
+                        shard.data_start + info.begin,
+                        info.nbytes,
+                        dst_off,
+                        info.nbytes,
+                        info.dtype,
+                        info.dtype,
+                    )
+                )
+        plans.append(ShardPlan(shard.path.name, header, tuple(_coalesce(pieces))))
+    return plans
+
+
+def _coalesce(pieces: list[Piece]) -> list[Piece]:
+    """Merge neighbouring same-dtype pieces that are contiguous in the same input file."""
+    merged: list[Piece] = []
+    for p in pieces:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.src_path == p.src_path
+            and last.src_dtype == last.dst_dtype == p.src_dtype == p.dst_dtype
+            and last.src_off + last.nbytes == p.src_off
+            and last.dst_off + last.nbytes == p.dst_off
+        ):
+            n = last.nbytes + p.nbytes
+            merged[-1] = Piece(last.src_path, last.src_off, n, last.dst_off, n, p.src_dtype, p.dst_dtype)
+        else:
+            merged.append(p)
+    return merged
+
+
+def _write_shards(
+    tmp: Path, plans: list[ShardPlan], tgt: Checkpoint, from_source: set[str], progress: bool
+) -> dict[str, str]:
+    """Write every shard; return the sha256 of each source tensor as written."""
+    total = sum(p.nbytes for plan in plans for p in plan.pieces)
+    hashes: dict[str, str] = {}
+    fds: dict[Path, int] = {}
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=not progress) as bar:
+            for plan, shard in zip(plans, tgt.shards, strict=True):
+                out_path = tmp / plan.name
+                dst = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    write_all(dst, 0, plan.header)
+                    for p in plan.pieces:
+                        if p.src_path not in fds:
+                            fds[p.src_path] = os.open(p.src_path, os.O_RDONLY)
+                        src = fds[p.src_path]
+                        if p.src_dtype == p.dst_dtype:
+                            copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
+                        else:
+                            off = p.dst_off
+                            for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
+                                write_all(dst, off, chunk)
+                                off += len(chunk)
+                        bar.update(p.nbytes)
+                    os.fsync(dst)
+                    # Hash what actually landed on disk for the tensors taken from the source.
+                    rfd = os.open(out_path, os.O_RDONLY)
+                    try:
+                        for info in shard.tensors:
+                            if info.name in from_source:
+                                hashes[info.name] = sha256_range(rfd, len(plan.header) + info.begin, info.nbytes)
+                    finally:
+                        os.close(rfd)
+                finally:
+                    os.close(dst)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return hashes
+
+
+def is_copied_file(rel: Path) -> bool:
+    """Whether a file of the target folder is copied into the output as is."""
+    return (
+        not any(part in _SKIPPED_DIRS for part in rel.parts[:-1])
+        and rel.name not in _SKIPPED_NAMES
+        and not rel.name.endswith(_WEIGHT_SUFFIXES)
+        and not rel.name.startswith(_TMP_PREFIX)
+    )
+
+
+def copied_files(folder: Path) -> list[Path]:
+    """The target's non-weight files (config, tokenizer, ...), relative to `folder`."""
+    return sorted(
+        p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and is_copied_file(p.relative_to(folder))
+    )
+
+
+def _copy_extra_files(src_dir: Path, dst_dir: Path) -> None:
+    for rel in copied_files(src_dir):
+        (dst_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_dir / rel, dst_dir / rel)
+        _fsync_file(dst_dir / rel)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+        _fsync_file(d)
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    # mkdtemp creates 0700; the published folder should get the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished temp folder to `out`; an old `out` is removed only afterwards."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise SurgeryError(f"output {out} appeared during the run; choose a new path or pass --overwrite")
+        old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-old-", dir=out.parent))
+        os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    _fsync_file(out.parent)
+    if old is not None:
+        shutil.rmtree(old)

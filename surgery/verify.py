@@ -1,0 +1,149 @@
+"""Re-read a patched checkpoint and check every byte against where it should have come from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.checkpoint import Checkpoint, TensorRef, open_checkpoint
+from surgery.errors import SurgeryError
+from surgery.streaming import converted_chunks, read_chunks
+from surgery.transplant import RECORD_FILE, copied_files
+
+
+class VerificationError(SurgeryError):
+    """The output differs from what the transplant should have written. CLI exit code 1."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    tensors_checked: int
+    from_source: int
+    bytes_checked: int
+    files_checked: int
+
+
+def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyReport:
+    """Check a transplant output against its target and source, byte by byte.
+
+    Every tensor must have the target's name, dtype and shape; tensors recorded in
+    `transplant.json` must equal the source's (cast to the target dtype) and their
+    recorded sha256; all others must equal the target's. Copied files must be identical.
+
+    Args:
+        out: the patched checkpoint folder.
+        target: the target checkpoint it was made from.
+        source: the source checkpoint it was made from.
+
+    Returns:
+        Counts of what was checked.
+
+    Raises:
+        VerificationError: naming the first mismatch.
+        SurgeryError: an input is missing or malformed.
+    """
+    patched, tgt, src = open_checkpoint(out), open_checkpoint(target), open_checkpoint(source)
+    record = _read_record(patched.path)
+    for what, ckpt in (("source", src), ("target", tgt)):
+        if record.get(what, {}).get("fingerprint") != ckpt.fingerprint:
+            raise VerificationError(f"{out} was not made from {what} {ckpt.path} (fingerprint differs)")
+    expected = {t["name"]: t["sha256"] for t in record.get("tensors", [])}
+
+    if [s.path.name for s in patched.shards] != [s.path.name for s in tgt.shards]:
+        raise VerificationError(f"{out}: shard files differ from the target's")
+    if patched.index != tgt.index:
+        raise VerificationError(f"{out}: the shard index differs from the target's")
+    for shard in patched.shards:
+        if shard.metadata.get("format") != "pt":
+            raise VerificationError(f"{shard.path}: __metadata__ lacks format=pt, so transformers may refuse it")
+
+    bytes_checked = 0
+    fds: dict[Path, int] = {}
+    try:
+        for name, ref in patched.tensors.items():
+            want = tgt.tensors.get(name)
+            if want is None:
+                raise VerificationError(f"tensor {name!r}: in the output but not in the target")
+            if (ref.info.dtype, ref.info.shape) != (want.info.dtype, want.info.shape):
+                raise VerificationError(
+                    f"tensor {name!r}: output is {ref.info.dtype} {list(ref.info.shape)}, "
+                    f"target is {want.info.dtype} {list(want.info.shape)}"
+                )
+            origin, label = (src, "source") if name in expected else (tgt, "target")
+            digest = _compare(name, ref, origin, label, fds)
+            if name in expected and digest != expected[name]:
+                raise VerificationError(f"tensor {name!r}: sha256 differs from the one in {RECORD_FILE}")
+            bytes_checked += ref.info.nbytes
+        missing = sorted(set(tgt.tensors) - set(patched.tensors))
+        if missing:
+            raise VerificationError(f"tensor {missing[0]!r}: in the target but missing from the output")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+    files = copied_files(tgt.path)
+    for rel in files:
+        if not (patched.path / rel).is_file() or not _same_file(patched.path / rel, tgt.path / rel):
+            raise VerificationError(f"file {rel}: missing from the output or different from the target's")
+    return VerifyReport(len(patched.tensors), len(expected), bytes_checked, len(files))
+
+
+def _read_record(folder: Path) -> dict:
+    path = folder / RECORD_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SurgeryError(f"{folder}: no {RECORD_FILE}; this is not a `surgery transplant` output") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VerificationError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise VerificationError(f"{path}: not a JSON object")
+    return record
+
+
+def _fd(path: Path, fds: dict[Path, int]) -> int:
+    if path not in fds:
+        fds[path] = os.open(path, os.O_RDONLY)
+    return fds[path]
+
+
+def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, fds: dict[Path, int]) -> str:
+    """Stream the output tensor and its expected bytes side by side; return the output's sha256."""
+    want = origin.tensors[name]
+    out_fd = _fd(ref.shard.path, fds)
+    exp_fd = _fd(want.shard.path, fds)
+    got_chunks = read_chunks(out_fd, ref.shard.data_start + ref.info.begin, ref.info.nbytes)
+    exp_chunks = converted_chunks(
+        exp_fd, want.shard.data_start + want.info.begin, want.info.nbytes, want.info.dtype, ref.info.dtype
+    )
+    h = hashlib.sha256()
+    pending = b""
+    pos = 0
+    for exp in exp_chunks:
+        while len(pending) < len(exp):
+            pending += next(got_chunks)
+        got, pending = pending[: len(exp)], pending[len(exp) :]
+        if got != exp:
+            at = pos + next(i for i, (a, b) in enumerate(zip(got, exp, strict=True)) if a != b)
+            raise VerificationError(
+                f"tensor {name!r}: byte {at} differs from the {label} checkpoint {origin.path}; "
+                "the output is corrupt, rerun transplant"
+            )
+        h.update(got)
+        pos += len(got)
+    return h.hexdigest()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True

@@ -8,6 +8,7 @@ checkpoint. The output is built in a temp folder beside OUT, fsynced and renamed
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -189,6 +190,13 @@ def _select(
     patterns: Sequence[str],
 ):
     by_name = {c.name: c for c in compat.candidates}
+    reasons = {e.name: e.reason for e in compat.excluded}
+    for p in patterns:
+        # A pattern that names only excluded modules deserves the exclusion reason, not "matches nothing".
+        if not any(fnmatch.fnmatchcase(n, p) for n in by_name):
+            hit = next((n for n in reasons if fnmatch.fnmatchcase(n, p)), None)
+            if hit is not None:
+                raise SurgeryError(f"--module {p!r} names {hit}, which is not transplantable: {reasons[hit]}")
     if man is None:
         if top_k is not None:
             raise SurgeryError("--top-k ranks modules and needs --manifest; or name modules with --module")
@@ -198,7 +206,6 @@ def _select(
     if top_k is None and not patterns:
         raise SurgeryError("a manifest needs --top-k K (or --module PATTERN) to say how many modules to transplant")
     entries = select_modules(man.modules, top_k=top_k, only=only, layers=layers, patterns=patterns)
-    reasons = dict(compat.excluded)
     chosen = []
     for e in entries:
         c = by_name.get(e.name)

@@ -1,0 +1,305 @@
+"""Benchmark `surgery transplant` against `cp -r` and a naive from_pretrained/save_pretrained script.
+
+Writes synthetic Llama-shaped sharded bf16 checkpoints (random bytes, streamed to disk, never
+held in RAM), then measures wall time and peak RSS of each method in a fresh child process.
+
+    .venv/bin/python bench/transplant_bench.py                       # 4 GiB pair + 1 GiB naive pair
+    .venv/bin/python bench/transplant_bench.py --size-gb 0.2 --shard-gb 0.1 --naive-gb 0.1 --verify
+
+Peak RSS is the child's ru_maxrss from os.wait4: the largest RSS of any process in the child's
+tree (Linux folds reaped grandchildren into it), in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import LlamaConfig
+
+GIB = 2**30
+MIB = 2**20
+CHUNK = 64 * MIB  # write granularity: bounds the generator's memory, big enough to be disk-bound
+VOCAB = 32000
+PROJS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+# The naive way: materialise both models, copy parameters, save. Run in its own process so
+# its peak RSS is measured alone. argv: out target source module...
+NAIVE_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+out, target, source, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+tgt = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16)
+src = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+with torch.no_grad():
+    for name in names:
+        for pname, p in tgt.get_submodule(name).named_parameters():
+            p.copy_(src.get_submodule(name).get_parameter(pname))
+tgt.save_pretrained(out)
+"""
+
+
+# ----------------------------------------------------------------------------- synthetic checkpoints
+
+
+def llama_config(hidden: int, layers: int) -> LlamaConfig:
+    # head_dim 128 and intermediate ~8/3 hidden (rounded to 256) as in Llama; untied head like Llama 2/3 8B.
+    heads = max(1, hidden // 128)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=256 * math.ceil(hidden * 8 / 3 / 256),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+
+
+def tensor_list(cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a LlamaForCausalLM state dict, in module order."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+    out = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}"
+        out += [(f"{p}.{proj}.weight", shapes[proj]) for proj in PROJS]
+        out += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.post_attention_layernorm.weight", (h,))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (cfg.vocab_size, h))]
+    return out
+
+
+def nbytes(shape: tuple[int, ...]) -> int:
+    return 2 * math.prod(shape)  # bf16
+
+
+def pick_config(total: int) -> LlamaConfig:
+    """The narrowest Llama whose depth (for ~`total` bytes) is at most hidden/128, as real Llamas are.
+
+    Width is swept and depth solved for, so the size lands within one layer of the request.
+    """
+    for hidden in range(256, 32768, 256):
+        one = llama_config(hidden, 1)
+        embed = sum(nbytes(s) for n, s in tensor_list(one) if "layers." not in n)
+        per_layer = sum(nbytes(s) for n, s in tensor_list(one) if "layers." in n)
+        layers = max(8, round((total - embed) / per_layer))  # >= 8 so 32 modules can spread over layers
+        if layers <= max(8, hidden // 128):
+            return llama_config(hidden, layers)
+    raise ValueError(f"no config for {total} bytes")
+
+
+def assign_shards(tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list]:
+    """Greedy, in order, as save_pretrained does: start a new shard when the next tensor would overflow."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in tensors:
+        if shards[-1] and size + nbytes(shape) > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes(shape)
+    return shards
+
+
+def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.SFC64) -> None:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape in tensors:
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nbytes(shape)]}
+        off += nbytes(shape)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, shape in tensors:
+            left = nbytes(shape)
+            while left:
+                n = min(left, CHUNK)
+                # SFC64 raw output runs at ~1.5 GB/s, several times os.urandom; the bytes need not be floats.
+                f.write(rng.random_raw(-(-n // 8)).view(np.uint8)[:n])
+                left -= n
+
+
+def write_checkpoint(folder: Path, cfg: LlamaConfig, shard_bytes: int, seed: int) -> int:
+    """Write a sharded checkpoint; the index goes last, so its presence means the folder is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = assign_shards(tensor_list(cfg), shard_bytes)
+    rng = np.random.SFC64(seed)
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards, 1):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_shard(folder / name, tensors, rng)
+        for t, shape in tensors:
+            weight_map[t] = name
+            total += nbytes(shape)
+    config = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", "dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+@dataclass
+class Pair:
+    target: Path
+    source: Path
+    cfg: LlamaConfig
+    nbytes: int
+
+
+def make_pair(root: Path, size_gb: float, shard_gb: float, seed: int) -> Pair:
+    """Target and source of the same shapes, different bytes. Reused if a complete pair is already there."""
+    cfg = pick_config(int(size_gb * GIB))
+    folder = root / f"pair-{size_gb:g}g-{shard_gb:g}g"
+    target, source = folder / "target", folder / "source"
+    total = sum(nbytes(s) for _, s in tensor_list(cfg))
+    for path, s in ((target, seed), (source, seed + 1)):
+        if (path / "model.safetensors.index.json").is_file():
+            continue
+        t0 = time.perf_counter()
+        write_checkpoint(path, cfg, int(shard_gb * GIB), s)
+        print(f"wrote {path} ({total / GIB:.2f} GiB) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return Pair(target, source, cfg, total)
+
+
+def pick_modules(cfg: LlamaConfig, k: int) -> list[str]:
+    """K projection modules spread evenly over all layers, cycling through q/k/v/o/gate/up/down."""
+    names = [f"model.layers.{layer}.{p}" for layer in range(cfg.num_hidden_layers) for p in PROJS]
+    return [names[j * len(names) // k] for j in range(k)]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """Run `cmd` in a fresh child; return (wall seconds, peak RSS MiB). Fails loudly on a nonzero exit."""
+    subprocess.run(["sync"], check=True)  # flush earlier writes so they don't land in this timing
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()  # drain before waiting, or a chatty child blocks on a full pipe
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it; keep Popen from trying again
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{out.decode(errors='replace')}")
+    return wall, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def surgery_cmd() -> list[str]:
+    # The console script beside this interpreter; `python -m surgery.cli` would import it and do nothing.
+    exe = Path(sys.executable).with_name("surgery")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-c", "from surgery.cli import main; main()"]
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=4.0, help="main checkpoint size, GiB")
+    ap.add_argument("--shard-gb", type=float, default=2.0, help="max shard size, GiB")
+    ap.add_argument("--naive-gb", type=float, default=1.0, help="size of the pair the naive script runs on, GiB")
+    ap.add_argument("--modules", type=int, default=32, help="K, number of modules transplanted")
+    ap.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temp dir, deleted after)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp workdir")
+    ap.add_argument("--verify", action="store_true", help="also time `surgery verify` on each transplant output")
+    args = ap.parse_args()
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="transplant-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, root)
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        elif args.keep:
+            print(f"kept {root}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    main_pair = make_pair(root, args.size_gb, args.shard_gb, seed=0)
+    naive_pair = make_pair(root, args.naive_gb, args.shard_gb, seed=2)
+    rows: list[tuple[str, float, float, float]] = []  # method, GiB, wall s, RSS MiB
+    walls: dict[tuple[str, int], float] = {}
+    verifies: list[str] = []
+    surgery = surgery_cmd()
+    pairs = [main_pair] if naive_pair.target == main_pair.target else [main_pair, naive_pair]
+
+    for k, pair in enumerate(pairs):
+        gib = pair.nbytes / GIB
+        names = pick_modules(pair.cfg, args.modules)
+        out = fresh(root / f"out-transplant-{k}")
+        flags = [f for n in names for f in ("--module", n)]
+        cmd = [*surgery, "transplant", "-t", str(pair.target), "-s", str(pair.source), "-o", str(out), *flags, "-q"]
+        wall, rss = measure(cmd)
+        rows.append((f"surgery transplant (K={len(names)})", gib, wall, rss))
+        walls["transplant", k] = wall
+
+        wall, rss = measure(["cp", "-r", str(pair.target), str(fresh(root / f"out-cp-{k}"))])
+        rows.append(("cp -r target", gib, wall, rss))
+        walls["cp", k] = wall
+        # surgery fsyncs its output; plain cp leaves it in the page cache, so show the fair comparison too.
+        cp_sync = f"cp -r '{pair.target}' '{fresh(root / f'out-cp-{k}')}' && sync"
+        wall, rss = measure(["sh", "-c", cp_sync])
+        rows.append(("cp -r target && sync", gib, wall, rss))
+        walls["cp+sync", k] = wall
+        shutil.rmtree(root / f"out-cp-{k}")
+
+        if args.verify:
+            wall, rss = measure([*surgery, "verify", str(out), "-t", str(pair.target), "-s", str(pair.source)])
+            verifies.append(f"surgery verify at {gib:.2f} GiB: {wall:.2f} s, peak RSS {rss:.0f} MiB")
+
+        if pair is naive_pair:
+            nout = fresh(root / "out-naive")
+            wall, rss = measure([sys.executable, "-c", NAIVE_SCRIPT, str(nout), str(pair.target), str(pair.source), *names])
+            rows.append(("naive from_pretrained + save_pretrained", gib, wall, rss))
+            shutil.rmtree(nout)
+
+    print("| method | checkpoint GiB | wall s | peak RSS MiB |")
+    print("|---|---:|---:|---:|")
+    for method, gib, wall, rss in rows:
+        print(f"| {method} | {gib:.2f} | {wall:.2f} | {rss:.0f} |")
+    print()
+    for k, pair in enumerate(pairs):
+        t = walls["transplant", k]
+        print(
+            f"transplant / cp -r wall time at {pair.nbytes / GIB:.2f} GiB: {t / walls['cp', k]:.2f}x "
+            f"(vs cp -r && sync: {t / walls['cp+sync', k]:.2f}x)"
+        )
+    for line in verifies:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

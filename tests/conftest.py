@@ -1,0 +1,100 @@
+"""Tiny local models and helpers shared by the tests. Nothing touches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from surgery.checkpoint import open_checkpoint
+from surgery.manifest import SCHEMA_VERSION
+from surgery.modules import find_candidates
+
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+}
+
+
+def make_model(
+    path: Path,
+    seed: int,
+    *,
+    arch: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    tied: bool = False,
+    shard: str | None = None,
+    **overrides: int,
+) -> Path:
+    """Save a randomly initialised tiny model (plus a fake tokenizer file) to `path`."""
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = config_cls(**{**TINY, **overrides}, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong
+    # origin is visible in every tensor.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return path
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, to prove inputs were not modified."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_manifest(path: Path, source: Path, target: Path, *, reverse: bool = False) -> Path:
+    """Write a valid manifest ranking the candidates in module order (or reversed)."""
+    src, tgt = open_checkpoint(source), open_checkpoint(target)
+    compat = find_candidates(src, tgt)
+    cands = list(reversed(compat.candidates)) if reverse else list(compat.candidates)
+    obj = {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": "tests",
+        "source": {"path": str(source), "revision": None, "fingerprint": src.fingerprint},
+        "target": {"path": str(target), "revision": None, "fingerprint": tgt.fingerprint},
+        "workload": {"name": "test", "sha256": "0" * 64, "prompts": 4, "max_new_tokens": 8},
+        "method": {"name": "lae", "params": {}},
+        "modules": [
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "layer": c.layer,
+                "tensors": list(c.tensors),
+                "shape": list(c.shape),
+                "a_src": 1.0,
+                "a_tgt": 0.5,
+                "score": float(len(cands) - i),
+                "rank": i + 1,
+            }
+            for i, c in enumerate(cands)
+        ],
+        "excluded": [{"name": e.name, "reason": e.reason} for e in compat.excluded],
+    }
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A sharded fp32 Llama source/target pair with different weights."""
+    root = tmp_path_factory.mktemp("pair")
+    return (
+        make_model(root / "source", 1, shard="20KB"),
+        make_model(root / "target", 2, shard="20KB"),
+    )

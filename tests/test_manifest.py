@@ -1,0 +1,118 @@
+"""The manifest format: schema validation and the selection API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from surgery import SurgeryError, load_manifest, save_manifest, select_modules
+from surgery.manifest import parse_layer_range, schema
+from tests.conftest import write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def manifest_file(tmp_path: Path, pair: tuple[Path, Path]) -> Path:
+    return write_manifest(tmp_path / "m.json", *pair)
+
+
+def test_published_schema_is_the_one_the_package_uses() -> None:
+    published = json.loads((REPO / "manifests" / "schema.json").read_text())
+    assert published == schema()
+    jsonschema.Draft202012Validator.check_schema(published)
+
+
+def test_load_sorts_by_rank_and_round_trips(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    path = write_manifest(tmp_path / "m.json", *pair, reverse=True)
+    man = load_manifest(path)
+    assert [m.rank for m in man.modules] == list(range(1, 15))
+    assert man.modules[0].name == "model.layers.1.mlp.down_proj"
+    save_manifest(man, tmp_path / "again.json")
+    assert load_manifest(tmp_path / "again.json") == man
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads(path.read_text())
+
+
+def edit(path: Path, change) -> Path:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: o.update(schema_version=2), "schema_version 2 is not supported"),
+        (lambda o: o.pop("schema_version"), "schema_version None is not supported"),
+        (lambda o: o.pop("modules"), "invalid manifest at \\(top level\\): 'modules' is a required property"),
+        (lambda o: o["modules"][3].update(kind="conv"), "invalid manifest at modules/3/kind"),
+        (lambda o: o["modules"][0].update(rank=0), "invalid manifest at modules/0/rank"),
+        (lambda o: o["source"].update(fingerprint="abc"), "invalid manifest at source/fingerprint"),
+        (lambda o: o["method"].update(name="magic"), "invalid manifest at method/name"),
+        (lambda o: o["modules"][1].update(rank=1), "ranks must be 1..14"),
+        (lambda o: o["modules"][1].update(name=o["modules"][0]["name"]), "listed twice"),
+    ],
+)
+def test_invalid_manifests_are_refused(manifest_file: Path, change, message: str) -> None:
+    with pytest.raises(SurgeryError, match=message):
+        load_manifest(edit(manifest_file, change))
+
+
+def test_unreadable_manifest(tmp_path: Path) -> None:
+    with pytest.raises(SurgeryError, match="no such manifest"):
+        load_manifest(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SurgeryError, match="not valid JSON"):
+        load_manifest(tmp_path / "bad.json")
+
+
+def test_selection(manifest_file: Path) -> None:
+    modules = load_manifest(manifest_file).modules
+    assert [m.name for m in select_modules(modules, top_k=2)] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+    ]
+    mlp = select_modules(modules, top_k=4, only="mlp")
+    assert [m.name for m in mlp] == [
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+    ]
+    assert {m.layer for m in select_modules(modules, layers=(1, 1))} == {1}
+    picked = select_modules(modules, patterns=["*.1.mlp.*", "model.layers.0.self_attn.o_proj"])
+    assert [m.name for m in picked] == [
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_k": 0}, "--top-k must be a positive integer, got 0"),
+        ({"top_k": -3}, "--top-k must be a positive integer"),
+        ({"top_k": 15}, "--top-k 15 is more than the 14 modules"),
+        ({"top_k": 7, "only": "mlp"}, "--top-k 7 is more than the 6 modules"),
+        ({"patterns": ["*.lm_head"]}, "matches no transplantable module"),
+        ({"only": "conv"}, "unknown module kind"),
+        ({"layers": (5, 9)}, "the selection is empty"),
+    ],
+)
+def test_selection_errors(manifest_file: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(SurgeryError, match=message):
+        select_modules(load_manifest(manifest_file).modules, **kwargs)
+
+
+def test_layer_range_parsing() -> None:
+    assert parse_layer_range("0-11") == (0, 11)
+    assert parse_layer_range("4") == (4, 4)
+    for bad in ("a-b", "5-2", "-1", "1-"):
+        with pytest.raises(SurgeryError, match="layer range"):
+            parse_layer_range(bad)

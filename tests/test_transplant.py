@@ -1,0 +1,173 @@
+"""Streaming transplant and verify on tiny real models, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from surgery import SurgeryError, open_checkpoint, transplant, verify
+from surgery.cli import main
+from surgery.verify import VerificationError
+from tests.conftest import make_model, tree_digest, write_manifest
+
+CASES = {
+    "single-fp32": {"dtype": torch.float32},
+    "sharded-fp32": {"dtype": torch.float32, "shard": "20KB"},
+    "single-bf16-tied": {"dtype": torch.bfloat16, "tied": True},
+    "sharded-bf16": {"dtype": torch.bfloat16, "shard": "10KB"},
+    "sharded-fp32-tied": {"dtype": torch.float32, "tied": True, "shard": "20KB"},
+    "qwen2-bias": {"arch": "qwen2", "shard": "20KB"},
+}
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return out
+
+
+def logits(model_dir: Path | None = None, model: torch.nn.Module | None = None) -> torch.Tensor:
+    model = model or AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[1, 5, 9, 33, 77, 100, 3]])
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
+    src = make_model(tmp_path / "source", 1, **CASES[case])
+    tgt = make_model(tmp_path / "target", 2, **CASES[case])
+    before = {p: tree_digest(p) for p in (src, tgt)}
+    manifest = write_manifest(tmp_path / "m.json", src, tgt, reverse=True)
+    out = tmp_path / "out"
+
+    result = cli("transplant", "-t", tgt, "-s", src, "-o", out, "-m", manifest, "-k", 5, "-q")
+    assert result.exit_code == 0, result.output
+    assert before == {p: tree_digest(p) for p in (src, tgt)}, "inputs were modified"
+
+    record = json.loads((out / "transplant.json").read_text())
+    # Reverse order puts layer 1's MLP first, then its attention output.
+    assert record["modules"] == [
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    moved = {t["name"] for t in record["tensors"]}
+    expected_moved = {f"{m}.weight" for m in record["modules"]}
+    if case == "qwen2-bias":
+        expected_moved.add("model.layers.1.self_attn.v_proj.bias")
+    assert moved == expected_moved
+
+    # Same layout as the target; every tensor from the right origin.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in tgt.iterdir() if p.name != "README.md"] + ["transplant.json"]
+    )
+    got, want_src, want_tgt = tensors(out), tensors(src), tensors(tgt)
+    assert got.keys() == want_tgt.keys()
+    for name, t in got.items():
+        want = want_src[name] if name in moved else want_tgt[name]
+        assert t.dtype == want_tgt[name].dtype and torch.equal(t, want), name
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            assert f.metadata()["format"] == "pt" and "surgery.provenance" in f.metadata()
+
+    # Loads as is, with no missing or unexpected keys, and equals a model patched in memory.
+    patched, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = AutoModelForCausalLM.from_pretrained(tgt)
+    state = reference.state_dict()
+    with torch.no_grad():
+        for name in moved:
+            state[name].copy_(want_src[name])
+    assert torch.equal(logits(model=patched), logits(model=reference))
+    assert not torch.equal(logits(model=patched), logits(tgt))
+
+    ok = cli("verify", out, "-t", tgt, "-s", src)
+    assert ok.exit_code == 0 and ok.stdout.startswith(f"ok: {len(got)} tensors ({len(moved)} from the source")
+
+    # Flip one byte inside a transplanted tensor: verify must name it.
+    name = "model.layers.1.mlp.up_proj.weight"
+    ref = open_checkpoint(out).tensors[name]
+    with open(ref.shard.path, "r+b") as f:
+        f.seek(ref.shard.data_start + ref.info.begin + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    bad = cli("verify", out, "-t", tgt, "-s", src)
+    assert bad.exit_code == 1
+    assert bad.stderr.startswith(f"verify failed: tensor {name!r}: byte 3 differs from the source checkpoint")
+
+
+def test_flipped_byte_in_untouched_tensor_is_caught(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    src, tgt = pair
+    out = tmp_path / "out"
+    transplant(tgt, src, out, modules=["*.0.mlp.*"], progress=False)
+    ref = open_checkpoint(out).tensors["model.embed_tokens.weight"]
+    data = bytearray(ref.shard.path.read_bytes())
+    data[ref.shard.data_start + ref.info.begin + ref.info.nbytes - 1] ^= 0x80
+    ref.shard.path.write_bytes(data)
+    with pytest.raises(VerificationError, match=r"'model.embed_tokens.weight': byte 16383 differs from the target"):
+        verify(out, tgt, src)
+
+
+def test_changed_copied_file_is_caught(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    src, tgt = pair
+    out = tmp_path / "out"
+    transplant(tgt, src, out, modules=["*.0.mlp.*"], progress=False)
+    (out / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(VerificationError, match=r"file tokenizer_config.json"):
+        verify(out, tgt, src)
+
+
+def test_verify_against_wrong_checkpoint(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    src, tgt = pair
+    out = tmp_path / "out"
+    transplant(tgt, src, out, modules=["*.0.mlp.*"], progress=False)
+    other = make_model(tmp_path / "other", 5, intermediate_size=48)
+    with pytest.raises(VerificationError, match="was not made from source"):
+        verify(out, tgt, other)
+    with pytest.raises(SurgeryError, match="not a `surgery transplant` output"):
+        verify(tgt, tgt, src)
+
+
+def test_bf16_source_into_fp32_target_is_cast(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "source", 1, dtype=torch.bfloat16)
+    tgt = make_model(tmp_path / "target", 2, dtype=torch.float32, shard="20KB")
+    out = tmp_path / "out"
+    result = transplant(tgt, src, out, modules=["model.layers.0.*"], progress=False)
+    assert len(result.modules) == 7
+    got, want_src = tensors(out), tensors(src)
+    for name in result.tensors:
+        assert got[name].dtype == torch.float32
+        assert torch.equal(got[name], want_src[name].to(torch.float32)), name
+    assert verify(out, tgt, src).from_source == 7
+
+
+def test_python_api_and_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    src, tgt = pair
+    out = tmp_path / "out"
+    first = transplant(tgt, src, out, modules=["*.q_proj"], progress=False)
+    assert first.modules == ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
+    with pytest.raises(SurgeryError, match="already exists; choose a new path or pass --overwrite"):
+        transplant(tgt, src, out, modules=["*.k_proj"], progress=False)
+    second = transplant(tgt, src, out, modules=["*.k_proj"], overwrite=True, progress=False)
+    assert json.loads((out / "transplant.json").read_text())["modules"] == list(second.modules)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temp folders left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -104,7 +104,7 @@ def transplant(
         modules: module names or glob patterns.
         force: accept a manifest whose fingerprints do not match (with a warning).
         overwrite: replace an existing `out`, only once the new output is complete.
-        progress: show a progress bar of bytes.
+        progress: show a progress bar of bytes (only when stderr is a terminal).
         trust_remote_code: allow configs that need custom model code.
 
     Returns:
@@ -130,9 +130,13 @@ def transplant(
         else {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
     }
     plans = _plan(tgt, src, from_source, provenance)
+    _check_free_space(out, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
+    except OSError as e:
+        raise SurgeryError(f"cannot create the output in {out.parent} ({e.strerror}); choose a writable -o") from None
     _chmod_like_mkdir(tmp)
     try:
         hashes = _write_shards(tmp, plans, tgt, from_source, progress)
@@ -161,6 +165,9 @@ def transplant(
         _write_json(tmp / RECORD_FILE, record)
         _fsync_dir(tmp)
         _publish(tmp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SurgeryError(f"writing {out} failed ({e.strerror or e}); nothing was written, fix it and rerun") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -179,6 +186,17 @@ def _check_out(out: Path, tgt: Checkpoint, src: Checkpoint, overwrite: bool) -> 
     if resolved.exists() and not resolved.is_dir():
         raise SurgeryError(f"output {out} exists and is not a folder; remove it or choose another path")
     return resolved
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    """Refuse up front when the output cannot fit, rather than failing half-way."""
+    existing = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise SurgeryError(
+            f"output needs {needed / 2**30:.2f} GiB but {existing} has {free / 2**30:.2f} GiB free; "
+            "free some space or choose another -o"
+        )
 
 
 def _select(
@@ -298,7 +316,7 @@ def _write_shards(
     hashes: dict[str, str] = {}
     fds: dict[Path, int] = {}
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=not progress) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=None if progress else True) as bar:
             for plan, shard in zip(plans, tgt.shards, strict=True):
                 out_path = tmp / plan.name
                 dst = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -291,3 +291,21 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
     assert len(calls) == 3
     assert tree_digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "source", "target"]
+
+
+def test_disk_full_during_write_is_one_clean_error(tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, tgt, _ = work
+    module = importlib.import_module("surgery.transplant")
+
+    def enospc(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "copy_range", enospc)
+    refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "No space left on device", watch=tmp_path)
+
+
+def test_not_enough_free_space_is_refused_up_front(tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, tgt, _ = work
+    module = importlib.import_module("surgery.transplant")
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
+    refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "GiB free; free some space", watch=tmp_path)

@@ -84,7 +84,7 @@ def compat(source: str, target: str, as_json: bool, trust_remote_code: bool) -> 
 @click.option("--target", "-t", required=True, help="Checkpoint folder to patch (never modified).")
 @click.option("--source", "-s", required=True, help="Checkpoint folder to take modules from (never modified).")
 @click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
-@click.option("--manifest", "-m", help="Module manifest ranking the candidates (from `surgery manifest`).")
+@click.option("--manifest", "-m", help="Module manifest ranking the candidates (format: manifests/schema.json).")
 @click.option("--top-k", "-k", type=int, help="Transplant the K best-ranked modules (needs --manifest).")
 @click.option("--only", type=click.Choice(["attn", "mlp", "other"]), help="Only modules of this kind.")
 @click.option("--layers", help="Only layers in this inclusive range, e.g. 0-11.")

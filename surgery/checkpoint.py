@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.jsonio import read_json_object
 from surgery.safetensors_header import ShardHeader, TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
@@ -109,7 +110,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        index = _read_json(index_path, "index")
+        index = read_json_object(index_path, "index", "re-download the checkpoint")
         shard_names = _index_shards(folder, index)
     elif (folder / SINGLE_FILE).is_file():
         index = None
@@ -133,18 +134,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SurgeryError(f"{folder}: no config.json; a Hugging Face checkpoint folder needs one")
-    config = _read_json(config_path, "config")
+    config = read_json_object(config_path, "config", "re-download the checkpoint")
     return Checkpoint(path=folder, config=config, shards=shards, index=index, tensors=tensors)
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SurgeryError(f"{path}: cannot parse {what} JSON ({e}); the file is corrupt") from None
-    if not isinstance(obj, dict):
-        raise SurgeryError(f"{path}: {what} is not a JSON object; the file is corrupt")
-    return obj
 
 
 def _index_shards(folder: Path, index: dict) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from surgery.errors import SurgeryError
+from surgery.jsonio import read_json_object
 
 SCHEMA_VERSION = 1
 KINDS = ("attn", "mlp", "other")
@@ -104,12 +105,7 @@ def load_manifest(path: str | Path) -> Manifest:
             invalid against the schema.
     """
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SurgeryError(f"{path}: no such manifest; check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SurgeryError(f"{path}: manifest is not valid JSON ({e}); regenerate it with `surgery manifest`") from None
+    obj = read_json_object(path, "manifest", "check the path, or regenerate it with surgery")
     return manifest_from_dict(obj, str(path))
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from surgery.errors import SurgeryError
+from surgery.jsonio import read_json_object
 from surgery.streaming import converted_chunks, read_chunks
 from surgery.transplant import RECORD_FILE, copied_files
 
@@ -46,7 +46,9 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
         SurgeryError: an input is missing or malformed.
     """
     patched, tgt, src = open_checkpoint(out), open_checkpoint(target), open_checkpoint(source)
-    record = _read_record(patched.path)
+    record = read_json_object(
+        patched.path / RECORD_FILE, "transplant record", "pass a folder written by `surgery transplant`"
+    )
     for what, ckpt in (("source", src), ("target", tgt)):
         if record.get(what, {}).get("fingerprint") != ckpt.fingerprint:
             raise VerificationError(f"{out} was not made from {what} {ckpt.path} (fingerprint differs)")
@@ -89,19 +91,6 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
         if not (patched.path / rel).is_file() or not _same_file(patched.path / rel, tgt.path / rel):
             raise VerificationError(f"file {rel}: missing from the output or different from the target's")
     return VerifyReport(len(patched.tensors), len(expected), bytes_checked, len(files))
-
-
-def _read_record(folder: Path) -> dict:
-    path = folder / RECORD_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SurgeryError(f"{folder}: no {RECORD_FILE}; this is not a `surgery transplant` output") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerificationError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-        raise VerificationError(f"{path}: not a JSON object")
-    return record
 
 
 def _fd(path: Path, fds: dict[Path, int]) -> int:

@@ -113,35 +113,35 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
     assert bad.stderr.startswith(f"verify failed: tensor {name!r}: byte 3 differs from the source checkpoint")
 
 
-def test_flipped_byte_in_untouched_tensor_is_caught(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+@pytest.fixture
+def patched(tmp_path: Path, pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
+    """A fresh transplant output of layer 0's MLP: (out, target, source)."""
     src, tgt = pair
-    out = tmp_path / "out"
-    transplant(tgt, src, out, modules=["*.0.mlp.*"], progress=False)
-    ref = open_checkpoint(out).tensors["model.embed_tokens.weight"]
+    transplant(tgt, src, tmp_path / "out", modules=["*.0.mlp.*"], progress=False)
+    return tmp_path / "out", tgt, src
+
+
+def test_flipped_byte_in_untouched_tensor_is_caught(patched: tuple[Path, Path, Path]) -> None:
+    ref = open_checkpoint(patched[0]).tensors["model.embed_tokens.weight"]
     data = bytearray(ref.shard.path.read_bytes())
     data[ref.shard.data_start + ref.info.begin + ref.info.nbytes - 1] ^= 0x80
     ref.shard.path.write_bytes(data)
     with pytest.raises(VerificationError, match=r"'model.embed_tokens.weight': byte 16383 differs from the target"):
-        verify(out, tgt, src)
+        verify(*patched)
 
 
-def test_changed_copied_file_is_caught(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    src, tgt = pair
-    out = tmp_path / "out"
-    transplant(tgt, src, out, modules=["*.0.mlp.*"], progress=False)
-    (out / "tokenizer_config.json").write_text("{}")
+def test_changed_copied_file_is_caught(patched: tuple[Path, Path, Path]) -> None:
+    (patched[0] / "tokenizer_config.json").write_text("{}")
     with pytest.raises(VerificationError, match=r"file tokenizer_config.json"):
-        verify(out, tgt, src)
+        verify(*patched)
 
 
-def test_verify_against_wrong_checkpoint(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    src, tgt = pair
-    out = tmp_path / "out"
-    transplant(tgt, src, out, modules=["*.0.mlp.*"], progress=False)
+def test_verify_against_wrong_checkpoint(tmp_path: Path, patched: tuple[Path, Path, Path]) -> None:
+    out, tgt, src = patched
     other = make_model(tmp_path / "other", 5, intermediate_size=48)
     with pytest.raises(VerificationError, match="was not made from source"):
         verify(out, tgt, other)
-    with pytest.raises(SurgeryError, match="not a `surgery transplant` output"):
+    with pytest.raises(SurgeryError, match="no such transplant record; pass a folder written by `surgery transplant`"):
         verify(tgt, tgt, src)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import struct
 import subprocess
@@ -55,6 +54,19 @@ with torch.no_grad():
         for pname, p in tgt.get_submodule(name).named_parameters():
             p.copy_(src.get_submodule(name).get_parameter(pname))
 tgt.save_pretrained(out)
+"""
+
+
+# Spawns argv[2:], waits with wait4 and writes [wall s, ru_maxrss KiB] to argv[1]; exits with the child's code.
+LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    json.dump([wall, usage.ru_maxrss], f)
+sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
@@ -200,18 +212,22 @@ def pick_modules(cfg: LlamaConfig, k: int) -> list[str]:
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd` in a fresh child; return (wall seconds, peak RSS MiB). Fails loudly on a nonzero exit."""
+def measure(cmd: list[str], root: Path) -> tuple[float, float]:
+    """Run `cmd` in a fresh child; return (wall seconds, peak RSS MiB). Fails loudly on a nonzero exit.
+
+    The child is spawned by a bare `python -S` launcher, not by this process: Linux folds the
+    pre-exec address space's high-water mark into the child's ru_maxrss, so spawning straight from
+    this ~350 MiB process (transformers is imported) would report >= 350 MiB even for `cp`. The
+    launcher's own ~10 MiB is the floor of every figure.
+    """
     subprocess.run(["sync"], check=True)  # flush earlier writes so they don't land in this timing
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read()  # drain before waiting, or a chatty child blocks on a full pipe
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it; keep Popen from trying again
+    result = root / ".measure.json"
+    launcher = [sys.executable, "-S", "-c", LAUNCHER, str(result)]
+    proc = subprocess.run([*launcher, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{out.decode(errors='replace')}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stdout.decode(errors='replace')}")
+    wall, maxrss_kib = json.loads(result.read_text())
+    return wall, maxrss_kib / 1024  # ru_maxrss is KiB on Linux
 
 
 def surgery_cmd() -> list[str]:
@@ -225,6 +241,16 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def best_of(cmd: list[str], out: Path | None, root: Path, repeat: int) -> tuple[float, float]:
+    """Min wall time and max peak RSS over `repeat` runs; `out` is removed before each (tools refuse to overwrite)."""
+    runs = []
+    for _ in range(repeat):
+        if out is not None:
+            fresh(out)
+        runs.append(measure(cmd, root))
+    return min(w for w, _ in runs), max(r for _, r in runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0, help="main checkpoint size, GiB")
@@ -234,6 +260,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temp dir, deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir")
     ap.add_argument("--verify", action="store_true", help="also time `surgery verify` on each transplant output")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement: min wall time, max RSS")
     args = ap.parse_args()
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="transplant-bench-"))
@@ -257,34 +284,36 @@ def run(args: argparse.Namespace, root: Path) -> None:
     pairs = [main_pair] if naive_pair.target == main_pair.target else [main_pair, naive_pair]
 
     for k, pair in enumerate(pairs):
-        gib = pair.nbytes / GIB
+        gib, tgt, src, n = pair.nbytes / GIB, str(pair.target), str(pair.source), args.repeat
         names = pick_modules(pair.cfg, args.modules)
-        out = fresh(root / f"out-transplant-{k}")
-        flags = [f for n in names for f in ("--module", n)]
-        cmd = [*surgery, "transplant", "-t", str(pair.target), "-s", str(pair.source), "-o", str(out), *flags, "-q"]
-        wall, rss = measure(cmd)
+        flags = [f for name in names for f in ("--module", name)]
+        out, cp_out = root / f"out-transplant-{k}", root / f"out-cp-{k}"
+
+        wall, rss = best_of([*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), *flags, "-q"], out, root, n)
         rows.append((f"surgery transplant (K={len(names)})", gib, wall, rss))
         walls["transplant", k] = wall
+        # `compat` does transplant's fixed work (import torch + transformers, build the meta model), no copying.
+        wall, rss = best_of([*surgery, "compat", src, tgt], None, root, n)
+        rows.append(("surgery compat (startup floor)", gib, wall, rss))
 
-        wall, rss = measure(["cp", "-r", str(pair.target), str(fresh(root / f"out-cp-{k}"))])
+        wall, rss = best_of(["cp", "-r", tgt, str(cp_out)], cp_out, root, n)
         rows.append(("cp -r target", gib, wall, rss))
         walls["cp", k] = wall
         # surgery fsyncs its output; plain cp leaves it in the page cache, so show the fair comparison too.
-        cp_sync = f"cp -r '{pair.target}' '{fresh(root / f'out-cp-{k}')}' && sync"
-        wall, rss = measure(["sh", "-c", cp_sync])
+        wall, rss = best_of(["sh", "-c", f"cp -r '{tgt}' '{cp_out}' && sync"], cp_out, root, n)
         rows.append(("cp -r target && sync", gib, wall, rss))
         walls["cp+sync", k] = wall
-        shutil.rmtree(root / f"out-cp-{k}")
+        fresh(cp_out)
 
         if args.verify:
-            wall, rss = measure([*surgery, "verify", str(out), "-t", str(pair.target), "-s", str(pair.source)])
+            wall, rss = best_of([*surgery, "verify", str(out), "-t", tgt, "-s", src], None, root, n)
             verifies.append(f"surgery verify at {gib:.2f} GiB: {wall:.2f} s, peak RSS {rss:.0f} MiB")
 
         if pair is naive_pair:
-            nout = fresh(root / "out-naive")
-            wall, rss = measure([sys.executable, "-c", NAIVE_SCRIPT, str(nout), str(pair.target), str(pair.source), *names])
+            nout = root / "out-naive"
+            wall, rss = best_of([sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout, root, n)
             rows.append(("naive from_pretrained + save_pretrained", gib, wall, rss))
-            shutil.rmtree(nout)
+            fresh(nout)
 
     print("| method | checkpoint GiB | wall s | peak RSS MiB |")
     print("|---|---:|---:|---:|")

@@ -6,10 +6,14 @@ import json
 
 import click
 
+from surgery.analyze import analyze as run_analyze
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.manifest import parse_layer_range
+from surgery.manifest import Manifest, parse_layer_range, save_manifest
 from surgery.modules import find_candidates
+from surgery.profile import profile as run_profile
+from surgery.ranking import METHODS, build_manifest
+from surgery.stats import load_stats
 from surgery.transplant import transplant as run_transplant
 from surgery.verify import VerificationError
 from surgery.verify import verify as run_verify
@@ -143,3 +147,157 @@ def verify(out: str, target: str, source: str) -> None:
         f"ok: {report.tensors_checked} tensors ({report.from_source} from the source, "
         f"{report.bytes_checked / 2**20:.1f} MiB) and {report.files_checked} files match"
     )
+
+
+def _profile_options(f):
+    """Options shared by `profile` and `analyze`."""
+    options = [
+        click.option(
+            "--workload",
+            "-w",
+            required=True,
+            help="JSONL of prompts, or a built-in train split: gsm8k-train:COUNT[:SEED], math-train:COUNT[:SEED].",
+        ),
+        click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Greedy steps per prompt."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass."),
+        click.option("--no-chat", is_flag=True, help="Do not apply the tokenizer's chat template."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="Compute dtype; auto keeps the checkpoint's.",
+        ),
+        click.option("--max-memory", help="RAM budget, e.g. 2GiB: weights beyond it are read from disk (accelerate)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow custom model code (off by default)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _summarize(manifest: Manifest, out: str, top: int = 5) -> None:
+    click.echo(f"wrote {out}: {len(manifest.modules)} modules ranked by {manifest.method.name}")
+    for m in manifest.modules[:top]:
+        click.echo(f"  {m.rank:4d}  {m.score:+.6g}  {m.name}")
+
+
+@main.command("profile")
+@click.argument("model")
+@_profile_options
+@click.option("--out", "-o", required=True, help="Stats file to write (.safetensors).")
+def profile_cmd(
+    model: str,
+    workload: str,
+    max_new_tokens: int,
+    batch_size: int,
+    no_chat: bool,
+    dtype: str,
+    max_memory: str | None,
+    trust_remote_code: bool,
+    quiet: bool,
+    out: str,
+) -> None:
+    """Record activation statistics of every candidate module of MODEL on a workload."""
+    stats = run_profile(
+        model,
+        workload,
+        out,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=not no_chat,
+        dtype=dtype,
+        max_memory=max_memory,
+        trust_remote_code=trust_remote_code,
+        progress=not quiet,
+    )
+    click.echo(
+        f"wrote {out}: {len(stats.modules)} modules, {stats.meta['workload']['prompts']} prompts, "
+        f"{int(stats.steps.sum())} decoding steps"
+    )
+
+
+@main.command("manifest")
+@click.option("--source-stats", help="Stats of the source (from `surgery profile`).")
+@click.option("--target-stats", help="Stats of the target (from `surgery profile`).")
+@click.option("--source", "-s", help="Source checkpoint (default: the one the source stats name).")
+@click.option("--target", "-t", help="Target checkpoint (default: the one the target stats name).")
+@click.option("--method", type=click.Choice(METHODS), default="lae", show_default=True, help="Scoring method.")
+@click.option("--seed", type=int, help="Seed for --method random.")
+@click.option("--out", "-o", required=True, help="Manifest to write (.json).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code (off by default).")
+def manifest_cmd(
+    source_stats: str | None,
+    target_stats: str | None,
+    source: str | None,
+    target: str | None,
+    method: str,
+    seed: int | None,
+    out: str,
+    trust_remote_code: bool,
+) -> None:
+    """Rank the candidate modules of a source/target pair into a manifest."""
+    stats = {k: load_stats(p) if p else None for k, p in (("source", source_stats), ("target", target_stats))}
+    paths = {"source": source, "target": target}
+    for what in paths:
+        if paths[what] is None and stats[what] is not None:
+            paths[what] = stats[what].meta["model"]["path"]
+        if paths[what] is None:
+            raise SurgeryError(f"pass --{what}-stats (or --{what} for --method weight-delta/random)")
+    src, tgt = open_checkpoint(paths["source"]), open_checkpoint(paths["target"])
+    compat = find_candidates(src, tgt, trust_remote_code)
+    manifest = build_manifest(
+        method,
+        src,
+        tgt,
+        compat,
+        src_stats=stats["source"],
+        tgt_stats=stats["target"],
+        seed=seed,
+        source_label=paths["source"],
+        target_label=paths["target"],
+    )
+    save_manifest(manifest, out)
+    _summarize(manifest, out)
+
+
+@main.command("analyze")
+@click.option("--source", "-s", required=True, help="Checkpoint that is good at the task.")
+@click.option("--target", "-t", required=True, help="Checkpoint to patch.")
+@_profile_options
+@click.option("--method", type=click.Choice(METHODS), default="lae", show_default=True, help="Scoring method.")
+@click.option("--seed", type=int, help="Seed for --method random.")
+@click.option("--out", "-o", required=True, help="Manifest to write (.json); stats are cached beside it.")
+def analyze_cmd(
+    source: str,
+    target: str,
+    workload: str,
+    max_new_tokens: int,
+    batch_size: int,
+    no_chat: bool,
+    dtype: str,
+    max_memory: str | None,
+    trust_remote_code: bool,
+    quiet: bool,
+    method: str,
+    seed: int | None,
+    out: str,
+) -> None:
+    """Profile SOURCE, then TARGET (never both in memory), and write a ranked manifest."""
+    manifest = run_analyze(
+        source,
+        target,
+        workload,
+        out,
+        method=method,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=not no_chat,
+        dtype=dtype,
+        max_memory=max_memory,
+        trust_remote_code=trust_remote_code,
+        progress=not quiet,
+    )
+    _summarize(manifest, out)

@@ -164,6 +164,7 @@ def save_manifest(manifest: Manifest, path: str | Path) -> None:
     obj = manifest.to_dict()
     manifest_from_dict(obj, str(path))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -99,6 +99,15 @@ def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:
         view, offset = view[done:], offset + done
 
 
+def tensor_chunks(fd: int, offset: int, nbytes: int, dtype: str, elements: int) -> Iterator[torch.Tensor]:
+    """Yield a tensor stored as `dtype` as flat torch tensors of at most `elements` elements."""
+    import torch
+
+    t = torch_dtype(dtype)
+    for data in read_chunks(fd, offset, nbytes, elements * t.itemsize):
+        yield torch.frombuffer(bytearray(data), dtype=t)
+
+
 def converted_chunks(fd: int, offset: int, n: int, src: str, dst: str) -> Iterator[bytes]:
     """Yield a tensor's bytes read as dtype `src` and cast to `dst`, chunk by chunk.
 
@@ -109,11 +118,9 @@ def converted_chunks(fd: int, offset: int, n: int, src: str, dst: str) -> Iterat
         return
     import torch
 
-    src_t, dst_t = torch_dtype(src), torch_dtype(dst)
-    step = CHUNK_BYTES - CHUNK_BYTES % src_t.itemsize
-    for data in read_chunks(fd, offset, n, step):
-        cast = torch.frombuffer(bytearray(data), dtype=src_t).to(dst_t)
-        yield cast.view(torch.uint8).numpy().tobytes()
+    elements = CHUNK_BYTES // torch_dtype(src).itemsize
+    for chunk in tensor_chunks(fd, offset, n, src, elements):
+        yield chunk.to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()
 
 
 def sha256_range(fd: int, offset: int, n: int) -> str:

@@ -1,0 +1,129 @@
+"""Profile the source, free it, profile the target, rank: workload -> manifest in one call.
+
+Stats are cached next to the manifest (`NAME.source.stats.safetensors`,
+`NAME.target.stats.safetensors`), so re-ranking with another method does not regenerate.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.errors import SurgeryError
+from surgery.loading import parse_memory
+from surgery.manifest import Manifest, save_manifest
+from surgery.modules import find_candidates
+from surgery.profile import profile
+from surgery.ranking import METHODS, STATS_METHODS, build_manifest
+from surgery.stats import Stats, load_stats
+from surgery.workloads import PromptSet, load_workload
+
+
+def stats_paths(manifest_path: Path) -> tuple[Path, Path]:
+    """Where `analyze` caches the two stats files for a manifest path."""
+    stem = manifest_path.with_suffix("")
+    return (
+        stem.with_name(stem.name + ".source.stats.safetensors"),
+        stem.with_name(stem.name + ".target.stats.safetensors"),
+    )
+
+
+def _cached(path: Path, ckpt: Checkpoint, prompts: PromptSet, max_new_tokens: int, chat: bool, dtype: str):
+    """The cached stats at `path` if they were made for exactly this request, else None."""
+    if not path.is_file():
+        return None
+    try:
+        stats = load_stats(path)
+    except SurgeryError:
+        return None
+    meta = stats.meta
+    same = (
+        meta["model"]["fingerprint"] == ckpt.fingerprint
+        and meta["workload"]["sha256"] == prompts.sha256
+        and meta["settings"]["max_new_tokens"] == max_new_tokens
+        and meta.get("requested") == {"chat": chat, "dtype": dtype}
+    )
+    return stats if same else None
+
+
+def analyze(
+    source: str | Path,
+    target: str | Path,
+    workload: str,
+    out: str | Path,
+    *,
+    method: str = "lae",
+    seed: int | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    chat: bool = True,
+    dtype: str = "auto",
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Profile both models one at a time on `workload` and write a ranked manifest to `out`.
+
+    Args:
+        source: checkpoint that is good at the task.
+        target: checkpoint to be patched.
+        workload: workload spec (see `surgery.workloads.load_workload`).
+        out: manifest path; stats are cached beside it.
+        method: ranking method (see `surgery.ranking`).
+        seed: for the `random` method.
+        max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress: as in `profile`.
+
+    Returns:
+        The manifest written.
+    """
+    out = Path(out)
+    # Validate everything before the (slow) profiling starts.
+    if method not in METHODS:
+        raise SurgeryError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "random" and seed is None:
+        raise SurgeryError("method random needs --seed")
+    if max_new_tokens <= 0:
+        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
+    if max_memory is not None:
+        parse_memory(max_memory)
+    if out.suffix != ".json":
+        raise SurgeryError(f"manifest path {out} should end in .json")
+    src, tgt = open_checkpoint(source), open_checkpoint(target)
+    compat = find_candidates(src, tgt, trust_remote_code)
+    prompts = load_workload(workload)
+
+    stats: dict[str, Stats | None] = {"source": None, "target": None}
+    if method in STATS_METHODS:
+        for (what, ckpt), path in zip((("source", src), ("target", tgt)), stats_paths(out), strict=True):
+            cached = _cached(path, ckpt, prompts, max_new_tokens, chat, dtype)
+            if cached is not None:
+                print(f"{what}: reusing {path}", file=sys.stderr)
+                stats[what] = cached
+                continue
+            # One model at a time: `profile` frees the model before returning.
+            stats[what] = profile(
+                ckpt.path,
+                prompts,
+                path,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                chat=chat,
+                dtype=dtype,
+                max_memory=max_memory,
+                trust_remote_code=trust_remote_code,
+                progress=progress,
+            )
+    manifest = build_manifest(
+        method,
+        src,
+        tgt,
+        compat,
+        src_stats=stats["source"],
+        tgt_stats=stats["target"],
+        seed=seed,
+        source_label=str(source),
+        target_label=str(target),
+    )
+    save_manifest(manifest, out)
+    return manifest

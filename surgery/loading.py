@@ -1,0 +1,96 @@
+"""Load one model and its tokenizer for inference (profile, eval), offline.
+
+With `max_memory`, loading goes through accelerate's big-model inference: transformers'
+`device_map="auto"` places what fits in the budget and leaves the rest on "disk", read in
+place from the checkpoint's safetensors files, so a model larger than RAM still runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from surgery.errors import SurgeryError
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_memory(text: str) -> int:
+    """Parse a memory budget such as `2GiB`, `500MB` or `1073741824` into bytes (accelerate's parser).
+
+    Raises:
+        SurgeryError: the text is not a positive size.
+    """
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        size = int(text) if text.strip().isdigit() else convert_file_size_to_int(text.strip())
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise SurgeryError(f"--max-memory {text!r} is not a size; use e.g. 2GiB, 1500MB or a byte count")
+    return size
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, set up for batched generation (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(
+            f"{path}: cannot load its tokenizer offline ({first}); the folder needs tokenizer files"
+        ) from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise SurgeryError(f"{path}: the tokenizer has neither a pad nor an eos token; add one to its config")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: Path,
+    dtype: str = "auto",
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+    offload_dir: Path | None = None,
+):
+    """Load a causal LM for inference, on the GPU if there is one.
+
+    Args:
+        path: a validated checkpoint folder.
+        dtype: `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`.
+        max_memory: a RAM budget (see `parse_memory`); weights that do not fit stay on disk.
+        trust_remote_code: allow custom model code.
+        offload_dir: where accelerate may re-save weights it cannot read in place (safetensors
+            weights are read in place and need none).
+
+    Returns:
+        The model, in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in _DTYPES:
+        raise SurgeryError(f"--dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    kwargs: dict = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": trust_remote_code}
+    if max_memory is not None:
+        budget = parse_memory(max_memory)
+        devices: dict = {i: budget for i in range(torch.cuda.device_count())}
+        kwargs |= {
+            "device_map": "auto",
+            "max_memory": {**devices, "cpu": budget},
+            "offload_folder": str(offload_dir) if offload_dir else None,
+        }
+    elif torch.cuda.is_available():
+        kwargs["device_map"] = "cuda"
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def input_device(model) -> torch.device:
+    """Where inputs go: the device of the input embeddings (the first GPU under a device map)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device

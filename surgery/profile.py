@@ -1,0 +1,227 @@
+"""Profile one model: greedy generation on a workload with hooks on every candidate module.
+
+The paper's "layer-wise activation evaluation": at every decoding step, each candidate
+nn.Linear's output at the last position is reduced at once to mean |y| over its output
+features (no activation is kept), and averaged over steps and prompts.
+
+We decode with our own greedy loop rather than `generate`, because the statistic needs to
+know, at each forward pass, which rows are still generating: rows that emitted EOS stop
+counting, and left-padding never counts because only the last position is read.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from surgery import __version__
+from surgery.checkpoint import open_checkpoint
+from surgery.errors import SurgeryError
+from surgery.loading import input_device, load_model, load_tokenizer
+from surgery.modules import find_candidates
+from surgery.stats import Stats, save_stats
+from surgery.workloads import PromptSet, load_workload
+
+
+@dataclass
+class _Recorder:
+    """Accumulates sum of mean|y| per module and prompt, for the rows still generating."""
+
+    prompts: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: torch.Tensor | None = None  # prompt index of each batch row
+    active: torch.Tensor | None = None  # which batch rows count at this forward pass
+
+    def hook(self, name: str):
+        self.sums[name] = torch.zeros(self.prompts, dtype=torch.float64)
+
+        def record(module, inputs, output) -> None:
+            last = output[:, -1, :] if output.dim() == 3 else output
+            value = last.abs().mean(dim=-1, dtype=torch.float64).cpu()
+            self.sums[name].index_add_(0, self.rows[self.active], value[self.active])
+
+        return record
+
+
+def render_prompts(tokenizer, prompts: tuple[str, ...], chat: bool) -> tuple[list[str], bool]:
+    """Apply the chat template when asked and the tokenizer has one; return texts and whether it was applied."""
+    use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
+    if not use_chat:
+        return list(prompts), False
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return texts, True
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.inference_mode()
+def _generate_batch(model, enc, max_new_tokens: int, stop: set[int], recorder: _Recorder) -> torch.Tensor:
+    """Greedy-decode one left-padded batch; return the steps counted per row."""
+    device = input_device(model)
+    ids = enc["input_ids"].to(device)
+    mask = enc["attention_mask"].to(device)
+    # Left padding shifts positions; derive them from the mask so each row sees the
+    # positions it would see alone (batch-size invariance).
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    active = torch.ones(ids.shape[0], dtype=torch.bool)
+    steps = torch.zeros(ids.shape[0], dtype=torch.int64)
+    stop_t = torch.tensor(sorted(stop), dtype=torch.long)
+    # transformers renamed `past_key_values` to `cache` (5.x); use whichever this model takes.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past = None
+    for _ in range(max_new_tokens):
+        recorder.active = active.clone()
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: past},
+        )
+        past = getattr(out, cache_arg)
+        token = out.logits[:, -1, :].argmax(dim=-1).cpu()
+        steps += active
+        active &= ~torch.isin(token, stop_t)
+        if not active.any():
+            break
+        ids = token[:, None].to(device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    return steps
+
+
+def _run(
+    lm,
+    tokenizer,
+    encoded: list[list[int]],
+    names: list[str],
+    recorder: _Recorder,
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> torch.Tensor:
+    """Generate for every prompt with hooks attached; return the steps counted per prompt."""
+    modules = dict(lm.named_modules())
+    handles = [modules[n].register_forward_hook(recorder.hook(n)) for n in names]
+    stop = eos_ids(lm, tokenizer)
+    # Longest first: similar lengths share a batch (less padding), and memory peaks early.
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    steps = torch.zeros(len(encoded), dtype=torch.int64)
+    try:
+        with tqdm(total=len(encoded), desc=desc, unit="prompt", disable=None if progress else True) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                enc = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+                recorder.rows = torch.tensor(rows)
+                steps[rows] = _generate_batch(lm, enc, max_new_tokens, stop, recorder)
+                bar.update(len(rows))
+    finally:
+        for h in handles:
+            h.remove()
+    return steps
+
+
+def profile(
+    model: str | Path,
+    workload: str | PromptSet,
+    out: str | Path | None = None,
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    chat: bool = True,
+    dtype: str = "auto",
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Stats:
+    """Record the activation statistics of every candidate module of one model.
+
+    Args:
+        model: a checkpoint folder.
+        workload: a workload spec (see `load_workload`) or prompts.
+        out: where to write the stats file; None to only return the stats.
+        max_new_tokens: greedy decoding steps per prompt at most.
+        batch_size: prompts per forward pass (does not change the result beyond float noise).
+        chat: apply the tokenizer's chat template when it has one.
+        dtype: compute dtype: `auto` (the checkpoint's), `float32`, `bfloat16`, `float16`.
+        max_memory: RAM budget such as `2GiB`; larger models are offloaded to disk.
+        trust_remote_code: allow custom model code.
+        progress: show a progress bar over prompts (only on a terminal).
+
+    Returns:
+        The statistics (also written to `out`).
+
+    Raises:
+        SurgeryError: bad settings, workload, or checkpoint.
+    """
+    if max_new_tokens <= 0:
+        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
+    if batch_size <= 0:
+        raise SurgeryError(f"--batch-size must be a positive integer, got {batch_size}")
+    prompt_set = load_workload(workload) if isinstance(workload, str) else workload
+    ckpt = open_checkpoint(model)
+    # The candidates of a model against itself: every leaf Linear it could give or receive.
+    names = [c.name for c in find_candidates(ckpt, ckpt, trust_remote_code).candidates]
+    tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
+    texts, used_chat = render_prompts(tokenizer, prompt_set.prompts, chat)
+    encoded = [tokenizer(t, add_special_tokens=not used_chat)["input_ids"] for t in texts]
+    recorder = _Recorder(len(texts))
+    with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload_dir:
+        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir))
+        try:
+            steps = _run(
+                lm,
+                tokenizer,
+                encoded,
+                names,
+                recorder,
+                max_new_tokens,
+                batch_size,
+                f"profile {ckpt.path.name}",
+                progress,
+            )
+            dtype_used = str(next(lm.parameters()).dtype).removeprefix("torch.")
+        finally:
+            # Free the model before returning: `analyze` profiles the next one right after.
+            del lm
+            gc.collect()
+
+    per_prompt = {n: recorder.sums[n] / steps for n in names}
+    mean = {n: (recorder.sums[n].sum() / steps.sum()).item() for n in names}
+    meta = {
+        "model": {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint},
+        "workload": {"name": prompt_set.name, "sha256": prompt_set.sha256, "prompts": len(texts)},
+        "settings": {"max_new_tokens": max_new_tokens, "chat": used_chat, "dtype": dtype_used},
+        # What was asked for, so a cached stats file can be matched to a request without loading the model.
+        "requested": {"chat": chat, "dtype": dtype},
+        "modules": names,
+        "batch_size": batch_size,
+        "versions": _versions(),
+    }
+    stats = Stats(meta=meta, mean=mean, per_prompt=per_prompt, steps=steps)
+    if out is not None:
+        save_stats(stats, out)
+    return stats
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,93 @@
+"""The per-model activation statistics file written by `surgery profile`.
+
+A safetensors file: for each module, `<module>::mean` (float64 scalar, the paper's mean
+over steps and prompts) and `<module>::per_prompt` (float64 [P], the mean per prompt),
+plus `steps` (int64 [P], the decoding steps counted per prompt). `__metadata__["surgery"]`
+holds JSON: model fingerprint, workload, settings and library versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from surgery.errors import SurgeryError
+from surgery.safetensors_header import read_header
+
+FORMAT = "surgery-stats/1"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Activation statistics of one model on one workload.
+
+    Attributes:
+        meta: model fingerprint, workload, settings, versions (see `comparable_key`).
+        mean: module -> mean |y| over all counted steps of all prompts.
+        per_prompt: module -> mean |y| per prompt, shape [P].
+        steps: decoding steps counted per prompt, shape [P].
+    """
+
+    meta: dict
+    mean: dict[str, float]
+    per_prompt: dict[str, torch.Tensor]
+    steps: torch.Tensor
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.mean)
+
+    def comparable_key(self) -> dict:
+        """What two stats files must share to be compared: workload and settings."""
+        return {"workload": self.meta["workload"], "settings": self.meta["settings"]}
+
+
+def save_stats(stats: Stats, path: str | Path) -> None:
+    """Write a stats file atomically: an interrupted run leaves no file that looks complete."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {"steps": stats.steps.to(torch.int64).contiguous()}
+    for name in stats.modules:
+        tensors[f"{name}::mean"] = torch.tensor(stats.mean[name], dtype=torch.float64)
+        tensors[f"{name}::per_prompt"] = stats.per_prompt[name].to(torch.float64).contiguous()
+    meta = {"format": "pt", "surgery": json.dumps({**stats.meta, "format": FORMAT}, sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_stats(path: str | Path) -> Stats:
+    """Read and validate a stats file.
+
+    Raises:
+        SurgeryError: the file is missing, corrupt, or not a surgery stats file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"{path}: no such stats file; create it with `surgery profile`")
+    header = read_header(path)
+    try:
+        meta = json.loads(header.metadata.get("surgery", ""))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SurgeryError(f"{path}: not a surgery stats file ({FORMAT}); create it with `surgery profile`")
+    with safe_open(path, "pt") as f:
+        steps = f.get_tensor("steps")
+        mean = {m: f.get_tensor(f"{m}::mean").item() for m in meta["modules"]}
+        per_prompt = {m: f.get_tensor(f"{m}::per_prompt") for m in meta["modules"]}
+    return Stats(meta=meta, mean=mean, per_prompt=per_prompt, steps=steps)

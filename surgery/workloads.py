@@ -1,0 +1,102 @@
+"""Prompt sets for activation analysis: a JSONL file, or a seeded sample of a vendored train split.
+
+Built-in workloads come from TRAIN splits only, so the modules are never selected on the
+problems that evaluation scores (the paper's weak point we fix).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+# Built-in name -> (vendored file, field holding the question).
+BUILTINS: dict[str, tuple[str, str]] = {
+    "gsm8k-train": ("gsm8k-train.jsonl.gz", "question"),
+    "math-train": ("math-train.jsonl.gz", "problem"),
+}
+_BUILTIN_RE = re.compile(r"^(?P<name>[a-z0-9-]+)(?::(?P<count>\d+))?(?::(?P<seed>\d+))?$")
+_PROMPT_FIELDS = ("prompt", "question", "problem")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of a workload, in order, and a canonical name."""
+
+    name: str
+    prompts: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        """Identifies the exact prompts: two stats files are comparable only if these match."""
+        return hashlib.sha256(json.dumps(list(self.prompts)).encode()).hexdigest()
+
+
+def read_jsonl_gz(filename: str) -> list[dict]:
+    """Rows of a vendored data file in `surgery/data/`."""
+    with resources.files("surgery").joinpath("data", filename).open("rb") as raw, gzip.open(raw, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def load_workload(spec: str) -> PromptSet:
+    """Resolve a workload spec.
+
+    Args:
+        spec: a JSONL file with a `prompt`, `question` or `problem` field per line, or a
+            built-in `NAME[:COUNT[:SEED]]`, e.g. `gsm8k-train:64` (seed 0) or `math-train:32:1`.
+
+    Returns:
+        The prompts.
+
+    Raises:
+        SurgeryError: the file is empty or malformed, or the built-in is unknown or too small.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return _from_file(path)
+    m = _BUILTIN_RE.match(spec)
+    if m is None or m["name"] not in BUILTINS:
+        if path.suffix in (".jsonl", ".json") or "/" in spec:
+            raise SurgeryError(f"workload file {spec} does not exist; check the path")
+        raise SurgeryError(
+            f"unknown workload {spec!r}; use a JSONL file or a built-in: "
+            + ", ".join(f"{n}:COUNT[:SEED]" for n in BUILTINS)
+        )
+    filename, field = BUILTINS[m["name"]]
+    rows = read_jsonl_gz(filename)
+    count = int(m["count"]) if m["count"] else 64
+    seed = int(m["seed"]) if m["seed"] else 0
+    if not 0 < count <= len(rows):
+        raise SurgeryError(f"workload {spec!r}: count must be between 1 and {len(rows)}")
+    picked = random.Random(seed).sample(range(len(rows)), count)
+    return PromptSet(f"{m['name']}:{count}:{seed}", tuple(rows[i][field] for i in picked))
+
+
+def _from_file(path: Path) -> PromptSet:
+    prompts = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"workload {path}: cannot read ({e}); pass a UTF-8 JSONL file") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            msg = f"workload {path} line {i}: not valid JSON ({e.msg}); write one object per line"
+            raise SurgeryError(msg) from None
+        text = next((row[f] for f in _PROMPT_FIELDS if isinstance(row, dict) and isinstance(row.get(f), str)), None)
+        if not text:
+            raise SurgeryError(f"workload {path} line {i}: no non-empty 'prompt' or 'question' string field")
+        prompts.append(text)
+    if not prompts:
+        raise SurgeryError(f"workload {path} is empty; it needs one JSON object with a 'prompt' per line")
+    return PromptSet(path.name, tuple(prompts))

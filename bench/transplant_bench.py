@@ -251,6 +251,16 @@ def best_of(cmd: list[str], out: Path | None, root: Path, repeat: int) -> tuple[
     return min(w for w, _ in runs), max(r for _, r in runs)
 
 
+def write_manifest(pair, path: Path) -> Path:
+    """A seeded random-ranking manifest for the pair, made with surgery's own API."""
+    from surgery import find_candidates, open_checkpoint, save_manifest
+    from surgery.ranking import build_manifest
+
+    src, tgt = open_checkpoint(pair.source), open_checkpoint(pair.target)
+    save_manifest(build_manifest("random", src, tgt, find_candidates(src, tgt), seed=0), path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0, help="main checkpoint size, GiB")
@@ -289,9 +299,15 @@ def run(args: argparse.Namespace, root: Path) -> None:
         flags = [f for name in names for f in ("--module", name)]
         out, cp_out = root / f"out-transplant-{k}", root / f"out-cp-{k}"
 
-        wall, rss = best_of([*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), *flags, "-q"], out, root, n)
-        rows.append((f"surgery transplant (K={len(names)})", gib, wall, rss))
+        manifest = write_manifest(pair, root / f"manifest-{k}.json")
+        cmd = [*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), "-m", str(manifest), "-k", str(len(names))]
+        wall, rss = best_of([*cmd, "-q"], out, root, n)
+        rows.append((f"surgery transplant --manifest --top-k {len(names)}", gib, wall, rss))
         walls["transplant", k] = wall
+        # Selecting by name has no manifest to vouch for the candidates, so it builds the model on the
+        # meta device (imports torch + transformers): a fixed cost, shown separately.
+        wall, rss = best_of([*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), *flags, "-q"], out, root, n)
+        rows.append((f"surgery transplant --module x{len(names)}", gib, wall, rss))
         # `compat` does transplant's fixed work (import torch + transformers, build the meta model), no copying.
         wall, rss = best_of([*surgery, "compat", src, tgt], None, root, n)
         rows.append(("surgery compat (startup floor)", gib, wall, rss))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from surgery.errors import SurgeryError
@@ -15,6 +17,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Weight formats we recognise but never read: loading them means unpickling.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_SAMPLE_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -43,18 +46,27 @@ class Checkpoint:
     index: dict | None
     tensors: dict[str, TensorRef]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """sha256 over the config and every tensor's name, dtype and shape.
+        """sha256 over the config, every tensor's name, dtype and shape, and a sample of its bytes.
 
-        It identifies *which* model this is without hashing gigabytes of weights: a
-        manifest made for one checkpoint is refused for another.
+        Headers alone cannot tell a fine-tune from its base (same config, same shapes), so a
+        few bytes from the start, middle and end of every tensor are mixed in: any real
+        weight change shows, at the cost of three small reads per tensor, not a full hash.
         """
         h = hashlib.sha256()
         h.update(json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode())
         for name in sorted(self.tensors):
             t = self.tensors[name].info
             h.update(f"\n{name}\t{t.dtype}\t{list(t.shape)}".encode())
+        for shard in self.shards:
+            fd = os.open(shard.path, os.O_RDONLY)
+            try:
+                for t in shard.tensors:
+                    for at in sorted({t.begin, (t.begin + t.end) // 2, max(t.begin, t.end - _SAMPLE_BYTES)}):
+                        h.update(os.pread(fd, min(_SAMPLE_BYTES, t.end - at), shard.data_start + at))
+            finally:
+                os.close(fd)
         return "sha256:" + h.hexdigest()
 
     @property

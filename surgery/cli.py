@@ -6,14 +6,10 @@ import json
 
 import click
 
-from surgery.analyze import analyze as run_analyze
 from surgery.checkpoint import open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.manifest import Manifest, parse_layer_range, save_manifest
+from surgery.manifest import METHODS, Manifest, parse_layer_range, save_manifest
 from surgery.modules import find_candidates
-from surgery.profile import profile as run_profile
-from surgery.ranking import METHODS, build_manifest
-from surgery.stats import load_stats
 from surgery.transplant import transplant as run_transplant
 from surgery.verify import VerificationError
 from surgery.verify import verify as run_verify
@@ -200,6 +196,9 @@ def profile_cmd(
     out: str,
 ) -> None:
     """Record activation statistics of every candidate module of MODEL on a workload."""
+    # Imported here, not at the top: torch costs ~2 s and ~200 MiB that `transplant` does not need.
+    from surgery.profile import profile as run_profile
+
     stats = run_profile(
         model,
         workload,
@@ -238,6 +237,9 @@ def manifest_cmd(
     trust_remote_code: bool,
 ) -> None:
     """Rank the candidate modules of a source/target pair into a manifest."""
+    from surgery.ranking import build_manifest
+    from surgery.stats import load_stats
+
     stats = {k: load_stats(p) if p else None for k, p in (("source", source_stats), ("target", target_stats))}
     paths = {"source": source, "target": target}
     for what in paths:
@@ -285,6 +287,8 @@ def analyze_cmd(
     out: str,
 ) -> None:
     """Profile SOURCE, then TARGET (never both in memory), and write a ranked manifest."""
+    from surgery.analyze import analyze as run_analyze
+
     manifest = run_analyze(
         source,
         target,

@@ -23,13 +23,11 @@ import torch
 from surgery import __version__
 from surgery.checkpoint import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.manifest import Manifest, Method, ModelRef, ModuleEntry, Workload
+from surgery.manifest import METHODS, STATS_METHODS, Manifest, Method, ModelRef, ModuleEntry, Workload
 from surgery.modules import Compatibility
 from surgery.stats import Stats
 from surgery.streaming import CHUNK_BYTES, tensor_chunks
 
-STATS_METHODS = ("lae", "lae-abs", "lae-rel", "consistency")
-METHODS = (*STATS_METHODS, "weight-delta", "random")
 # Standard-error floor for `consistency`: identical per-prompt differences would divide by 0.
 _SE_FLOOR = 1e-12
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from surgery.errors import SurgeryError
-from surgery.safetensors_header import read_header
+from surgery.safetensors_header import TensorInfo, encode_header, read_header
 
 FORMAT = "surgery-stats/1"
 
@@ -57,12 +56,23 @@ def save_stats(stats: Stats, path: str | Path) -> None:
         tensors[f"{name}::mean"] = torch.tensor(stats.mean[name], dtype=torch.float64)
         tensors[f"{name}::per_prompt"] = stats.per_prompt[name].to(torch.float64).contiguous()
     meta = {"format": "pt", "surgery": json.dumps({**stats.meta, "format": FORMAT}, sort_keys=True)}
+    # Our own encoder, not safetensors.save_file: that one orders __metadata__ keys by a hash
+    # map, so the same stats would give different bytes from run to run.
+    infos, blobs, offset = [], [], 0
+    for name in sorted(tensors):
+        data = tensors[name].numpy().tobytes()
+        dtype = {torch.float64: "F64", torch.int64: "I64"}[tensors[name].dtype]
+        infos.append(TensorInfo(name, dtype, tuple(tensors[name].shape), offset, offset + len(data)))
+        blobs.append(data)
+        offset += len(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_header(infos, meta))
+            for data in blobs:
+                f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

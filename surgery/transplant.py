@@ -23,8 +23,8 @@ from tqdm import tqdm
 from surgery import __version__
 from surgery.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.manifest import Manifest, file_sha256, load_manifest, select_modules
-from surgery.modules import Compatibility, find_candidates
+from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
+from surgery.modules import Candidate, Compatibility, find_candidates
 from surgery.safetensors_header import encode_header
 from surgery.streaming import check_convertible, converted_chunks, copy_range, sha256_range, write_all
 
@@ -115,11 +115,18 @@ def transplant(
     """
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     out = _check_out(Path(out), tgt, src, overwrite)
-    compat = find_candidates(src, tgt, trust_remote_code)
     man = load_manifest(manifest) if manifest is not None else None
-    selected = _select(compat, man, top_k, only, layers, modules)
-    if man is not None:
-        _check_fingerprints(man, src, tgt, force)
+    if man is not None and _fingerprints_match(man, src, tgt):
+        # The manifest was ranked on these exact checkpoints (the fingerprints cover the config and
+        # every tensor's name, dtype and shape), so its candidate list stands in for rebuilding the
+        # model on the meta device. That keeps torch and transformers out of this process: they
+        # cost ~340 MiB RSS and seconds of start-up for a job that only moves bytes.
+        compat = None
+    else:
+        if man is not None:
+            _check_fingerprints(man, src, tgt, force)
+        compat = find_candidates(src, tgt, trust_remote_code)
+    selected = _select(man, compat, src, tgt, top_k, only, layers, modules)
     from_source = {t for c in selected for t in c.tensors}
     provenance = {
         "tool": f"surgery {__version__}",
@@ -163,7 +170,7 @@ def transplant(
             ],
         }
         _write_json(tmp / RECORD_FILE, record)
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         _publish(tmp, out, overwrite)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,22 +207,34 @@ def _check_free_space(out: Path, needed: int) -> None:
 
 
 def _select(
-    compat: Compatibility,
     man: Manifest | None,
+    compat: Compatibility | None,
+    src: Checkpoint,
+    tgt: Checkpoint,
     top_k: int | None,
     only: str | None,
     layers: tuple[int, int] | None,
     patterns: Sequence[str],
-):
-    by_name = {c.name: c for c in compat.candidates}
-    reasons = {e.name: e.reason for e in compat.excluded}
+) -> list[Candidate | ModuleEntry]:
+    """Apply the selection options; check every chosen module against the checkpoints.
+
+    `compat` is None when a manifest with matching fingerprints stands in for it.
+    """
+    if compat is not None:
+        names = [c.name for c in compat.candidates]
+        reasons = {e.name: e.reason for e in compat.excluded}
+    else:
+        assert man is not None
+        names = [m.name for m in man.modules]
+        reasons = dict(man.excluded)
     for p in patterns:
         # A pattern that names only excluded modules deserves the exclusion reason, not "matches nothing".
-        if not any(fnmatch.fnmatchcase(n, p) for n in by_name):
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
             hit = next((n for n in reasons if fnmatch.fnmatchcase(n, p)), None)
             if hit is not None:
                 raise SurgeryError(f"--module {p!r} names {hit}, which is not transplantable: {reasons[hit]}")
     if man is None:
+        assert compat is not None
         if top_k is not None:
             raise SurgeryError("--top-k ranks modules and needs --manifest; or name modules with --module")
         if not patterns:
@@ -224,19 +243,37 @@ def _select(
     if top_k is None and not patterns:
         raise SurgeryError("a manifest needs --top-k K (or --module PATTERN) to say how many modules to transplant")
     entries = select_modules(man.modules, top_k=top_k, only=only, layers=layers, patterns=patterns)
-    chosen = []
+    by_name = {c.name: c for c in compat.candidates} if compat is not None else {}
     for e in entries:
-        c = by_name.get(e.name)
-        if c is None:
+        if e.name in reasons or (compat is not None and e.name not in by_name):
             why = reasons.get(e.name, "no such module in these checkpoints")
             raise SurgeryError(f"manifest module {e.name!r} is not transplantable ({why}); regenerate the manifest")
-        if c.tensors != e.tensors or c.shape != e.shape:
+        have = by_name[e.name] if compat is not None else _module_in_headers(e, src, tgt)
+        if have.tensors != e.tensors or have.shape != e.shape:
             raise SurgeryError(
                 f"manifest module {e.name!r} lists tensors {list(e.tensors)} of shape {list(e.shape)}, but the "
-                f"checkpoints have {list(c.tensors)} of shape {list(c.shape)}; regenerate the manifest"
+                f"checkpoints have {list(have.tensors)} of shape {list(have.shape)}; regenerate the manifest"
             )
-        chosen.append(c)
-    return chosen
+    return entries
+
+
+def _module_in_headers(e: ModuleEntry, src: Checkpoint, tgt: Checkpoint) -> Candidate:
+    """What the checkpoints' headers hold for a manifest module: its weight (and bias), equal in both."""
+    tensors = tuple(t for t in (f"{e.name}.weight", f"{e.name}.bias") if t in tgt.tensors)
+    weight = tgt.tensors.get(f"{e.name}.weight")
+    for t in tensors:
+        if t not in src.tensors or src.tensors[t].info.shape != tgt.tensors[t].info.shape:
+            raise SurgeryError(
+                f"manifest module {e.name!r}: tensor {t} is missing from the source or differs in shape; "
+                "regenerate the manifest"
+            )
+    if weight is None or len(weight.info.shape) != 2:
+        raise SurgeryError(f"manifest module {e.name!r} has no 2-D weight in the target; it is not an nn.Linear")
+    return Candidate(e.name, e.kind, e.layer, tensors, weight.info.shape)
+
+
+def _fingerprints_match(man: Manifest, src: Checkpoint, tgt: Checkpoint) -> bool:
+    return man.source.fingerprint == src.fingerprint and man.target.fingerprint == tgt.fingerprint
 
 
 def _check_fingerprints(man: Manifest, src: Checkpoint, tgt: Checkpoint, force: bool) -> None:
@@ -334,7 +371,6 @@ def _write_shards(
                                 write_all(dst, off, chunk)
                                 off += len(chunk)
                         bar.update(p.nbytes)
-                    os.fsync(dst)
                     # Hash what actually landed on disk for the tensors taken from the source.
                     rfd = os.open(out_path, os.O_RDONLY)
                     try:
@@ -372,15 +408,12 @@ def _copy_extra_files(src_dir: Path, dst_dir: Path) -> None:
     for rel in copied_files(src_dir):
         (dst_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src_dir / rel, dst_dir / rel)
-        _fsync_file(dst_dir / rel)
 
 
 def _write_json(path: Path, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_file(path: Path) -> None:
@@ -391,9 +424,15 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
-        _fsync_file(d)
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path`, once, after all writing.
+
+    Syncing each shard as soon as it is written would make the next shard wait for the disk;
+    syncing at the end lets the kernel write back in the background while we copy.
+    """
+    for p in sorted(path.rglob("*")):
+        _fsync_file(p)
+    _fsync_file(path)
 
 
 def _chmod_like_mkdir(path: Path) -> None:

@@ -143,13 +143,20 @@ def test_index_disagreeing_with_shards(tmp_path: Path, pair: tuple[Path, Path]) 
         open_checkpoint(folder)
 
 
-def test_fingerprint_tracks_config_and_tensor_layout(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_fingerprint_tracks_config_layout_and_weights(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     source, target = (open_checkpoint(p) for p in pair)
-    # Same config and layout, different weights: the same model "shape", so equal fingerprints.
-    assert source.fingerprint == target.fingerprint
     assert open_checkpoint(pair[1]).fingerprint == target.fingerprint
-    other = open_checkpoint(make_model(tmp_path / "wide", 1, intermediate_size=48))
-    assert other.fingerprint != target.fingerprint
+    # Same config and shapes, different weights (a fine-tune of the same base): different models.
+    assert source.fingerprint != target.fingerprint
+    wide = open_checkpoint(make_model(tmp_path / "wide", 1, intermediate_size=48))
+    assert wide.fingerprint != source.fingerprint
+    # One weight byte changed in the middle of one tensor changes it too.
+    copy = shutil.copytree(pair[1], tmp_path / "copy")
+    ref = open_checkpoint(copy).tensors["model.layers.1.mlp.up_proj.weight"]
+    data = bytearray(ref.shard.path.read_bytes())
+    data[ref.shard.data_start + (ref.info.begin + ref.info.end) // 2] ^= 1
+    ref.shard.path.write_bytes(data)
+    assert open_checkpoint(copy).fingerprint != target.fingerprint
 
 
 def test_inspect_reports_the_checkpoint(tmp_path: Path, pair: tuple[Path, Path]) -> None:

@@ -1,0 +1,5 @@
+"""`python -m surgery`: the same as the `surgery` command."""
+
+from surgery.cli import main
+
+main()

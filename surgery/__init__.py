@@ -12,6 +12,27 @@ from surgery.modules import Candidate, Compatibility, find_candidates
 from surgery.transplant import TransplantResult, transplant
 from surgery.verify import VerificationError, verify
 
+# The analysis API needs torch; it is imported on first use so that `import surgery` (and
+# `transplant`/`verify`, which only move bytes) stay free of it.
+_LAZY = {
+    "analyze": "surgery.analysis",
+    "profile": "surgery.profiling",
+    "build_manifest": "surgery.ranking",
+    "load_stats": "surgery.stats",
+    "load_workload": "surgery.workloads",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "Candidate",
     "Checkpoint",
@@ -21,9 +42,14 @@ __all__ = [
     "TransplantResult",
     "VerificationError",
     "__version__",
+    "analyze",
+    "build_manifest",
     "find_candidates",
     "load_manifest",
+    "load_stats",
+    "load_workload",
     "open_checkpoint",
+    "profile",
     "save_manifest",
     "select_modules",
     "transplant",

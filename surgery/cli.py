@@ -197,7 +197,7 @@ def profile_cmd(
 ) -> None:
     """Record activation statistics of every candidate module of MODEL on a workload."""
     # Imported here, not at the top: torch costs ~2 s and ~200 MiB that `transplant` does not need.
-    from surgery.profile import profile as run_profile
+    from surgery.profiling import profile as run_profile
 
     stats = run_profile(
         model,
@@ -287,7 +287,7 @@ def analyze_cmd(
     out: str,
 ) -> None:
     """Profile SOURCE, then TARGET (never both in memory), and write a ranked manifest."""
-    from surgery.analyze import analyze as run_analyze
+    from surgery.analysis import analyze as run_analyze
 
     manifest = run_analyze(
         source,

@@ -7,7 +7,6 @@ Everything here works on file descriptors and offsets, in chunks of at most
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -121,10 +120,3 @@ def converted_chunks(fd: int, offset: int, n: int, src: str, dst: str) -> Iterat
     elements = CHUNK_BYTES // torch_dtype(src).itemsize
     for chunk in tensor_chunks(fd, offset, n, src, elements):
         yield chunk.to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()
-
-
-def sha256_range(fd: int, offset: int, n: int) -> str:
-    h = hashlib.sha256()
-    for data in read_chunks(fd, offset, n):
-        h.update(data)
-    return h.hexdigest()

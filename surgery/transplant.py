@@ -9,6 +9,7 @@ checkpoint. The output is built in a temp folder beside OUT, fsynced and renamed
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from surgery.errors import SurgeryError
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
 from surgery.modules import Candidate, Compatibility, find_candidates
 from surgery.safetensors_header import encode_header
-from surgery.streaming import check_convertible, converted_chunks, copy_range, sha256_range, write_all
+from surgery.streaming import check_convertible, converted_chunks, copy_range, write_all
 
 RECORD_FILE = "transplant.json"
 # Files of the target that are not copied: weights (rewritten or stale) and the model card.
@@ -38,7 +39,11 @@ _TMP_PREFIX = ".surgery-tmp-"
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of output bytes taken from one input file at one offset (absolute offsets)."""
+    """A run of output bytes taken from one input file at one offset (absolute offsets).
+
+    `tensor` names a tensor taken from the source: those are streamed through user space
+    (cast if needed) and hashed on the way; target runs are copied in the kernel.
+    """
 
     src_path: Path
     src_off: int
@@ -47,6 +52,7 @@ class Piece:
     nbytes: int
     src_dtype: str
     dst_dtype: str
+    tensor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ def transplant(
         raise SurgeryError(f"cannot create the output in {out.parent} ({e.strerror}); choose a writable -o") from None
     _chmod_like_mkdir(tmp)
     try:
-        hashes = _write_shards(tmp, plans, tgt, from_source, progress)
+        hashes = _write_shards(tmp, plans, progress)
         _copy_extra_files(tgt.path, tmp)
         if tgt.index is not None:
             _write_json(tmp / INDEX_FILE, tgt.index)
@@ -299,42 +305,35 @@ def _plan(tgt: Checkpoint, src: Checkpoint, from_source: set[str], provenance: d
             dst_off = len(header) + info.begin
             if info.name in from_source:
                 ref = src.tensors[info.name]
-                pieces.append(
-                    Piece(
-                        ref.shard.path,
-                        ref.shard.data_start + ref.info.begin,
-                        ref.info.nbytes,
-                        dst_off,
-                        info.nbytes,
-                        ref.info.dtype,
-                        info.dtype,
-                    )
+                start = ref.shard.data_start + ref.info.begin
+                piece = Piece(
+                    ref.shard.path,
+                    start,
+                    ref.info.nbytes,
+                    dst_off,
+                    info.nbytes,
+                    ref.info.dtype,
+                    info.dtype,
+                    tensor=info.name,
                 )
             else:
-                pieces.append(
-                    Piece(
-                        shard.path,
-                        shard.data_start + info.begin,
-                        info.nbytes,
-                        dst_off,
-                        info.nbytes,
-                        info.dtype,
-                        info.dtype,
-                    )
-                )
+                start = shard.data_start + info.begin
+                piece = Piece(shard.path, start, info.nbytes, dst_off, info.nbytes, info.dtype, info.dtype)
+            pieces.append(piece)
         plans.append(ShardPlan(shard.path.name, header, tuple(_coalesce(pieces))))
     return plans
 
 
 def _coalesce(pieces: list[Piece]) -> list[Piece]:
-    """Merge neighbouring same-dtype pieces that are contiguous in the same input file."""
+    """Merge neighbouring target pieces that are contiguous in the same input file."""
     merged: list[Piece] = []
     for p in pieces:
         last = merged[-1] if merged else None
         if (
             last is not None
+            and last.tensor is None
+            and p.tensor is None
             and last.src_path == p.src_path
-            and last.src_dtype == last.dst_dtype == p.src_dtype == p.dst_dtype
             and last.src_off + last.nbytes == p.src_off
             and last.dst_off + last.nbytes == p.dst_off
         ):
@@ -345,40 +344,31 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
-def _write_shards(
-    tmp: Path, plans: list[ShardPlan], tgt: Checkpoint, from_source: set[str], progress: bool
-) -> dict[str, str]:
+def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str, str]:
     """Write every shard; return the sha256 of each source tensor as written."""
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
     fds: dict[Path, int] = {}
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=None if progress else True) as bar:
-            for plan, shard in zip(plans, tgt.shards, strict=True):
-                out_path = tmp / plan.name
-                dst = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            for plan in plans:
+                dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     write_all(dst, 0, plan.header)
                     for p in plan.pieces:
                         if p.src_path not in fds:
                             fds[p.src_path] = os.open(p.src_path, os.O_RDONLY)
                         src = fds[p.src_path]
-                        if p.src_dtype == p.dst_dtype:
+                        if p.tensor is None:
                             copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
                         else:
-                            off = p.dst_off
+                            h, off = hashlib.sha256(), p.dst_off
                             for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
+                                h.update(chunk)
                                 write_all(dst, off, chunk)
                                 off += len(chunk)
+                            hashes[p.tensor] = h.hexdigest()
                         bar.update(p.nbytes)
-                    # Hash what actually landed on disk for the tensors taken from the source.
-                    rfd = os.open(out_path, os.O_RDONLY)
-                    try:
-                        for info in shard.tensors:
-                            if info.name in from_source:
-                                hashes[info.name] = sha256_range(rfd, len(plan.header) + info.begin, info.nbytes)
-                    finally:
-                        os.close(rfd)
                 finally:
                     os.close(dst)
     finally:

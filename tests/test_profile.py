@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surgery import SurgeryError, find_candidates, open_checkpoint
-from surgery.profile import profile
+from surgery.profiling import profile
 from surgery.ranking import build_manifest
 from surgery.stats import load_stats
 from tests.conftest import make_model, save_tokenizer

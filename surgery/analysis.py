@@ -14,7 +14,7 @@ from surgery.errors import SurgeryError
 from surgery.loading import parse_memory
 from surgery.manifest import METHODS, STATS_METHODS, Manifest, save_manifest
 from surgery.modules import find_candidates
-from surgery.profile import profile
+from surgery.profiling import profile
 from surgery.ranking import build_manifest
 from surgery.stats import Stats, load_stats
 from surgery.workloads import PromptSet, load_workload

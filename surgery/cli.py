@@ -305,3 +305,143 @@ def analyze_cmd(
         progress=not quiet,
     )
     _summarize(manifest, out)
+
+
+def _eval_options(f):
+    """Options shared by `eval` and `sweep`."""
+    options = [
+        click.option("--benchmark", "-b", required=True, help="gsm8k, math500, or a JSONL with question/answer."),
+        click.option("--limit", type=int, help="Score a seeded random subset of N problems (the paper: 50)."),
+        click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit subset."),
+        click.option("--shots", type=int, default=0, show_default=True, help="Chain-of-thought exemplars (0-8)."),
+        click.option("--no-chat", is_flag=True, help="Do not apply the tokenizer's chat template."),
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per generate call."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="Compute dtype; auto keeps the checkpoint's.",
+        ),
+        click.option("--trust-remote-code", is_flag=True, help="Allow custom model code (off by default)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command("eval")
+@click.argument("model")
+@_eval_options
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Greedy decoding budget.")
+@click.option("--max-memory", help="RAM budget, e.g. 2GiB: weights beyond it are read from disk (accelerate).")
+@click.option("--out", "-o", required=True, help="Results folder; a rerun with the same settings resumes.")
+def eval_cmd(
+    model: str,
+    benchmark: str,
+    limit: int | None,
+    seed: int,
+    shots: int,
+    no_chat: bool,
+    batch_size: int,
+    dtype: str,
+    trust_remote_code: bool,
+    quiet: bool,
+    max_new_tokens: int,
+    max_memory: str | None,
+    out: str,
+) -> None:
+    """Score MODEL on a math benchmark with greedy decoding."""
+    from surgery.evaluation.runner import evaluate
+
+    s = evaluate(
+        model,
+        benchmark,
+        out,
+        limit=limit,
+        seed=seed,
+        shots=shots,
+        chat=not no_chat,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        dtype=dtype,
+        max_memory=max_memory,
+        trust_remote_code=trust_remote_code,
+        progress=not quiet,
+    )
+    lo, hi = s["accuracy_ci95"]
+    click.echo(
+        f"{s['benchmark']}: {s['correct']}/{s['problems']} = {100 * s['accuracy']:.1f}% "
+        f"[95% CI {100 * lo:.1f}, {100 * hi:.1f}], gold NLL {s['nll_mean']:.3f}; results in {out}"
+    )
+
+
+@main.command("report")
+@click.option("--source", "-s", required=True, help="Results folder of the source model.")
+@click.option("--target", "-t", required=True, help="Results folder of the target model.")
+@click.option("--patched", "-p", required=True, multiple=True, help="Results folder of a patched model; repeatable.")
+@click.option("--out", "-o", help="Also write the report as JSON here.")
+def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | None) -> None:
+    """TIR and Recovery of patched models, with paired bootstrap 95% intervals."""
+    from surgery.evaluation.report import markdown, report, save_report
+
+    result = report(source, target, list(patched))
+    click.echo(markdown(result))
+    if out:
+        save_report(result, out)
+
+
+@main.command("sweep")
+@click.option("--target", "-t", required=True, help="Checkpoint to patch (loaded once).")
+@click.option("--source", "-s", required=True, help="Checkpoint modules come from (memory-mapped).")
+@click.option("--manifest", "-m", required=True, help="Ranking to take the top K from.")
+@click.option("--k", "ks", default="8,16,32,64,128", show_default=True, help="Comma-separated K values.")
+@click.option("--max-new-tokens", default="128", show_default=True, help="Comma-separated decoding budgets.")
+@_eval_options
+@click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the random-K baseline.")
+@click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints.")
+@click.option("--out", "-o", required=True, help="Folder for the evaluations, sweep.md/json and sweep.png.")
+def sweep_cmd(
+    target: str,
+    source: str,
+    manifest: str,
+    ks: str,
+    max_new_tokens: str,
+    benchmark: str,
+    limit: int | None,
+    seed: int,
+    shots: int,
+    no_chat: bool,
+    batch_size: int,
+    dtype: str,
+    trust_remote_code: bool,
+    quiet: bool,
+    random_seed: int,
+    force: bool,
+    out: str,
+) -> None:
+    """Accuracy, TIR and Recovery against K, swapping modules in memory (no checkpoint per K)."""
+    from surgery.sweep import markdown, sweep
+
+    table = sweep(
+        target,
+        source,
+        manifest,
+        ks,
+        max_new_tokens,
+        benchmark,
+        out,
+        limit=limit,
+        seed=seed,
+        shots=shots,
+        chat=not no_chat,
+        batch_size=batch_size,
+        dtype=dtype,
+        random_seed=random_seed,
+        force=force,
+        trust_remote_code=trust_remote_code,
+        progress=not quiet,
+    )
+    click.echo(markdown(table))
+    click.echo(f"table and plot in {out}")

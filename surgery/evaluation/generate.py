@@ -1,0 +1,143 @@
+"""Batched greedy generation and teacher-forced NLL with plain `transformers`.
+
+Prompts are sorted by length so a batch holds similar lengths (little padding), left-padded
+so every row's next token sits at the last position, and decoded greedily with `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from surgery.loading import input_device
+
+# Logits are batch x positions x vocab floats; keep one NLL forward pass under this many bytes.
+_NLL_LOGITS_BYTES = 256 * 2**20
+
+
+def render(tokenizer, messages: list[dict[str, str]], plain: str, chat: bool) -> tuple[list[int], str]:
+    """Token ids of a prompt: the chat template when asked and available, else the plain text.
+
+    Returns:
+        (ids, format) where format is "chat" or "plain".
+    """
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"], "chat"
+    return tokenizer(plain)["input_ids"], "plain"
+
+
+def _new_tokens(row: list[int], stop_ids: set[int], pad: int | None) -> list[int]:
+    """The generated tokens up to and including the first EOS; padding after it dropped."""
+    for i, tok in enumerate(row):
+        if tok in stop_ids:
+            return row[: i + 1]
+    while row and pad is not None and row[-1] == pad:
+        row = row[:-1]
+    return row
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    stop_strings: Sequence[str] = (),
+    on_batch: Callable[[list[int], list[str], list[int]], None] | None = None,
+) -> None:
+    """Greedy-decode every prompt, calling `on_batch(indices, texts, token_counts)` per batch.
+
+    Args:
+        model, tokenizer: a loaded causal LM and its left-padding tokenizer.
+        prompts: token ids per prompt.
+        max_new_tokens: the decoding budget per prompt.
+        batch_size: prompts per `generate` call.
+        stop_strings: completion ends at the first of these (the text is cut there too).
+        on_batch: receives each finished batch, so callers can persist results as they come.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    eos = model.generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    device = input_device(model)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        enc = tokenizer.pad({"input_ids": [prompts[i] for i in rows]}, return_tensors="pt").to(device)
+        kwargs = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        kept = [_new_tokens(r, stop_ids, tokenizer.pad_token_id) for r in new]
+        texts = [_cut(tokenizer.decode(k, skip_special_tokens=True), stop_strings) for k in kept]
+        if on_batch is not None:
+            on_batch(rows, texts, [len(k) for k in kept])
+
+
+@torch.inference_mode()
+def gold_nll(model, prompts: list[list[int]], solutions: list[list[int]], pad_id: int) -> list[float]:
+    """Teacher-forced mean negative log-likelihood per token of each gold solution.
+
+    A continuous measure that still moves when a small model's accuracy is 0.
+
+    Args:
+        model: a loaded causal LM.
+        prompts: prompt token ids per problem.
+        solutions: gold solution token ids per problem (appended to the prompt).
+        pad_id: id used for left padding (masked out).
+
+    Returns:
+        Mean NLL in nats per solution token, per problem (nan for an empty solution).
+    """
+    device = input_device(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(solutions[i])))
+    result = [float("nan")] * len(prompts)
+    i = 0
+    while i < len(order):
+        # Grow the batch while its kept logits stay under the byte budget.
+        longest = len(solutions[order[i]]) + 1
+        size = max(1, _NLL_LOGITS_BYTES // (longest * vocab * 4))
+        rows = [r for r in order[i : i + size] if solutions[r]]
+        i += size
+        if not rows:
+            continue
+        seqs = [prompts[r] + solutions[r] for r in rows]
+        width = max(map(len, seqs))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, width - len(s) :] = torch.tensor(s)
+            mask[j, width - len(s) :] = 1
+        keep = max(len(solutions[r]) for r in rows) + 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep,
+        ).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+        for j, r in enumerate(rows):
+            n = len(solutions[r])
+            # Position k of the kept slice predicts the token at kept position k + 1.
+            predicted = logprobs[j, keep - n - 1 : keep - 1]
+            target = torch.tensor(solutions[r])
+            result[r] = -predicted.gather(1, target[:, None]).mean().item()
+    return result

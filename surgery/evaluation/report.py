@@ -1,0 +1,105 @@
+"""`surgery report`: TIR and Recovery of patched models against their source and target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+from surgery.evaluation.metrics import paired_bootstrap, recovery, tir
+from surgery.evaluation.runner import RECORDS, SUMMARY, read_records
+from surgery.jsonio import read_json_object
+
+
+def _load(folder: str | Path) -> tuple[dict, dict[str, bool]]:
+    folder = Path(folder)
+    summary = read_json_object(folder / SUMMARY, "eval summary", "pass a results folder written by `surgery eval`")
+    records = {r["id"]: bool(r["correct"]) for r in read_records(folder / RECORDS)}
+    if len(records) != summary.get("problems"):
+        raise SurgeryError(f"{folder}: {len(records)} records but the summary says {summary.get('problems')}")
+    return summary, records
+
+
+def report(source: str | Path, target: str | Path, patched: list[str | Path], samples: int = 2000) -> dict:
+    """Compute TIR and Recovery (with paired bootstrap 95% intervals) for each patched result.
+
+    Args:
+        source, target: results folders of the baselines.
+        patched: results folders of patched models.
+        samples: bootstrap resamples.
+
+    Returns:
+        {"source": acc, "target": acc, "rows": [...]}; undefined metrics are None with a reason.
+
+    Raises:
+        SurgeryError: the results are of different benchmarks, subsets or settings.
+    """
+    (s_sum, s_rec), (t_sum, t_rec) = _load(source), _load(target)
+    ids = list(t_rec)
+    key = ("benchmark", "benchmark_sha256", "problem_ids_sha256", "shots", "chat", "max_new_tokens")
+    rows = []
+    for folder in patched:
+        p_sum, p_rec = _load(folder)
+        for name, other in (("source", s_sum), ("patched " + str(folder), p_sum)):
+            for k in key:
+                if other["settings"][k] != t_sum["settings"][k]:
+                    raise SurgeryError(
+                        f"{name} was evaluated with {k}={other['settings'][k]!r} but the target with "
+                        f"{t_sum['settings'][k]!r}; compare results of the same benchmark, subset and settings"
+                    )
+        if set(p_rec) != set(ids) or set(s_rec) != set(ids):
+            raise SurgeryError("the results cover different problems; evaluate all three on the same subset")
+        s, t, p = s_sum["accuracy"], t_sum["accuracy"], p_sum["accuracy"]
+        intervals = paired_bootstrap([s_rec[i] for i in ids], [t_rec[i] for i in ids], [p_rec[i] for i in ids], samples)
+        rows.append(
+            {
+                "patched": str(folder),
+                "accuracy": p,
+                "accuracy_ci95": p_sum["accuracy_ci95"],
+                "tir": tir(p, t),
+                "tir_ci95": intervals["tir"],
+                "tir_undefined": None if t > 0 else "target accuracy is 0",
+                "recovery_pct": recovery(p, t, s),
+                "recovery_ci95": intervals["recovery"],
+                "recovery_undefined": None if s != t else "source and target accuracies are equal (no gap)",
+            }
+        )
+    return {
+        "benchmark": t_sum["benchmark"],
+        "problems": len(ids),
+        "source": {"folder": str(source), "accuracy": s, "accuracy_ci95": s_sum["accuracy_ci95"]},
+        "target": {"folder": str(target), "accuracy": t, "accuracy_ci95": t_sum["accuracy_ci95"]},
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The report as a markdown table."""
+
+    def pct(x: float, ci: list[float] | None = None) -> str:
+        return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+    def metric(value: float | None, ci, why: str | None, fmt: str) -> str:
+        if value is None:
+            return f"undefined ({why})"
+        return format(value, fmt) + (f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else "")
+
+    s, t = result["source"], result["target"]
+    lines = [
+        f"{result['benchmark']}, {result['problems']} problems. "
+        f"Source {pct(s['accuracy'], s['accuracy_ci95'])}, target {pct(t['accuracy'], t['accuracy_ci95'])}.",
+        "",
+        "| patched | accuracy [95% CI] | TIR [95% CI] | Recovery % [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['patched']} | {pct(r['accuracy'], r['accuracy_ci95'])} "
+            f"| {metric(r['tir'], r['tir_ci95'], r['tir_undefined'], '.2f')} "
+            f"| {metric(r['recovery_pct'], r['recovery_ci95'], r['recovery_undefined'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def save_report(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

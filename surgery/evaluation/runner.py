@@ -1,0 +1,321 @@
+"""`surgery eval`: score one model on a math benchmark, resumably, optionally data-parallel.
+
+Results directory:
+- `settings.json`: everything that determines the results; a rerun must match it.
+- `records.jsonl`: one line per problem, appended and fsynced per batch. A rerun skips the ids
+  already there; a torn last line (a kill mid-write) is dropped, so no record is ever half.
+- `summary.json`: accuracy with a 95% Wilson interval, mean gold NLL, fingerprint, settings.
+
+Under `torchrun`/`accelerate launch` each rank takes every WORLD_SIZE-th problem and writes
+`records.rankN.jsonl`; rank 0 merges them into `records.jsonl` and writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from surgery import __version__
+from surgery.checkpoint import open_checkpoint
+from surgery.errors import SurgeryError
+from surgery.evaluation.benchmarks import (
+    STOP_STRINGS,
+    Benchmark,
+    Problem,
+    grade,
+    load_benchmark,
+    prompt_messages,
+    prompt_text,
+    select_problems,
+)
+from surgery.evaluation.generate import gold_nll, greedy_generate, render
+from surgery.evaluation.metrics import wilson_interval
+from surgery.loading import load_model, load_tokenizer, parse_memory
+
+RECORDS = "records.jsonl"
+SETTINGS = "settings.json"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that determines an evaluation's results (compared on resume)."""
+
+    benchmark: str
+    benchmark_sha256: str
+    problem_ids_sha256: str
+    limit: int | None
+    seed: int
+    shots: int
+    chat: bool
+    max_new_tokens: int
+    dtype: str
+    model_fingerprint: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) when run plainly."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_dist(world: int) -> None:
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def read_records(path: Path) -> list[dict]:
+    """Complete records of a JSONL file; a torn last line (killed mid-write) is cut off."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    # One write per batch, fsynced: a kill loses at most the batch in flight.
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_or_write_settings(out: Path, settings: EvalSettings, rank: int, world: int) -> None:
+    path = out / SETTINGS
+    if path.is_file():
+        old = json.loads(path.read_text())
+        new = settings.to_dict()
+        if old != new:
+            key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise SurgeryError(
+                f"{out} holds results for other settings ({key}: {old.get(key)!r}, now {new.get(key)!r}); "
+                "use a new -o, or delete that folder to start fresh"
+            )
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, settings.to_dict())
+    _barrier(world)
+
+
+def prepare(benchmark: str, limit: int | None, seed: int, shots: int) -> tuple[Benchmark, list[Problem]]:
+    """Load and subset a benchmark, printing the too-large-limit warning."""
+    bench = load_benchmark(benchmark)
+    problems, warning = select_problems(bench, limit, seed)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    prompt_messages(problems[0], bench.grader, shots)  # validates `shots` before any loading
+    return bench, problems
+
+
+def problem_ids_sha256(problems: list[Problem]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(p.id for p in problems).encode()).hexdigest()
+
+
+def evaluate(
+    model: str | Path,
+    benchmark: str,
+    out: str | Path,
+    *,
+    limit: int | None = None,
+    seed: int = 42,
+    shots: int = 0,
+    chat: bool = True,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    dtype: str = "auto",
+    max_memory: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
+
+    Args:
+        model: checkpoint folder.
+        benchmark: `gsm8k`, `math500`, or a JSONL path with question/answer fields.
+        out: results folder; a rerun with the same settings resumes.
+        limit, seed: score a seeded random subset of `limit` problems (the paper: 50, 42).
+        shots: 0 (zero-shot) to 8 fixed chain-of-thought exemplars from the train split.
+        chat: use the tokenizer's chat template when it has one.
+        max_new_tokens, batch_size: greedy decoding budget and batch size.
+        dtype, max_memory, trust_remote_code: as in `profile`.
+        progress: progress bar (only on a terminal).
+
+    Returns:
+        The summary (also in `out/summary.json`).
+    """
+    if max_new_tokens <= 0:
+        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
+    if batch_size <= 0:
+        raise SurgeryError(f"--batch-size must be a positive integer, got {batch_size}")
+    if max_memory is not None:
+        parse_memory(max_memory)
+    bench, problems = prepare(benchmark, limit, seed, shots)
+    ckpt = open_checkpoint(model)
+    tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
+        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload))
+        settings = EvalSettings(
+            benchmark=bench.name,
+            benchmark_sha256=bench.sha256,
+            problem_ids_sha256=problem_ids_sha256(problems),
+            limit=limit,
+            seed=seed,
+            shots=shots,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
+            dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
+            model_fingerprint=ckpt.fingerprint,
+        )
+        return evaluate_loaded(
+            lm, tokenizer, bench, problems, settings, Path(out), str(ckpt.path), batch_size, progress
+        )
+
+
+def evaluate_loaded(
+    lm,
+    tokenizer,
+    bench: Benchmark,
+    problems: list[Problem],
+    settings: EvalSettings,
+    out: Path,
+    model_label: str,
+    batch_size: int,
+    progress: bool = True,
+) -> dict:
+    """Evaluate an already loaded model (used by `evaluate` and by the in-memory K sweep)."""
+    rank, world = dist_info()
+    _init_dist(world)
+    _check_or_write_settings(out, settings, rank, world)
+    done = {r["id"] for path in sorted(out.glob("records*.jsonl")) for r in read_records(path)}
+    mine = [p for i, p in enumerate(problems) if i % world == rank and p.id not in done]
+    part = out / (RECORDS if world == 1 else f"records.rank{rank}.jsonl")
+
+    prompts, fmt = [], "plain"
+    for p in mine:
+        ids, fmt = render(
+            tokenizer,
+            prompt_messages(p, bench.grader, settings.shots),
+            prompt_text(p, bench.grader, settings.shots),
+            settings.chat,
+        )
+        prompts.append(ids)
+    stops = STOP_STRINGS if fmt == "plain" else ()
+
+    with tqdm(total=len(mine), desc=f"eval {bench.name}", unit="problem", disable=None if progress else True) as bar:
+
+        def save(rows: list[int], texts: list[str], counts: list[int]) -> None:
+            sols = [tokenizer(mine[i].solution, add_special_tokens=False)["input_ids"] for i in rows]
+            nlls = gold_nll(lm, [prompts[i] for i in rows], sols, tokenizer.pad_token_id)
+            records = []
+            for i, text, n, nll in zip(rows, texts, counts, nlls, strict=True):
+                p = mine[i]
+                verdict = grade(bench.grader, text, p.answer)
+                records.append(
+                    {
+                        "id": p.id,
+                        "prompt": tokenizer.decode(prompts[i]),
+                        "output": text,
+                        "gold": p.answer,
+                        **verdict,
+                        "tokens": n,
+                        "nll": nll,
+                    }
+                )
+            _append(part, records)
+            bar.update(len(rows))
+
+        greedy_generate(lm, tokenizer, prompts, settings.max_new_tokens, batch_size, stops, save)
+
+    _barrier(world)
+    if rank == 0:
+        summary = _finish(out, bench, problems, settings, model_label, fmt if mine else None)
+    _barrier(world)
+    return summary if rank == 0 else json.loads((out / SUMMARY).read_text())
+
+
+def _finish(
+    out: Path, bench: Benchmark, problems: list[Problem], settings: EvalSettings, model_label: str, fmt: str | None
+) -> dict:
+    """Merge rank files into records.jsonl (problem order) and write the summary."""
+    by_id = {r["id"]: r for path in sorted(out.glob("records*.jsonl")) for r in read_records(path)}
+    missing = [p.id for p in problems if p.id not in by_id]
+    if missing:
+        raise SurgeryError(f"{len(missing)} problems have no record (first: {missing[0]}); rerun to resume")
+    records = [by_id[p.id] for p in problems]
+    fd, tmp = tempfile.mkstemp(prefix=".records.", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / RECORDS)
+    for path in out.glob("records.rank*.jsonl"):
+        path.unlink()
+    correct = sum(r["correct"] for r in records)
+    nlls = [r["nll"] for r in records if r["nll"] == r["nll"]]
+    summary = {
+        "model": model_label,
+        "benchmark": bench.name,
+        "grader": bench.grader,
+        "problems": len(records),
+        "correct": correct,
+        "accuracy": correct / len(records),
+        "accuracy_ci95": list(wilson_interval(correct, len(records))),
+        "nll_mean": sum(nlls) / len(nlls) if nlls else None,
+        "mean_tokens": sum(r["tokens"] for r in records) / len(records),
+        "prompt_format": fmt or _previous_format(out),
+        "settings": settings.to_dict(),
+        "versions": _versions(),
+    }
+    if bench.grader == "gsm8k":
+        strict = sum(r["strict"] for r in records)
+        summary["strict_accuracy"] = strict / len(records)
+        summary["strict_accuracy_ci95"] = list(wilson_interval(strict, len(records)))
+    _write_json_atomic(out / SUMMARY, summary)
+    return summary
+
+
+def _previous_format(out: Path) -> str | None:
+    path = out / SUMMARY
+    return json.loads(path.read_text()).get("prompt_format") if path.is_file() else None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -108,7 +108,7 @@ CHAT_TEMPLATE = (
 
 def save_tokenizer(path: Path, chat: bool = True) -> None:
     """A character-level tokenizer over ids 0..127 (fits TINY's vocab), saved next to a model."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -116,6 +116,7 @@ def save_tokenizer(path: Path, chat: bool = True) -> None:
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

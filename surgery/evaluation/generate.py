@@ -16,16 +16,16 @@ from surgery.loading import input_device
 _NLL_LOGITS_BYTES = 256 * 2**20
 
 
-def render(tokenizer, messages: list[dict[str, str]], plain: str, chat: bool) -> tuple[list[int], str]:
-    """Token ids of a prompt: the chat template when asked and available, else the plain text.
+def render(tokenizer, messages: list[dict[str, str]], plain: str, chat: bool) -> tuple[str, list[int], str]:
+    """A prompt as text and token ids: the chat template when asked and available, else the plain text.
 
     Returns:
-        (ids, format) where format is "chat" or "plain".
+        (text, ids, format) where format is "chat" or "plain".
     """
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"], "chat"
-    return tokenizer(plain)["input_ids"], "plain"
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"], "chat"
+    return plain, tokenizer(plain)["input_ids"], "plain"
 
 
 def _new_tokens(row: list[int], stop_ids: set[int], pad: int | None) -> list[int]:

@@ -226,30 +226,31 @@ def evaluate_loaded(
     mine = [p for i, p in enumerate(problems) if i % world == rank and p.id not in done]
     part = out / (RECORDS if world == 1 else f"records.rank{rank}.jsonl")
 
-    prompts, fmt = [], "plain"
+    prompt_texts, prompts, fmt = [], [], "plain"
     for p in mine:
-        ids, fmt = render(
+        text, ids, fmt = render(
             tokenizer,
             prompt_messages(p, bench.grader, settings.shots),
             prompt_text(p, bench.grader, settings.shots),
             settings.chat,
         )
+        prompt_texts.append(text)
         prompts.append(ids)
     stops = STOP_STRINGS if fmt == "plain" else ()
 
     with tqdm(total=len(mine), desc=f"eval {bench.name}", unit="problem", disable=None if progress else True) as bar:
 
-        def save(rows: list[int], texts: list[str], counts: list[int]) -> None:
+        def save(rows: list[int], outputs: list[str], counts: list[int]) -> None:
             sols = [tokenizer(mine[i].solution, add_special_tokens=False)["input_ids"] for i in rows]
             nlls = gold_nll(lm, [prompts[i] for i in rows], sols, tokenizer.pad_token_id)
             records = []
-            for i, text, n, nll in zip(rows, texts, counts, nlls, strict=True):
+            for i, text, n, nll in zip(rows, outputs, counts, nlls, strict=True):
                 p = mine[i]
                 verdict = grade(bench.grader, text, p.answer)
                 records.append(
                     {
                         "id": p.id,
-                        "prompt": tokenizer.decode(prompts[i]),
+                        "prompt": prompt_texts[i],
                         "output": text,
                         "gold": p.answer,
                         **verdict,

@@ -1,0 +1,324 @@
+"""`eval`, `report` and `sweep` on tiny local models: end to end, resume, data-parallel, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from transformers import AutoModelForCausalLM
+
+from surgery import open_checkpoint
+from surgery.cli import main
+from surgery.evaluation.benchmarks import grade
+from surgery.evaluation.generate import gold_nll
+from surgery.evaluation.runner import evaluate, read_records
+from surgery.sweep import swapped
+from tests.conftest import make_model, save_tokenizer, write_manifest
+
+QUESTIONS = [
+    (f"What is {a} plus {b}?", str(a + b))
+    for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9), (6, 1), (8, 8), (4, 0), (12, 3), (5, 5), (9, 9), (3, 3)]
+]
+
+
+def cli(*args) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    src, tgt = make_model(root / "source", 1), make_model(root / "target", 2)
+    for p in (src, tgt):
+        save_tokenizer(p)
+    bench = root / "arith.jsonl"
+    bench.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS))
+    return {"source": src, "target": tgt, "bench": bench, "root": root}
+
+
+def run_eval(setup, out: Path, **kw) -> dict:
+    kw = {"max_new_tokens": 6, "batch_size": 4, "progress": False, **kw}
+    return evaluate(setup["target"], str(setup["bench"]), out, **kw)
+
+
+def test_eval_end_to_end(tmp_path: Path, setup) -> None:
+    out = tmp_path / "res"
+    summary = run_eval(setup, out)
+    records = read_records(out / "records.jsonl")
+    assert [r["id"] for r in records] == [f"arith.jsonl:{i}" for i in range(1, 13)]
+    for r, (_, gold) in zip(records, QUESTIONS, strict=True):
+        assert r["gold"] == gold and 1 <= r["tokens"] <= 6 and r["nll"] > 0
+        assert r["correct"] == grade("gsm8k", r["output"], gold)["correct"]
+        assert "What is" in r["prompt"]
+    correct = sum(r["correct"] for r in records)
+    assert summary["correct"] == correct and summary["accuracy"] == correct / 12
+    lo, hi = summary["accuracy_ci95"]
+    assert 0 <= lo <= summary["accuracy"] <= hi <= 1
+    assert summary["nll_mean"] == pytest.approx(sum(r["nll"] for r in records) / 12)
+    assert summary["prompt_format"] == "chat" and summary["settings"]["max_new_tokens"] == 6
+    assert summary["settings"]["model_fingerprint"] == open_checkpoint(setup["target"]).fingerprint
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_batching_does_not_change_outputs(tmp_path: Path, setup) -> None:
+    run_eval(setup, tmp_path / "b1", batch_size=1)
+    run_eval(setup, tmp_path / "b5", batch_size=5)
+    one, five = (read_records(tmp_path / d / "records.jsonl") for d in ("b1", "b5"))
+    assert [r["output"] for r in one] == [r["output"] for r in five]
+    assert [r["nll"] for r in one] == pytest.approx([r["nll"] for r in five], rel=1e-4)
+
+
+def test_gold_nll_is_the_teacher_forced_cross_entropy(setup) -> None:
+    lm = AutoModelForCausalLM.from_pretrained(setup["target"]).eval()
+    prompt, solution = [1, 40, 41, 42, 43], [50, 51, 52]
+    with torch.no_grad():
+        logits = lm(torch.tensor([prompt + solution])).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(solution)).item()
+    # Batched with a longer row, so left padding is exercised too.
+    got = gold_nll(lm, [prompt, [1, 60, 61, 62, 63, 64, 65, 66]], [solution, [70, 71]], pad_id=0)
+    assert got[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "surgery",
+        "eval",
+        str(setup["target"]),
+        "-b",
+        str(setup["bench"]),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "1",
+        "-q",
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_records(out / "records.jsonl")) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_records(out / "records.jsonl")
+    assert 3 <= len(partial) < 12, "the kill should land mid-run"
+    # A torn last line, as a kill in the middle of a write would leave, is dropped on resume.
+    with open(out / "records.jsonl", "ab") as f:
+        f.write(b'{"id": "arith.jsonl:12", "outp')
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resumed = read_records(out / "records.jsonl")
+    clean = tmp_path / "clean"
+    run_eval(setup, clean, batch_size=1)
+    fresh = read_records(clean / "records.jsonl")
+    assert [r["id"] for r in resumed] == [r["id"] for r in fresh]
+    assert [r["output"] for r in resumed] == [r["output"] for r in fresh]
+    by_id = {r["id"]: r for r in resumed}
+    assert all(by_id[r["id"]] == r for r in partial), "records written before the kill were not kept as they were"
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path: Path, setup) -> None:
+    out = tmp_path / "res"
+    run_eval(setup, out, limit=4)
+    before = (out / "records.jsonl").read_bytes()
+    result = cli("eval", setup["target"], "-b", setup["bench"], "--limit", 4, "--max-new-tokens", 7, "-o", out)
+    assert result.exit_code == 2
+    assert "holds results for other settings (max_new_tokens: 6, now 7)" in result.stderr
+    assert "delete that folder to start fresh" in result.stderr
+    assert (out / "records.jsonl").read_bytes() == before
+
+
+def test_limit_larger_than_dataset_warns_and_uses_all(tmp_path: Path, setup) -> None:
+    result = cli(
+        "eval", setup["target"], "-b", setup["bench"], "--limit", 50, "--max-new-tokens", 2, "-o", tmp_path / "r"
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: --limit 50 is more than the 12 problems" in result.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["problems"] == 12
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-b", "gsm9k"], "unknown benchmark 'gsm9k'"),
+        (["-b", "{bad}"], "line 2"),
+        (["-b", "{bench}", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+        (["-b", "{bench}", "--max-memory", "x"], "--max-memory 'x' is not a size"),
+        (["-b", "{bench}", "--limit", "0"], "--limit"),
+        (["-b", "{bench}", "--shots", "9"], "shots"),
+    ],
+)
+def test_bad_eval_input(tmp_path: Path, setup, args: list[str], message: str) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
+    args = [a.format(bad=bad, bench=setup["bench"]) for a in args]
+    result = cli("eval", setup["target"], *args, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def fake_results(folder: Path, correct: list[bool], benchmark: str = "arith.jsonl", ids_sha: str = "x") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "records.jsonl").write_text(
+        "".join(json.dumps({"id": f"p{i}", "correct": c}) + "\n" for i, c in enumerate(correct))
+    )
+    settings = {
+        "benchmark": benchmark,
+        "benchmark_sha256": "s",
+        "problem_ids_sha256": ids_sha,
+        "shots": 0,
+        "chat": True,
+        "max_new_tokens": 8,
+    }
+    n = len(correct)
+    summary = {
+        "benchmark": benchmark,
+        "problems": n,
+        "accuracy": sum(correct) / n,
+        "accuracy_ci95": [0, 1],
+        "settings": settings,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_report_math_and_undefined_cases(tmp_path: Path) -> None:
+    s = fake_results(tmp_path / "s", [True] * 6 + [False] * 4)  # 60%
+    t = fake_results(tmp_path / "t", [True] * 2 + [False] * 8)  # 20%
+    p = fake_results(tmp_path / "p", [True] * 4 + [False] * 6)  # 40%
+    result = cli("report", "-s", s, "-t", t, "-p", p, "-o", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "r.json").read_text())["rows"][0]
+    assert row["tir"] == pytest.approx(2.0) and row["recovery_pct"] == pytest.approx(50.0)
+    lo, hi = row["tir_ci95"]
+    assert lo <= 2.0 <= hi
+    assert "| 40.0% [" in result.stdout and "| 2.00 [" in result.stdout and "| 50.0 [" in result.stdout
+
+    zero = fake_results(tmp_path / "t0", [False] * 10)
+    same = fake_results(tmp_path / "s2", [True] * 2 + [False] * 8)
+    r0 = cli("report", "-s", s, "-t", zero, "-p", p)
+    assert "undefined (target accuracy is 0)" in r0.stdout and "inf" not in r0.stdout and "nan" not in r0.stdout
+    r1 = cli("report", "-s", same, "-t", t, "-p", p)
+    assert "undefined (source and target accuracies are equal (no gap))" in r1.stdout
+
+
+def test_report_refuses_mixed_results(tmp_path: Path) -> None:
+    s = fake_results(tmp_path / "s", [True, False])
+    t = fake_results(tmp_path / "t", [False, False], benchmark="gsm8k")
+    p = fake_results(tmp_path / "p", [True, True])
+    result = cli("report", "-s", s, "-t", t, "-p", p)
+    assert (
+        result.exit_code == 2 and "evaluated with benchmark='arith.jsonl' but the target with 'gsm8k'" in result.stderr
+    )
+    t2 = fake_results(tmp_path / "t2", [False, False], ids_sha="other")
+    result = cli("report", "-s", s, "-t", t2, "-p", p)
+    assert result.exit_code == 2 and "problem_ids_sha256" in result.stderr
+
+
+def test_swap_restores_bit_exactly(setup) -> None:
+    lm = AutoModelForCausalLM.from_pretrained(setup["target"]).eval()
+    src_lm = AutoModelForCausalLM.from_pretrained(setup["source"])
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    with swapped(lm, open_checkpoint(setup["source"]), names):
+        state = lm.state_dict()
+        for n in names:
+            assert torch.equal(state[n], src_lm.state_dict()[n])
+        assert torch.equal(state["model.norm.weight"], before["model.norm.weight"])
+    after = lm.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
+    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    out = tmp_path / "sweep"
+    result = cli(
+        "sweep",
+        "-t",
+        setup["target"],
+        "-s",
+        setup["source"],
+        "-m",
+        manifest,
+        "--k",
+        "2,4",
+        "--max-new-tokens",
+        "3",
+        "-b",
+        setup["bench"],
+        "--limit",
+        4,
+        "-q",
+        "-o",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "sweep.json").read_text())
+    assert [(r["k"], r["method"]) for r in table["rows"]] == [(2, "lae"), (2, "random"), (4, "lae"), (4, "random")]
+    assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep.md").read_text().count("\n") == 6
+    assert not list(out.rglob("*.safetensors")), "the sweep must not write checkpoints"
+    # Each K's evaluation equals evaluating a checkpoint transplanted on disk.
+    patched = tmp_path / "patched"
+    assert (
+        cli(
+            "transplant", "-t", setup["target"], "-s", setup["source"], "-o", patched, "-m", manifest, "-k", 4, "-q"
+        ).exit_code
+        == 0
+    )
+    save_tokenizer(patched)
+    disk = evaluate(patched, str(setup["bench"]), tmp_path / "disk", limit=4, max_new_tokens=3, progress=False)
+    in_memory = json.loads((out / "lae-k4-m3" / "summary.json").read_text())
+    assert [r["output"] for r in read_records(out / "lae-k4-m3" / "records.jsonl")] == [
+        r["output"] for r in read_records(tmp_path / "disk" / "records.jsonl")
+    ]
+    assert in_memory["accuracy"] == disk["accuracy"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
+    single = tmp_path / "single"
+    run_eval(setup, single, batch_size=2)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun,
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "surgery",
+        "eval",
+        str(setup["target"]),
+        "-b",
+        str(setup["bench"]),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "-q",
+        "-o",
+        str(tmp_path / "dp"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (read_records(d / "records.jsonl") for d in (single, tmp_path / "dp"))
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert [r["output"] for r in a] == [r["output"] for r in b]
+    assert [r["nll"] for r in a] == pytest.approx([r["nll"] for r in b], rel=1e-4)
+    assert not list((tmp_path / "dp").glob("records.rank*.jsonl"))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, tmp_path / "dp"))
+    assert sa["accuracy"] == sb["accuracy"] and sa["correct"] == sb["correct"]

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,10 @@ def test_gold_nll_is_the_teacher_forced_cross_entropy(setup) -> None:
 
 
 def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
+    # Enough problems that the kill surely lands mid-run, however fast the machine.
+    bench = tmp_path / "long.jsonl"
+    rows = [json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)}) for i in range(80)]
+    bench.write_text("\n".join(rows) + "\n")
     out = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -97,7 +102,7 @@ def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
         "eval",
         str(setup["target"]),
         "-b",
-        str(setup["bench"]),
+        str(bench),
         "--max-new-tokens",
         "6",
         "--batch-size",
@@ -109,19 +114,19 @@ def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_records(out / "records.jsonl")) < 3:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = read_records(out / "records.jsonl")
-    assert 3 <= len(partial) < 12, "the kill should land mid-run"
+    assert 3 <= len(partial) < 80, "the kill should land mid-run"
     # A torn last line, as a kill in the middle of a write would leave, is dropped on resume.
     with open(out / "records.jsonl", "ab") as f:
-        f.write(b'{"id": "arith.jsonl:12", "outp')
+        f.write(b'{"id": "long.jsonl:80", "outp')
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     resumed = read_records(out / "records.jsonl")
     clean = tmp_path / "clean"
-    run_eval(setup, clean, batch_size=1)
+    evaluate(setup["target"], str(bench), clean, max_new_tokens=6, batch_size=1, progress=False)
     fresh = read_records(clean / "records.jsonl")
     assert [r["id"] for r in resumed] == [r["id"] for r in fresh]
     assert [r["output"] for r in resumed] == [r["output"] for r in fresh]
@@ -293,12 +298,15 @@ def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
     single = tmp_path / "single"
     run_eval(setup, single, batch_size=2)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    with socket.socket() as sock:  # a free port, so concurrent test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [
         torchrun,
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29533",
+        str(port),
         "-m",
         "surgery",
         "eval",

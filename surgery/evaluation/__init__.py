@@ -1,0 +1,1 @@
+"""Evaluation: math benchmarks, batched generation, metrics."""

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.evaluation.report import report
-from surgery.evaluation.runner import EvalSettings, evaluate_loaded, prepare, problem_ids_sha256
+from surgery.evaluation.runner import EvalSettings, dist_info, evaluate_loaded, prepare, problem_ids_sha256
 from surgery.loading import load_model, load_tokenizer
 from surgery.manifest import file_sha256, load_manifest, select_modules
 from surgery.modules import find_candidates
@@ -139,9 +139,10 @@ def sweep(
             gc.collect()
 
     table = _table(out, man.method.name, k_values, budgets)
-    (out / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "sweep.md").write_text(markdown(table))
-    _plot(table, out / "sweep.png")
+    if dist_info()[0] == 0:  # under torchrun every rank has the table; one writes it
+        (out / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
+        (out / "sweep.md").write_text(markdown(table))
+        _plot(table, out / "sweep.png")
     return table
 
 

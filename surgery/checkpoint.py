@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.jsonio import read_json_object
+from surgery.fileio import read_json_object
 from surgery.safetensors_header import ShardHeader, TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"

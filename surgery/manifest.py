@@ -10,8 +10,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from surgery.errors import SurgeryError
-from surgery.jsonio import read_json_object
+from surgery.fileio import read_json_object, write_json_atomic
 
 SCHEMA_VERSION = 1
 KINDS = ("attn", "mlp", "other")
@@ -166,19 +164,7 @@ def save_manifest(manifest: Manifest, path: str | Path) -> None:
     """Validate and write a manifest atomically (a temp file renamed into place)."""
     obj = manifest.to_dict()
     manifest_from_dict(obj, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(Path(path), obj)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -9,8 +9,6 @@ holds JSON: model fingerprint, workload, settings and library versions.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from surgery.errors import SurgeryError
+from surgery.fileio import write_atomic
 from surgery.safetensors_header import TensorInfo, encode_header, read_header
 
 FORMAT = "surgery-stats/1"
@@ -65,19 +64,7 @@ def save_stats(stats: Stats, path: str | Path) -> None:
         infos.append(TensorInfo(name, dtype, tuple(tensors[name].shape), offset, offset + len(data)))
         blobs.append(data)
         offset += len(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encode_header(infos, meta))
-            for data in blobs:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, encode_header(infos, meta) + b"".join(blobs))
 
 
 def load_stats(path: str | Path) -> Stats:

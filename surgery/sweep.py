@@ -9,7 +9,6 @@ same way beside it: the baseline the ranking must beat.
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.evaluation.report import report
 from surgery.evaluation.runner import EvalSettings, dist_info, evaluate_loaded, prepare, problem_ids_sha256
+from surgery.fileio import write_atomic, write_json_atomic
 from surgery.loading import load_model, load_tokenizer
 from surgery.manifest import file_sha256, load_manifest, select_modules
 from surgery.modules import find_candidates
@@ -140,8 +140,8 @@ def sweep(
 
     table = _table(out, man.method.name, k_values, budgets)
     if dist_info()[0] == 0:  # under torchrun every rank has the table; one writes it
-        (out / "sweep.json").write_text(json.dumps(table, indent=2) + "\n")
-        (out / "sweep.md").write_text(markdown(table))
+        write_json_atomic(out / "sweep.json", table)
+        write_atomic(out / "sweep.md", markdown(table).encode("utf-8"))
         _plot(table, out / "sweep.png")
     return table
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from surgery.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.jsonio import read_json_object
+from surgery.fileio import read_json_object
 from surgery.streaming import converted_chunks, read_chunks
 from surgery.transplant import RECORD_FILE, copied_files
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.evaluation.metrics import paired_bootstrap, recovery, tir
 from surgery.evaluation.runner import RECORDS, SUMMARY, read_records
-from surgery.jsonio import read_json_object
+from surgery.fileio import read_json_object, write_json_atomic
 
 
 def _load(folder: str | Path) -> tuple[dict, dict[str, bool]]:
@@ -102,4 +101,4 @@ def markdown(result: dict) -> str:
 
 
 def save_report(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(Path(path), result)

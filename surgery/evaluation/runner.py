@@ -37,6 +37,7 @@ from surgery.evaluation.benchmarks import (
 )
 from surgery.evaluation.generate import gold_nll, greedy_generate, render
 from surgery.evaluation.metrics import wilson_interval
+from surgery.fileio import write_atomic, write_json_atomic
 from surgery.loading import load_model, load_tokenizer, parse_memory
 
 RECORDS = "records.jsonl"
@@ -104,16 +105,6 @@ def _append(path: Path, records: list[dict]) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_or_write_settings(out: Path, settings: EvalSettings, rank: int, world: int) -> None:
     path = out / SETTINGS
     if path.is_file():
@@ -127,7 +118,7 @@ def _check_or_write_settings(out: Path, settings: EvalSettings, rank: int, world
             )
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(path, settings.to_dict())
+        write_json_atomic(path, settings.to_dict())
     _barrier(world)
 
 
@@ -279,12 +270,7 @@ def _finish(
     if missing:
         raise SurgeryError(f"{len(missing)} problems have no record (first: {missing[0]}); rerun to resume")
     records = [by_id[p.id] for p in problems]
-    fd, tmp = tempfile.mkstemp(prefix=".records.", dir=out)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / RECORDS)
+    write_atomic(out / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
     for path in out.glob("records.rank*.jsonl"):
         path.unlink()
     correct = sum(r["correct"] for r in records)
@@ -307,7 +293,7 @@ def _finish(
         strict = sum(r["strict"] for r in records)
         summary["strict_accuracy"] = strict / len(records)
         summary["strict_accuracy_ci95"] = list(wilson_interval(strict, len(records)))
-    _write_json_atomic(out / SUMMARY, summary)
+    write_json_atomic(out / SUMMARY, summary)
     return summary
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import SurgeryError
-from surgery.loading import parse_memory
+from surgery.loading import check_generation_options
 from surgery.manifest import METHODS, STATS_METHODS, Manifest, save_manifest
 from surgery.modules import find_candidates
 from surgery.profiling import profile
@@ -83,10 +83,7 @@ def analyze(
         raise SurgeryError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if method == "random" and seed is None:
         raise SurgeryError("method random needs --seed")
-    if max_new_tokens <= 0:
-        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
-    if max_memory is not None:
-        parse_memory(max_memory)
+    check_generation_options(max_new_tokens, batch_size, max_memory)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out} should end in .json")
     src, tgt = open_checkpoint(source), open_checkpoint(target)

@@ -33,6 +33,16 @@ def parse_memory(text: str) -> int:
     return size
 
 
+def check_generation_options(max_new_tokens: int, batch_size: int, max_memory: str | None) -> None:
+    """Refuse bad decoding options before anything slow starts (shared by profile, analyze, eval)."""
+    if max_new_tokens <= 0:
+        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
+    if batch_size <= 0:
+        raise SurgeryError(f"--batch-size must be a positive integer, got {batch_size}")
+    if max_memory is not None:
+        parse_memory(max_memory)
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The checkpoint's tokenizer, set up for batched generation (left padding, a pad token)."""
     from transformers import AutoTokenizer

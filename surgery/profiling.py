@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from surgery import __version__
 from surgery.checkpoint import open_checkpoint
-from surgery.errors import SurgeryError
-from surgery.loading import input_device, load_model, load_tokenizer, parse_memory
+from surgery.loading import check_generation_options, input_device, load_model, load_tokenizer
 from surgery.modules import find_candidates
 from surgery.stats import Stats, save_stats
 from surgery.workloads import PromptSet, load_workload
@@ -171,12 +170,7 @@ def profile(
     Raises:
         SurgeryError: bad settings, workload, or checkpoint.
     """
-    if max_new_tokens <= 0:
-        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
-    if batch_size <= 0:
-        raise SurgeryError(f"--batch-size must be a positive integer, got {batch_size}")
-    if max_memory is not None:
-        parse_memory(max_memory)
+    check_generation_options(max_new_tokens, batch_size, max_memory)
     prompt_set = load_workload(workload) if isinstance(workload, str) else workload
     ckpt = open_checkpoint(model)
     # The candidates of a model against itself: every leaf Linear it could give or receive.

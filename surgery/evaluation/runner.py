@@ -38,7 +38,7 @@ from surgery.evaluation.benchmarks import (
 from surgery.evaluation.generate import gold_nll, greedy_generate, render
 from surgery.evaluation.metrics import wilson_interval
 from surgery.fileio import write_atomic, write_json_atomic
-from surgery.loading import load_model, load_tokenizer, parse_memory
+from surgery.loading import check_generation_options, load_model, load_tokenizer
 
 RECORDS = "records.jsonl"
 SETTINGS = "settings.json"
@@ -170,12 +170,7 @@ def evaluate(
     Returns:
         The summary (also in `out/summary.json`).
     """
-    if max_new_tokens <= 0:
-        raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
-    if batch_size <= 0:
-        raise SurgeryError(f"--batch-size must be a positive integer, got {batch_size}")
-    if max_memory is not None:
-        parse_memory(max_memory)
+    check_generation_options(max_new_tokens, batch_size, max_memory)
     bench, problems = prepare(benchmark, limit, seed, shots)
     ckpt = open_checkpoint(model)
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)

@@ -14,9 +14,7 @@ Methods (named in the manifest):
 from __future__ import annotations
 
 import math
-import os
 import random
-from pathlib import Path
 
 import torch
 
@@ -26,7 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.manifest import METHODS, STATS_METHODS, Manifest, Method, ModelRef, ModuleEntry, Workload
 from surgery.modules import Compatibility
 from surgery.stats import Stats
-from surgery.streaming import CHUNK_BYTES, tensor_chunks
+from surgery.streaming import CHUNK_BYTES, ReadOnlyFiles, tensor_chunks
 
 # Standard-error floor for `consistency`: identical per-prompt differences would divide by 0.
 _SE_FLOOR = 1e-12
@@ -78,32 +76,22 @@ def weight_delta_scores(src: Checkpoint, tgt: Checkpoint, compat: Compatibility)
     """||W_s - W_t|| / ||W_t|| per module, reading both checkpoints in bounded chunks."""
     scores = {}
     elements = CHUNK_BYTES // 8
-    fds: dict[Path, int] = {}
-
-    def fd(path: Path) -> int:
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-        return fds[path]
-
-    try:
+    with ReadOnlyFiles() as files:
         for c in compat.candidates:
             diff = norm = 0.0
             for t in c.tensors:
                 s, g = src.tensors[t], tgt.tensors[t]
                 chunks_s = tensor_chunks(
-                    fd(s.shard.path), s.shard.data_start + s.info.begin, s.info.nbytes, s.info.dtype, elements
+                    files.fd(s.shard.path), s.shard.data_start + s.info.begin, s.info.nbytes, s.info.dtype, elements
                 )
                 chunks_t = tensor_chunks(
-                    fd(g.shard.path), g.shard.data_start + g.info.begin, g.info.nbytes, g.info.dtype, elements
+                    files.fd(g.shard.path), g.shard.data_start + g.info.begin, g.info.nbytes, g.info.dtype, elements
                 )
                 for a, b in zip(chunks_s, chunks_t, strict=True):
                     a64, b64 = a.to(torch.float64), b.to(torch.float64)
                     diff += torch.sum((a64 - b64) ** 2).item()
                     norm += torch.sum(b64**2).item()
             scores[c.name] = math.sqrt(diff) / math.sqrt(norm) if norm > 0 else math.sqrt(diff)
-    finally:
-        for f in fds.values():
-            os.close(f)
     return scores
 
 

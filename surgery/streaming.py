@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgery.errors import SurgeryError
@@ -44,6 +45,26 @@ def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, _TORCH_NAMES[name])
+
+
+class ReadOnlyFiles:
+    """Opens each input file once, read-only, and closes them all when the `with` block ends."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __enter__(self) -> ReadOnlyFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def check_convertible(src: str, dst: str, what: str) -> None:

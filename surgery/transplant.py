@@ -27,7 +27,7 @@ from surgery.errors import SurgeryError
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
 from surgery.modules import Candidate, Compatibility, find_candidates
 from surgery.safetensors_header import encode_header
-from surgery.streaming import check_convertible, converted_chunks, copy_range, write_all
+from surgery.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
 
 RECORD_FILE = "transplant.json"
 # Files of the target that are not copied: weights (rewritten or stale) and the model card.
@@ -348,32 +348,26 @@ def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str
     """Write every shard; return the sha256 of each source tensor as written."""
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
-    fds: dict[Path, int] = {}
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=None if progress else True) as bar:
-            for plan in plans:
-                dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    write_all(dst, 0, plan.header)
-                    for p in plan.pieces:
-                        if p.src_path not in fds:
-                            fds[p.src_path] = os.open(p.src_path, os.O_RDONLY)
-                        src = fds[p.src_path]
-                        if p.tensor is None:
-                            copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
-                        else:
-                            h, off = hashlib.sha256(), p.dst_off
-                            for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
-                                h.update(chunk)
-                                write_all(dst, off, chunk)
-                                off += len(chunk)
-                            hashes[p.tensor] = h.hexdigest()
-                        bar.update(p.nbytes)
-                finally:
-                    os.close(dst)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=None if progress else True)
+    with ReadOnlyFiles() as files, bar:
+        for plan in plans:
+            dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                write_all(dst, 0, plan.header)
+                for p in plan.pieces:
+                    src = files.fd(p.src_path)
+                    if p.tensor is None:
+                        copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
+                    else:
+                        h, off = hashlib.sha256(), p.dst_off
+                        for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
+                            h.update(chunk)
+                            write_all(dst, off, chunk)
+                            off += len(chunk)
+                        hashes[p.tensor] = h.hexdigest()
+                    bar.update(p.nbytes)
+            finally:
+                os.close(dst)
     return hashes
 
 

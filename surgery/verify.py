@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.streaming import converted_chunks, read_chunks
+from surgery.streaming import ReadOnlyFiles, converted_chunks, read_chunks
 from surgery.transplant import RECORD_FILE, copied_files
 
 
@@ -63,8 +62,7 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
             raise VerificationError(f"{shard.path}: __metadata__ lacks format=pt, so transformers may refuse it")
 
     bytes_checked = 0
-    fds: dict[Path, int] = {}
-    try:
+    with ReadOnlyFiles() as files:
         for name, ref in patched.tensors.items():
             want = tgt.tensors.get(name)
             if want is None:
@@ -75,16 +73,13 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
                     f"target is {want.info.dtype} {list(want.info.shape)}"
                 )
             origin, label = (src, "source") if name in expected else (tgt, "target")
-            digest = _compare(name, ref, origin, label, fds)
+            digest = _compare(name, ref, origin, label, files)
             if name in expected and digest != expected[name]:
                 raise VerificationError(f"tensor {name!r}: sha256 differs from the one in {RECORD_FILE}")
             bytes_checked += ref.info.nbytes
         missing = sorted(set(tgt.tensors) - set(patched.tensors))
         if missing:
             raise VerificationError(f"tensor {missing[0]!r}: in the target but missing from the output")
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
     files = copied_files(tgt.path)
     for rel in files:
@@ -93,17 +88,11 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
     return VerifyReport(len(patched.tensors), len(expected), bytes_checked, len(files))
 
 
-def _fd(path: Path, fds: dict[Path, int]) -> int:
-    if path not in fds:
-        fds[path] = os.open(path, os.O_RDONLY)
-    return fds[path]
-
-
-def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, fds: dict[Path, int]) -> str:
+def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, files: ReadOnlyFiles) -> str:
     """Stream the output tensor and its expected bytes side by side; return the output's sha256."""
     want = origin.tensors[name]
-    out_fd = _fd(ref.shard.path, fds)
-    exp_fd = _fd(want.shard.path, fds)
+    out_fd = files.fd(ref.shard.path)
+    exp_fd = files.fd(want.shard.path)
     got_chunks = read_chunks(out_fd, ref.shard.data_start + ref.info.begin, ref.info.nbytes)
     exp_chunks = converted_chunks(
         exp_fd, want.shard.data_start + want.info.begin, want.info.nbytes, want.info.dtype, ref.info.dtype

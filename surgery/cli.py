@@ -39,7 +39,7 @@ def main() -> None:
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(path: str, as_json: bool) -> None:
-    """Describe the checkpoint folder PATH after validating every shard header."""
+    """Describe the checkpoint PATH (a folder, or a Hub repo id org/name[@revision]) after validating its headers."""
     info = open_checkpoint(path).summary()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -54,13 +54,38 @@ def inspect(path: str, as_json: bool) -> None:
         click.echo(f"{key:16} {value}")
 
 
+@main.command("import-gguf")
+@click.argument("gguf_file", metavar="FILE.gguf", type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the stored weights (quantised tensors are de-quantised first).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT, only after the new one is complete.")
+def import_gguf_cmd(gguf_file: str, out: str, dtype: str, overwrite: bool) -> None:
+    """Convert a GGUF file into a safetensors checkpoint folder with config, generation config and tokenizer.
+
+    Any causal LM transformers reads from GGUF (llama, qwen2, ...); a tied head stays tied.
+    The folder appears at OUT only once complete.
+    """
+    # Imported here, like the other model commands: the converter pulls in torch and transformers.
+    from surgery.gguf_import import import_gguf
+
+    folder = import_gguf(gguf_file, out, dtype=dtype, overwrite=overwrite)
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    click.echo(f"wrote {folder}: {dtype} safetensors ({size / 2**20:.1f} MiB), config, generation config, tokenizer")
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("target", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow configs that need custom model code.")
 def compat(source: str, target: str, as_json: bool, trust_remote_code: bool) -> None:
-    """List the modules that can move from SOURCE to TARGET, and why others cannot."""
+    """List the modules that can move from SOURCE to TARGET (folders or Hub repo ids), and why others cannot."""
     result = find_candidates(open_checkpoint(source), open_checkpoint(target), trust_remote_code)
     if as_json:
         obj = {
@@ -81,8 +106,8 @@ def compat(source: str, target: str, as_json: bool, trust_remote_code: bool) -> 
 
 
 @main.command()
-@click.option("--target", "-t", required=True, help="Checkpoint folder to patch (never modified).")
-@click.option("--source", "-s", required=True, help="Checkpoint folder to take modules from (never modified).")
+@click.option("--target", "-t", required=True, help="Checkpoint to patch: folder or org/name[@rev] (never modified).")
+@click.option("--source", "-s", required=True, help="Checkpoint to take modules from: folder or org/name[@rev].")
 @click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
 @click.option("--manifest", "-m", help="Module manifest ranking the candidates (format: manifests/schema.json).")
 @click.option("--top-k", "-k", type=int, help="Transplant the K best-ranked modules (needs --manifest).")
@@ -93,6 +118,11 @@ def compat(source: str, target: str, as_json: bool, trust_remote_code: bool) -> 
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT, only after the new one is complete.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow configs that need custom model code.")
+@click.option(
+    "--eval-results", multiple=True, help="summary.json of `surgery eval` to report in the model card; repeatable."
+)
+@click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def transplant(
     target: str,
     source: str,
@@ -106,12 +136,21 @@ def transplant(
     overwrite: bool,
     quiet: bool,
     trust_remote_code: bool,
+    eval_results: tuple[str, ...],
+    push_to: str | None,
+    private: bool,
 ) -> None:
     """Write a copy of the target with the selected modules taken from the source.
 
     Select with --manifest M --top-k K (filters: --only, --layers, --module), or by
-    name alone with --module PATTERN.
+    name alone with --module PATTERN. The output gets a model card (README.md).
     """
+    if push_to is not None:
+        from surgery.hub import check_push_options
+
+        check_push_options(push_to)  # a bad repo id is refused before the output is written
+    elif private:
+        raise SurgeryError("--private only applies with --push-to-hub ORG/NAME")
     result = run_transplant(
         target,
         source,
@@ -125,11 +164,20 @@ def transplant(
         overwrite=overwrite,
         progress=not quiet,
         trust_remote_code=trust_remote_code,
+        eval_results=eval_results,
     )
     click.echo(
         f"wrote {result.out}: {len(result.modules)} modules ({len(result.tensors)} tensors) from the source, "
         f"{result.bytes_written / 2**20:.1f} MiB"
     )
+    if push_to is not None:
+        from surgery.hub import push
+
+        try:
+            url = push(result.out, push_to, private=private)
+        except SurgeryError as e:
+            raise SurgeryError(f"{e} (the output is kept in {result.out}; retry with `surgery push`)") from None
+        click.echo(f"pushed to {url}")
 
 
 @main.command()
@@ -143,6 +191,20 @@ def verify(out: str, target: str, source: str) -> None:
         f"ok: {report.tensors_checked} tensors ({report.from_source} from the source, "
         f"{report.bytes_checked / 2**20:.1f} MiB) and {report.files_checked} files match"
     )
+
+
+@main.command("push")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--repo-id", required=True, metavar="ORG/NAME", help="Hub model repo to push to (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to main.")
+@click.option("--revision", metavar="BRANCH", help="Commit to this branch (created if missing) instead of main.")
+def push_cmd(out: str, repo_id: str, private: bool, create_pr: bool, revision: str | None) -> None:
+    """Upload the transplant output OUT to a Hub model repo (token: HF_TOKEN or `hf auth login`)."""
+    from surgery.hub import push
+
+    url = push(out, repo_id, private=private, create_pr=create_pr, revision=revision)
+    click.echo(f"pushed {out} to {url}")
 
 
 def _profile_options(f):

@@ -115,7 +115,8 @@ def build_manifest(
         compat: their candidates and exclusions.
         src_stats, tgt_stats: profile stats, required for the activation methods.
         seed: required for `random`.
-        source_label, target_label: how to name the models in the manifest (default: their paths).
+        source_label, target_label: how to name the models in the manifest (default: their paths, or
+            repo ids for Hub snapshots, whose commit is recorded as the revision).
 
     Returns:
         The manifest; ties keep module order, so ranking is deterministic.
@@ -172,10 +173,17 @@ def build_manifest(
     )
     return Manifest(
         created_by=f"surgery {__version__}",
-        source=ModelRef(source_label or str(src.path), None, src.fingerprint),
-        target=ModelRef(target_label or str(tgt.path), None, tgt.fingerprint),
+        source=_model_ref(src, source_label),
+        target=_model_ref(tgt, target_label),
         workload=workload,
         method=Method(method, params),
         modules=entries,
         excluded=tuple((e.name, e.reason) for e in compat.excluded),
     )
+
+
+def _model_ref(ckpt: Checkpoint, label: str | None) -> ModelRef:
+    # A Hub snapshot is named by its repo id and pinned by its commit: its cache path is machine-specific.
+    if ckpt.hub is not None:
+        return ModelRef(label or ckpt.hub.repo_id, ckpt.hub.commit, ckpt.fingerprint)
+    return ModelRef(label or str(ckpt.path), None, ckpt.fingerprint)

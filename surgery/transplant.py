@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,11 @@ from tqdm import tqdm
 from surgery import __version__
 from surgery.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from surgery.errors import SurgeryError
+from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
 from surgery.modules import Candidate, Compatibility, find_candidates
 from surgery.safetensors_header import encode_header
+from surgery.staging import TMP_PREFIX, staged_folder
 from surgery.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
 
 RECORD_FILE = "transplant.json"
@@ -34,7 +35,6 @@ RECORD_FILE = "transplant.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", *PICKLE_SUFFIXES)
 _SKIPPED_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md", RECORD_FILE}
 _SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
-_TMP_PREFIX = ".surgery-tmp-"
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,17 @@ def transplant(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    eval_results: Sequence[str | Path] = (),
 ) -> TransplantResult:
     """Write a copy of `target` with the selected modules' tensors taken from `source`.
 
     Select with a manifest (`manifest` + `top_k`, optionally `only`/`layers`/`modules`
-    as filters) or by name alone (`modules` glob patterns over the candidates).
+    as filters) or by name alone (`modules` glob patterns over the candidates). The output
+    gets a model card (`README.md`, see `surgery.hub.model_card`).
 
     Args:
-        target: the checkpoint folder to patch (never modified).
-        source: the checkpoint folder modules are taken from (never modified).
+        target: the checkpoint folder to patch (never modified), or a Hub repo id `org/name[@revision]`.
+        source: the checkpoint folder modules are taken from (never modified), or a Hub repo id.
         out: the output folder; must not exist unless `overwrite`.
         manifest: a module manifest ranking the candidates.
         top_k: transplant the K best-ranked modules left after filtering.
@@ -112,6 +114,7 @@ def transplant(
         overwrite: replace an existing `out`, only once the new output is complete.
         progress: show a progress bar of bytes (only when stderr is a terminal).
         trust_remote_code: allow configs that need custom model code.
+        eval_results: `summary.json` files written by `surgery eval`, reported in the model card.
 
     Returns:
         What was written.
@@ -119,9 +122,14 @@ def transplant(
     Raises:
         SurgeryError: any input is invalid; nothing is written in that case.
     """
+    # Imported here: surgery.hub imports this module, and huggingface_hub's card classes cost ~0.3 s
+    # and ~13 MiB that `import surgery` should not pay.
+    from surgery import hub
+
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     out = _check_out(Path(out), tgt, src, overwrite)
     man = load_manifest(manifest) if manifest is not None else None
+    summaries = [hub.load_eval_summary(p) for p in eval_results]
     if man is not None and _fingerprints_match(man, src, tgt):
         # The manifest was ranked on these exact checkpoints (the fingerprints cover the config and
         # every tensor's name, dtype and shape), so its candidate list stands in for rebuilding the
@@ -136,34 +144,30 @@ def transplant(
     from_source = {t for c in selected for t in c.tensors}
     provenance = {
         "tool": f"surgery {__version__}",
-        "source": {"path": str(src.path), "fingerprint": src.fingerprint},
-        "target": {"path": str(tgt.path), "fingerprint": tgt.fingerprint},
+        "source": _origin(src),
+        "target": _origin(tgt),
         "manifest": None
         if man is None
         else {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
     }
+    selection = {
+        "top_k": top_k,
+        "only": only,
+        "layers": list(layers) if layers else None,
+        "patterns": list(modules),
+    }
     plans = _plan(tgt, src, from_source, provenance)
-    _check_free_space(out, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans))
-
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
-    except OSError as e:
-        raise SurgeryError(f"cannot create the output in {out.parent} ({e.strerror}); choose a writable -o") from None
-    _chmod_like_mkdir(tmp)
-    try:
+    # Built before anything is written, so that a problem with it leaves nothing behind.
+    card = hub.model_card(out.name, tgt, src, selected, manifest=man, selection=selection, eval_summaries=summaries)
+    with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
         hashes = _write_shards(tmp, plans, progress)
         _copy_extra_files(tgt.path, tmp)
+        card.save(tmp / hub.CARD_FILE)
         if tgt.index is not None:
             _write_json(tmp / INDEX_FILE, tgt.index)
         record = {
             **provenance,
-            "selection": {
-                "top_k": top_k,
-                "only": only,
-                "layers": list(layers) if layers else None,
-                "patterns": list(modules),
-            },
+            "selection": selection,
             "modules": [c.name for c in selected],
             "tensors": [
                 {
@@ -176,15 +180,38 @@ def transplant(
             ],
         }
         _write_json(tmp / RECORD_FILE, record)
-        _fsync_tree(tmp)
-        _publish(tmp, out, overwrite)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SurgeryError(f"writing {out} failed ({e.strerror or e}); nothing was written, fix it and rerun") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return TransplantResult(out, tuple(c.name for c in selected), hashes, tgt.total_bytes)
+
+
+def _origin(ckpt: Checkpoint) -> dict:
+    """How the record names an input; a Hub snapshot also gets its repo and commit (its path is a cache path)."""
+    origin: dict = {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint}
+    if ckpt.hub is not None:
+        origin["hub"] = {"repo_id": ckpt.hub.repo_id, "revision": ckpt.hub.revision, "commit": ckpt.hub.commit}
+    return origin
+
+
+def check_output(folder: Path) -> dict:
+    """Refuse anything but a complete, published transplant output (e.g. before pushing it).
+
+    Args:
+        folder: the folder to check.
+
+    Returns:
+        Its `transplant.json` record.
+
+    Raises:
+        SurgeryError: not a folder, an unfinished temp folder, no record, or shards that do not validate.
+    """
+    if not folder.is_dir():
+        raise SurgeryError(f"{folder}: no such folder; pass the output folder of `surgery transplant`")
+    if folder.resolve().name.startswith(TMP_PREFIX):
+        raise SurgeryError(f"{folder}: an unfinished transplant (temp folder); pass the published output folder")
+    if not (folder / RECORD_FILE).is_file():
+        raise SurgeryError(f"{folder}: no {RECORD_FILE}, so not a complete `surgery transplant` output; rerun it")
+    record = read_json_object(folder / RECORD_FILE, "transplant record", "rerun `surgery transplant`")
+    open_checkpoint(folder.resolve())  # every shard present, every header valid
+    return record
 
 
 def _check_out(out: Path, tgt: Checkpoint, src: Checkpoint, overwrite: bool) -> Path:
@@ -199,17 +226,6 @@ def _check_out(out: Path, tgt: Checkpoint, src: Checkpoint, overwrite: bool) -> 
     if resolved.exists() and not resolved.is_dir():
         raise SurgeryError(f"output {out} exists and is not a folder; remove it or choose another path")
     return resolved
-
-
-def _check_free_space(out: Path, needed: int) -> None:
-    """Refuse up front when the output cannot fit, rather than failing half-way."""
-    existing = next(p for p in [out.parent, *out.parent.parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise SurgeryError(
-            f"output needs {needed / 2**30:.2f} GiB but {existing} has {free / 2**30:.2f} GiB free; "
-            "free some space or choose another -o"
-        )
 
 
 def _select(
@@ -377,7 +393,7 @@ def is_copied_file(rel: Path) -> bool:
         not any(part in _SKIPPED_DIRS for part in rel.parts[:-1])
         and rel.name not in _SKIPPED_NAMES
         and not rel.name.endswith(_WEIGHT_SUFFIXES)
-        and not rel.name.startswith(_TMP_PREFIX)
+        and not rel.name.startswith(TMP_PREFIX)
     )
 
 
@@ -398,43 +414,3 @@ def _write_json(path: Path, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and folder under `path`, once, after all writing.
-
-    Syncing each shard as soon as it is written would make the next shard wait for the disk;
-    syncing at the end lets the kernel write back in the background while we copy.
-    """
-    for p in sorted(path.rglob("*")):
-        _fsync_file(p)
-    _fsync_file(path)
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    # mkdtemp creates 0700; the published folder should get the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temp folder to `out`; an old `out` is removed only afterwards."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise SurgeryError(f"output {out} appeared during the run; choose a new path or pass --overwrite")
-        old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-old-", dir=out.parent))
-        os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    _fsync_file(out.parent)
-    if old is not None:
-        shutil.rmtree(old)

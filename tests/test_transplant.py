@@ -74,8 +74,9 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
     assert moved == expected_moved
 
     # Same layout as the target; every tensor from the right origin.
+    # Plus the model card, generated (surgery.hub), never the target's README.
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [p.name for p in tgt.iterdir() if p.name != "README.md"] + ["transplant.json"]
+        [p.name for p in tgt.iterdir() if p.name != "README.md"] + ["transplant.json", "README.md"]
     )
     got, want_src, want_tgt = tensors(out), tensors(src), tensors(tgt)
     assert got.keys() == want_tgt.keys()

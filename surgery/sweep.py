@@ -162,7 +162,10 @@ def _table(out: Path, method: str, k_values: list[int], budgets: list[int]) -> d
                         "target": r["target"]["accuracy"],
                         **{
                             x: row[x]
-                            for x in ("accuracy", "accuracy_ci95", "tir", "tir_ci95", "recovery_pct", "recovery_ci95")
+                            for x in (
+                                *("accuracy", "accuracy_ci95", "tir", "tir_ci95", "recovery_pct", "recovery_ci95"),
+                                *("nll", "nll_recovery_pct", "nll_recovery_ci95"),
+                            )
                         },
                     }
                 )
@@ -173,36 +176,39 @@ def markdown(table: dict) -> str:
     def num(x: float | None, fmt: str) -> str:
         return "undefined" if x is None else format(x, fmt)
 
-    lines = ["| max_new_tokens | K | method | source | target | patched | TIR | Recovery % |", "|---" * 8 + "|"]
+    head = "| max_new_tokens | K | method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |"
+    lines = [head, "|---" * 10 + "|"]
     for r in table["rows"]:
         lines.append(
             f"| {r['max_new_tokens']} | {r['k']} | {r['method']} | {100 * r['source']:.1f}% | {100 * r['target']:.1f}% "
-            f"| {100 * r['accuracy']:.1f}% | {num(r['tir'], '.2f')} | {num(r['recovery_pct'], '.1f')} |"
+            f"| {100 * r['accuracy']:.1f}% | {num(r['tir'], '.2f')} | {num(r['recovery_pct'], '.1f')} "
+            f"| {num(r['nll'], '.4f')} | {num(r['nll_recovery_pct'], '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _plot(table: dict, path: Path) -> None:
-    """Accuracy, TIR and Recovery against K: a line per max_new_tokens, random-K dashed."""
+    """Accuracy, TIR, Recovery and gold-NLL Recovery against K: a line per max_new_tokens, random-K dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for budget in table["max_new_tokens"]:
         for method, style in ((table["method"], "-o"), ("random", "--x")):
             rows = [r for r in table["rows"] if r["max_new_tokens"] == budget and r["method"] == method]
             ks = [r["k"] for r in rows]
             axes[0].plot(ks, [100 * r["accuracy"] for r in rows], style, label=f"{method}, {budget} tok")
-            for ax, key in ((axes[1], "tir"), (axes[2], "recovery_pct")):
+            for ax, key in ((axes[1], "tir"), (axes[2], "recovery_pct"), (axes[3], "nll_recovery_pct")):
                 pts = [(r["k"], r[key]) for r in rows if r[key] is not None]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), style, label=f"{method}, {budget} tok")
         first = next(r for r in table["rows"] if r["max_new_tokens"] == budget)
         axes[0].axhline(100 * first["source"], color="green", lw=0.8, ls=":", label=f"source, {budget} tok")
         axes[0].axhline(100 * first["target"], color="red", lw=0.8, ls=":", label=f"target, {budget} tok")
-    for ax, title in zip(axes, ("accuracy %", "TIR (patched / target)", "Recovery %"), strict=True):
+    titles = ("accuracy %", "TIR (patched / target)", "Recovery %", "gold-NLL Recovery %")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("K (modules transplanted)")
         ax.set_title(title)

@@ -175,10 +175,12 @@ def test_bad_eval_input(tmp_path: Path, setup, args: list[str], message: str) ->
     assert not (tmp_path / "out").exists()
 
 
-def fake_results(folder: Path, correct: list[bool], benchmark: str = "arith.jsonl", ids_sha: str = "x") -> Path:
+def fake_results(
+    folder: Path, correct: list[bool], benchmark: str = "arith.jsonl", ids_sha: str = "x", nll: float = 1.0
+) -> Path:
     folder.mkdir(parents=True)
     (folder / "records.jsonl").write_text(
-        "".join(json.dumps({"id": f"p{i}", "correct": c}) + "\n" for i, c in enumerate(correct))
+        "".join(json.dumps({"id": f"p{i}", "correct": c, "nll": nll + 0.1 * c}) + "\n" for i, c in enumerate(correct))
     )
     settings = {
         "benchmark": benchmark,
@@ -194,6 +196,7 @@ def fake_results(folder: Path, correct: list[bool], benchmark: str = "arith.json
         "problems": n,
         "accuracy": sum(correct) / n,
         "accuracy_ci95": [0, 1],
+        "nll_mean": nll + 0.1 * sum(correct) / n,
         "settings": settings,
     }
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -211,6 +214,15 @@ def test_report_math_and_undefined_cases(tmp_path: Path) -> None:
     lo, hi = row["tir_ci95"]
     assert lo <= 2.0 <= hi
     assert "| 40.0% [" in result.stdout and "| 2.00 [" in result.stdout and "| 50.0 [" in result.stdout
+    # Gold NLL: S 2.0, T 3.0, P 2.25 -> 75% of the NLL gap closed (lower is better).
+    s2 = fake_results(tmp_path / "s_nll", [False] * 10, nll=2.0)
+    t2 = fake_results(tmp_path / "t_nll", [False] * 10, nll=3.0)
+    p2 = fake_results(tmp_path / "p_nll", [False] * 10, nll=2.25)
+    r2 = cli("report", "-s", s2, "-t", t2, "-p", p2, "-o", tmp_path / "r2.json")
+    nll_row = json.loads((tmp_path / "r2.json").read_text())["rows"][0]
+    assert nll_row["nll_recovery_pct"] == pytest.approx(75.0) and nll_row["nll"] == pytest.approx(2.25)
+    assert "| 2.2500 | 75.0" in r2.stdout and "(gold NLL 2.0000)" in r2.stdout
+    assert "undefined (source and target accuracies are equal (no gap))" in r2.stdout
 
     zero = fake_results(tmp_path / "t0", [False] * 10)
     same = fake_results(tmp_path / "s2", [True] * 2 + [False] * 8)

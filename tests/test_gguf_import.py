@@ -30,7 +30,15 @@ MERGES = [
 TEXT = "the cat sat on the mat in the sun"
 
 
-def write_gguf(path: Path, *, arch: str = "llama", tied: bool = True, seed: int = 0, tokenizer: bool = True) -> Path:
+def write_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    tied: bool = True,
+    seed: int = 0,
+    tokenizer: bool = True,
+    chat_template: str | None = None,
+) -> Path:
     """A tiny F32 llama GGUF with a byte-level BPE tokenizer, as llama.cpp's converter lays it out."""
     spelling = bytes_to_unicode()
     tokens = [spelling[b] for b in range(256)] + ["".join(m) for m in MERGES] + ["<|endoftext|>"]
@@ -56,6 +64,8 @@ def write_gguf(path: Path, *, arch: str = "llama", tied: bool = True, seed: int 
         w.add_token_merges([" ".join(m) for m in MERGES])
         w.add_bos_token_id(eos)
         w.add_eos_token_id(eos)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
 
     rng = np.random.default_rng(seed)
 

@@ -33,15 +33,20 @@ def tir(acc_patched: float, acc_target: float) -> float | None:
 
 
 def recovery(acc_patched: float, acc_target: float, acc_source: float) -> float | None:
-    """Share of the source-target gap closed, in percent; None when the gap is 0."""
+    """Share of the source-target gap closed, in percent; None when the gap is 0.
+
+    Works for any score, higher or lower is better (accuracy, or gold NLL where lower is better).
+    """
     gap = acc_source - acc_target
     return 100.0 * (acc_patched - acc_target) / gap if gap != 0 else None
 
 
 def paired_bootstrap(
-    source: Sequence[bool], target: Sequence[bool], patched: Sequence[bool], samples: int = 2000, seed: int = 0
+    source: Sequence[float], target: Sequence[float], patched: Sequence[float], samples: int = 2000, seed: int = 0
 ) -> dict[str, tuple[float, float] | None]:
     """95% percentile intervals of TIR and Recovery, resampling problems jointly.
+
+    Per-problem scores are correctness (bools) for accuracy, or gold NLLs for NLL recovery.
 
     The three runs answer the same problems, so each resample draws problem indices once
     and applies them to all three: the intervals reflect which problems were drawn, not

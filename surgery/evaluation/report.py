@@ -10,13 +10,35 @@ from surgery.evaluation.runner import RECORDS, SUMMARY, read_records
 from surgery.fileio import read_json_object, write_json_atomic
 
 
-def _load(folder: str | Path) -> tuple[dict, dict[str, bool]]:
+def _load(folder: str | Path) -> tuple[dict, dict[str, bool], dict[str, float]]:
+    """Summary, correctness per problem id, and gold NLL per problem id (NaN where it has none)."""
     folder = Path(folder)
     summary = read_json_object(folder / SUMMARY, "eval summary", "pass a results folder written by `surgery eval`")
-    records = {r["id"]: bool(r["correct"]) for r in read_records(folder / RECORDS)}
+    records = read_records(folder / RECORDS)
     if len(records) != summary.get("problems"):
         raise SurgeryError(f"{folder}: {len(records)} records but the summary says {summary.get('problems')}")
-    return summary, records
+    nan = float("nan")
+    return summary, {r["id"]: bool(r["correct"]) for r in records}, {r["id"]: r.get("nll", nan) for r in records}
+
+
+def _nll_row(s_nll: dict[str, float], t_nll: dict[str, float], p_nll: dict[str, float], samples: int) -> dict:
+    """Gold-NLL recovery: the share of the source-target NLL gap the patch closes, on problems all three scored.
+
+    A continuous counterpart of accuracy Recovery; it still moves when a small model's accuracy is ~0.
+    """
+    ids = [i for i in t_nll if all(x[i] == x[i] for x in (s_nll, t_nll, p_nll))]  # x == x drops NaN
+    if not ids:
+        return {"nll": None, "nll_recovery_pct": None, "nll_recovery_ci95": None, "nll_undefined": "no gold NLL"}
+    s, t, p = ([x[i] for i in ids] for x in (s_nll, t_nll, p_nll))
+    mean = [sum(v) / len(ids) for v in (s, t, p)]
+    return {
+        "nll": mean[2],
+        "nll_source": mean[0],
+        "nll_target": mean[1],
+        "nll_recovery_pct": recovery(mean[2], mean[1], mean[0]),
+        "nll_recovery_ci95": paired_bootstrap(s, t, p, samples)["recovery"],
+        "nll_undefined": None if mean[0] != mean[1] else "source and target gold NLLs are equal (no gap)",
+    }
 
 
 def report(source: str | Path, target: str | Path, patched: list[str | Path], samples: int = 2000) -> dict:
@@ -33,12 +55,12 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
     Raises:
         SurgeryError: the results are of different benchmarks, subsets or settings.
     """
-    (s_sum, s_rec), (t_sum, t_rec) = _load(source), _load(target)
+    (s_sum, s_rec, s_nll), (t_sum, t_rec, t_nll) = _load(source), _load(target)
     ids = list(t_rec)
     key = ("benchmark", "benchmark_sha256", "problem_ids_sha256", "shots", "chat", "max_new_tokens")
     rows = []
     for folder in patched:
-        p_sum, p_rec = _load(folder)
+        p_sum, p_rec, p_nll = _load(folder)
         for name, other in (("source", s_sum), ("patched " + str(folder), p_sum)):
             for k in key:
                 if other["settings"][k] != t_sum["settings"][k]:
@@ -61,13 +83,24 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
                 "recovery_pct": recovery(p, t, s),
                 "recovery_ci95": intervals["recovery"],
                 "recovery_undefined": None if s != t else "source and target accuracies are equal (no gap)",
+                **_nll_row(s_nll, t_nll, p_nll, samples),
             }
         )
     return {
         "benchmark": t_sum["benchmark"],
         "problems": len(ids),
-        "source": {"folder": str(source), "accuracy": s, "accuracy_ci95": s_sum["accuracy_ci95"]},
-        "target": {"folder": str(target), "accuracy": t, "accuracy_ci95": t_sum["accuracy_ci95"]},
+        "source": {
+            "folder": str(source),
+            "accuracy": s,
+            "accuracy_ci95": s_sum["accuracy_ci95"],
+            "nll": s_sum.get("nll_mean"),
+        },
+        "target": {
+            "folder": str(target),
+            "accuracy": t,
+            "accuracy_ci95": t_sum["accuracy_ci95"],
+            "nll": t_sum.get("nll_mean"),
+        },
         "rows": rows,
     }
 
@@ -83,19 +116,25 @@ def markdown(result: dict) -> str:
             return f"undefined ({why})"
         return format(value, fmt) + (f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else "")
 
+    def nll(value: float | None) -> str:
+        return "" if value is None else f" (gold NLL {value:.4f})"
+
     s, t = result["source"], result["target"]
     lines = [
         f"{result['benchmark']}, {result['problems']} problems. "
-        f"Source {pct(s['accuracy'], s['accuracy_ci95'])}, target {pct(t['accuracy'], t['accuracy_ci95'])}.",
+        f"Source {pct(s['accuracy'], s['accuracy_ci95'])}{nll(s['nll'])}, "
+        f"target {pct(t['accuracy'], t['accuracy_ci95'])}{nll(t['nll'])}.",
         "",
-        "| patched | accuracy [95% CI] | TIR [95% CI] | Recovery % [95% CI] |",
-        "|---|---|---|---|",
+        "| patched | accuracy [95% CI] | TIR [95% CI] | Recovery % [95% CI] | gold NLL | NLL Recovery % [95% CI] |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['patched']} | {pct(r['accuracy'], r['accuracy_ci95'])} "
             f"| {metric(r['tir'], r['tir_ci95'], r['tir_undefined'], '.2f')} "
-            f"| {metric(r['recovery_pct'], r['recovery_ci95'], r['recovery_undefined'], '.1f')} |"
+            f"| {metric(r['recovery_pct'], r['recovery_ci95'], r['recovery_undefined'], '.1f')} "
+            f"| {'-' if r['nll'] is None else format(r['nll'], '.4f')} "
+            f"| {metric(r['nll_recovery_pct'], r['nll_recovery_ci95'], r['nll_undefined'], '.1f')} |"
         )
     return "\n".join(lines)
 

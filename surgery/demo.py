@@ -114,7 +114,7 @@ def run_demo(
     results = {}
     for role, model in (("source", source), ("target", target), ("patched", patched)):
         # Keyed by fingerprint: an unchanged model resumes (or skips) its evaluation, a changed one starts fresh.
-        folder = run / "eval" / f"{role}-{open_checkpoint(model).fingerprint[:12]}"
+        folder = run / "eval" / f"{role}-{open_checkpoint(model).fingerprint.removeprefix('sha256:')[:12]}"
         t0 = time.perf_counter()
         summary = evaluate(
             model,

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 
+# Real indexes and configs are kilobytes to a few MB; the cap keeps a hostile one from filling memory.
+MAX_JSON_BYTES = 100 * 1024 * 1024
+
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
     """Parse `path` as a JSON object.
@@ -25,10 +28,15 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
         SurgeryError: the file is missing, unreadable, not JSON, or not an object.
     """
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise SurgeryError(f"{path}: {what} is {size} bytes, over the {MAX_JSON_BYTES} byte limit; {fix}")
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SurgeryError(f"{path}: no such {what}; {fix}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise SurgeryError(f"{path}: {what} is nested too deeply to be valid; {fix}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, an integer of thousands of digits
         raise SurgeryError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
     if not isinstance(obj, dict):
         raise SurgeryError(f"{path}: {what} is not a JSON object; {fix}")
@@ -43,6 +51,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would, so manifests and results are shareable.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -26,6 +26,15 @@ def test_published_schema_is_the_one_the_package_uses() -> None:
     jsonschema.Draft202012Validator.check_schema(published)
 
 
+def test_example_manifests_are_valid() -> None:
+    examples = sorted(p for p in (REPO / "manifests").glob("*.json") if p.name != "schema.json")
+    assert examples, "manifests/ should hold at least one example"
+    for path in examples:
+        man = load_manifest(path)
+        assert [m.rank for m in man.modules] == list(range(1, len(man.modules) + 1))
+        assert {m.kind for m in man.modules} <= {"attn", "mlp", "other"}
+
+
 def test_load_sorts_by_rank_and_round_trips(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     path = write_manifest(tmp_path / "m.json", *pair, reverse=True)
     man = load_manifest(path)

@@ -125,16 +125,15 @@ def sweep(
                 if ckpt is src:
                     continue
                 for k in k_values:
-                    for method, ranking in ((man.method.name, man.modules), ("random", rand.modules)):
+                    # What identifies each patched model: the manifest for the ranking, only the seed for
+                    # random-K, so sweeps of several manifests into one folder share the random baseline.
+                    for method, ranking, origin in (
+                        (man.method.name, man.modules, manifest_sha),
+                        ("random", rand.modules, f"seed {random_seed}"),
+                    ):
                         chosen = [t for m in select_modules(ranking, top_k=k) for t in m.tensors]
                         with swapped(lm, src, chosen):
-                            run(
-                                lm,
-                                tokenizer,
-                                f"{method}-k{k}",
-                                f"{tgt.fingerprint}+{manifest_sha}:{method}:{k}",
-                                budget,
-                            )
+                            run(lm, tokenizer, f"{method}-k{k}", f"{tgt.fingerprint}+{origin}:{method}:{k}", budget)
             del lm
             gc.collect()
 

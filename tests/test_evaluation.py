@@ -304,6 +304,19 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
     ]
     assert in_memory["accuracy"] == disk["accuracy"]
 
+    # A second manifest (another ranking) swept into the same folder reuses the baselines and the
+    # random-K runs, which do not depend on the manifest, and adds only its own rows.
+    other = write_manifest(tmp_path / "m2.json", setup["source"], setup["target"], reverse=True)
+    obj = json.loads(other.read_text())
+    obj["method"]["name"] = "lae-rel"
+    other.write_text(json.dumps(obj))
+    random_records = (out / "random-k2-m3" / "records.jsonl").read_bytes()
+    args = ["-t", setup["target"], "-s", setup["source"], "-b", setup["bench"], "--limit", 4, "-q", "-o", out]
+    again = cli("sweep", "-m", other, "--k", "2,4", "--max-new-tokens", "3", *args)
+    assert again.exit_code == 0, again.output
+    assert (out / "random-k2-m3" / "records.jsonl").read_bytes() == random_records
+    assert (out / "lae-rel-k4-m3" / "summary.json").is_file()
+
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
 def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:

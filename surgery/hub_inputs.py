@@ -7,9 +7,9 @@ through the standard cache (`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works from wh
 Only what surgery reads is fetched: config, generation config, tokenizer, chat template, model code
 (used only with --trust-remote-code) and the safetensors weights the index names.
 
-Snapshot files are symlinks into the repo's `blobs/` folder, outside the snapshot folder. A later
-rule refusing symlinks that leave a checkpoint folder must allow them when the folder is a
-snapshot: `cache_repo_folder` gives the repo folder whose `blobs/` they may point into.
+Snapshot files are symlinks into the repo's `blobs/` folder, outside the snapshot folder. The rule
+refusing symlinks that leave a checkpoint folder (`surgery.checkpoint.check_links`) allows them when
+the folder is a snapshot: `cache_repo_folder` gives the repo folder whose `blobs/` they may point into.
 
 huggingface_hub is imported only when an argument is not a local path: opening local folders
 (the transplant fast path) stays free of its import cost.

@@ -10,7 +10,6 @@ Layout: 8-byte little-endian header length N, N bytes of JSON, then the data reg
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from surgery.errors import SurgeryError
 
 # safetensors itself refuses headers over 100 MB; real headers are a few hundred KB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_U64 = 2**64
 
 # Bytes per element of every dtype the safetensors format defines with a whole-byte size.
 DTYPE_SIZES: dict[str, int] = {
@@ -108,15 +108,16 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> ShardHeader:
     """Validate header bytes `raw` of a file of `file_size` bytes (see `read_header`)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise SurgeryError(f"{path}: header JSON is nested too deeply; the file is corrupt, re-download it") from None
+    except ValueError as e:  # also a bad UTF-8 byte, or an integer of thousands of digits
         raise SurgeryError(f"{path}: header is not valid JSON ({e}); the file is corrupt, re-download it") from None
     if not isinstance(obj, dict):
         raise SurgeryError(f"{path}: header is not a JSON object; the file is corrupt, re-download it")
 
-    metadata = obj.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
         raise SurgeryError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
 
     tensors = [_parse_entry(path, name, entry) for name, entry in obj.items()]
@@ -129,7 +130,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> ShardHeader:
     for t in tensors:
         if t.begin != cursor:
             what = "overlaps the previous tensor" if t.begin < cursor else f"leaves a gap after offset {cursor}"
-            raise SurgeryError(f"{path}: tensor {t.name!r} at offset {t.begin} {what}; the file is corrupt")
+            raise SurgeryError(f"{path}: tensor {brief(t.name)} at offset {t.begin} {what}; the file is corrupt")
         cursor = t.end
     if cursor != data_len:
         raise SurgeryError(
@@ -140,33 +141,74 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> ShardHeader:
 
 
 def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+    if not _is_text(name):
+        raise SurgeryError(f"{path}: tensor name {brief(name)} is not valid Unicode; the file is corrupt")
     if not isinstance(entry, dict):
-        raise SurgeryError(f"{path}: entry for tensor {name!r} is not an object; the file is corrupt")
+        raise SurgeryError(f"{path}: entry for tensor {brief(name)} is not an object; the file is corrupt")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or object is not hashable
         known = ", ".join(DTYPE_SIZES)
-        raise SurgeryError(f"{path}: tensor {name!r} has unknown dtype {dtype!r} (known: {known})")
+        raise SurgeryError(f"{path}: tensor {brief(name)} has unknown dtype {brief(dtype)} (known: {known})")
     if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
-        raise SurgeryError(f"{path}: tensor {name!r} has invalid shape {shape!r}; the file is corrupt")
+        raise SurgeryError(f"{path}: tensor {brief(name)} has invalid shape {brief(shape)}; the file is corrupt")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
-        raise SurgeryError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; the file is corrupt")
+        raise SurgeryError(
+            f"{path}: tensor {brief(name)} has invalid data_offsets {brief(offsets)}; the file is corrupt"
+        )
     begin, end = offsets
     if end < begin:
-        raise SurgeryError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] that end before they begin")
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        raise SurgeryError(f"{path}: tensor {brief(name)} has data_offsets [{begin}, {end}] that end before they begin")
+    expected = _numel(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
+        needs = expected if expected < _U64 else "more than 2**64"
         raise SurgeryError(
-            f"{path}: tensor {name!r} spans {end - begin} bytes but shape {shape} of {dtype} needs {expected}; "
-            "the file is corrupt"
+            f"{path}: tensor {brief(name)} spans {end - begin} bytes but shape {brief(shape)} of {dtype} "
+            f"needs {needs}; the file is corrupt"
         )
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
 
+def brief(value: object, limit: int = 100) -> str:
+    """The repr of a value read from a file, cut short: a hostile file must not make a megabyte-long error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_uint(x: object) -> bool:
-    # bool is an int subclass; `true` is not a dimension.
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    # bool is an int subclass; `true` is not a dimension. safetensors stores sizes as u64.
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < _U64
+
+
+def _numel(shape: list[int]) -> int:
+    """The element count of `shape`, capped at 2**64.
+
+    A header listing thousands of huge dimensions must not cost a product of ever larger integers.
+    """
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= _U64:
+            return _U64
+    return n
+
+
+def _is_text(s: object) -> bool:
+    """Whether `s` is a str that encodes as UTF-8.
+
+    JSON escapes such as \\ud800 decode to lone surrogates, which safetensors itself refuses and
+    which would break every later encoding of the name.
+    """
+    if not isinstance(s, str):
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_header(tensors: list[TensorInfo], metadata: dict[str, str]) -> bytes:

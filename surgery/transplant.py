@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,15 @@ from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
 from surgery.modules import Candidate, Compatibility, find_candidates
 from surgery.safetensors_header import encode_header
-from surgery.staging import TMP_PREFIX, staged_folder
+from surgery.staging import TMP_PREFIX, check_out, staged_folder
 from surgery.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
 
 RECORD_FILE = "transplant.json"
+# Test hooks, not an API: after each piece is written, sleep this many seconds, and wait while the
+# file the second one names exists, so that the fault tests (tests/test_faults.py) can kill a run,
+# or start a second one, while it is inside the copy.
+PIECE_DELAY_ENV = "SURGERY_TEST_PIECE_DELAY"
+HOLD_ENV = "SURGERY_TEST_HOLD_FILE"
 # Files of the target that are not copied: weights (rewritten or stale) and the model card.
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", *PICKLE_SUFFIXES)
 _SKIPPED_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md", RECORD_FILE}
@@ -127,7 +133,7 @@ def transplant(
     from surgery import hub
 
     tgt, src = open_checkpoint(target), open_checkpoint(source)
-    out = _check_out(Path(out), tgt, src, overwrite)
+    out = check_out(Path(out), {"target": tgt.path, "source": src.path}, overwrite)
     man = load_manifest(manifest) if manifest is not None else None
     summaries = [hub.load_eval_summary(p) for p in eval_results]
     if man is not None and _fingerprints_match(man, src, tgt):
@@ -212,20 +218,6 @@ def check_output(folder: Path) -> dict:
     record = read_json_object(folder / RECORD_FILE, "transplant record", "rerun `surgery transplant`")
     open_checkpoint(folder.resolve())  # every shard present, every header valid
     return record
-
-
-def _check_out(out: Path, tgt: Checkpoint, src: Checkpoint, overwrite: bool) -> Path:
-    resolved = out.resolve()
-    for what, ckpt in (("target", tgt), ("source", src)):
-        if resolved == ckpt.path or ckpt.path in resolved.parents:
-            raise SurgeryError(f"output {out} is inside the {what} checkpoint; choose a folder outside it")
-        if resolved in ckpt.path.parents:
-            raise SurgeryError(f"output {out} contains the {what} checkpoint; choose another folder")
-    if resolved.exists() and not overwrite:
-        raise SurgeryError(f"output {out} already exists; choose a new path or pass --overwrite")
-    if resolved.exists() and not resolved.is_dir():
-        raise SurgeryError(f"output {out} exists and is not a folder; remove it or choose another path")
-    return resolved
 
 
 def _select(
@@ -365,6 +357,7 @@ def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=None if progress else True)
+    pause = _test_pause()
     with ReadOnlyFiles() as files, bar:
         for plan in plans:
             dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -382,9 +375,29 @@ def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str
                             off += len(chunk)
                         hashes[p.tensor] = h.hexdigest()
                     bar.update(p.nbytes)
+                    if pause is not None:
+                        pause()
             finally:
                 os.close(dst)
     return hashes
+
+
+def _test_pause() -> Callable[[], None] | None:
+    """What to do after each piece under the test hooks (PIECE_DELAY_ENV, HOLD_ENV); None without them."""
+    try:
+        delay = max(0.0, float(os.environ.get(PIECE_DELAY_ENV, "0")))
+    except ValueError:
+        delay = 0.0
+    hold = os.environ.get(HOLD_ENV)
+    if not delay and not hold:
+        return None
+
+    def pause() -> None:
+        time.sleep(delay)
+        while hold and os.path.exists(hold):
+            time.sleep(0.01)
+
+    return pause
 
 
 def is_copied_file(rel: Path) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import os
 import shutil
 import struct
 from collections import Counter
@@ -11,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from surgery.cli import main
 from tests.conftest import make_model, tree_digest, write_manifest
 
 
-def refused(args: list, message: str, *, watch: Path) -> None:
+def refused(args: list, message: str, *, watch: Path) -> Result:
     """Run the CLI; assert a one-line error containing `message` and that `watch` is unchanged."""
     before = tree_digest(watch)
     result = CliRunner().invoke(main, [str(a) for a in args])
@@ -27,6 +29,7 @@ def refused(args: list, message: str, *, watch: Path) -> None:
     assert ("Traceback" not in result.output and result.exception is None) or isinstance(result.exception, SystemExit)
     assert tree_digest(watch) == before, "a refused command wrote or changed files"
     assert not [p for p in watch.rglob("*") if ".surgery-tmp-" in p.name]
+    return result
 
 
 def _truncate(folder: Path) -> None:
@@ -293,14 +296,24 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "source", "target"]
 
 
-def test_disk_full_during_write_is_one_clean_error(tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("surgery.transplant", "copy_range"),  # the target's tensors
+        ("surgery.transplant", "write_all"),  # headers and the source's tensors
+        ("os", "copy_file_range"),  # the syscall: copy_range must not take ENOSPC for "unsupported here"
+        ("os", "fsync"),  # with delayed allocation a full disk may show only when flushing
+    ],
+)
+def test_disk_full_during_write_is_one_clean_error(
+    tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch, module: str, name: str
+) -> None:
     src, tgt, _ = work
-    module = importlib.import_module("surgery.transplant")
 
     def enospc(*args) -> None:
-        raise OSError(28, "No space left on device")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(module, "copy_range", enospc)
+    monkeypatch.setattr(importlib.import_module(module), name, enospc)
     refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "No space left on device", watch=tmp_path)
 
 

@@ -96,7 +96,7 @@ def test_pickle_only_checkpoint_explains_conversion(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(SurgeryError, match=r"requires safetensors. Convert with") as e:
         open_checkpoint(tmp_path)
-    assert "save_pretrained" in str(e.value)
+    assert f"surgery import-pickle {tmp_path} -o {tmp_path}-safetensors --allow-pickle" in str(e.value)
 
 
 def test_truncated_shard(tmp_path: Path, pair: tuple[Path, Path]) -> None:

@@ -1,0 +1,163 @@
+"""docs/errors.md, run: every row's command must give exactly its message, exit code 2, and write nothing.
+
+The table is the test's data, so the doc and the code cannot drift apart. Each row names an input
+(a key of SETUPS below, which builds it in a scratch folder `{w}` holding copies of the conftest
+pair as `{w}/source` and `{w}/target`), a command line and the message, where `{w}` stands for the
+folder and `{pid}` for this process's id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from surgery.staging import output_lock
+from tests.conftest import make_model, write_manifest
+from tests.test_bad_input import BROKEN, refused
+
+DOC = Path(__file__).parent.parent / "docs" / "errors.md"
+COMMANDS = {
+    "inspect", "compat", "transplant", "verify", "profile", "manifest", "analyze",
+    "eval", "report", "sweep", "push", "import-gguf", "import-pickle",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    command: str
+    input: str
+    args: str
+    message: str
+
+
+def parse_rows(text: str) -> list[Row]:
+    """The rows of the table: `| command | input | `` surgery ARGS `` | `` MESSAGE `` |`."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) != 4 or cells[0] in ("Command", "---") or set(cells[0]) <= {"-"}:
+            continue
+        args, message = (_code(c) for c in cells[2:])
+        rows.append(Row(cells[0], cells[1], args.removeprefix("surgery "), message))
+    return rows
+
+
+def _code(cell: str) -> str:
+    assert cell.startswith("`` ") and cell.endswith(" ``"), f"not a ``code`` cell: {cell}"
+    return cell[3:-3].replace("\\|", "|")
+
+
+def _manifest(w: Path) -> Path:
+    return write_manifest(w / "m.json", w / "source", w / "target")
+
+
+def _edit_manifest(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        obj = json.loads(_manifest(w).read_text())
+        change(obj)
+        (w / "m.json").write_text(json.dumps(obj))
+
+    return apply
+
+
+def _edit_config(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        path = w / "target" / "config.json"
+        config = json.loads(path.read_text())
+        change(config)
+        path.write_text(json.dumps(config))
+
+    return apply
+
+
+def _write(name: str, content: str | bytes) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        data = content.encode() if isinstance(content, str) else content
+        (w / name).write_bytes(data)
+
+    return apply
+
+
+def _on_target(damage: Callable[[Path], None]) -> Callable[[Path], None]:
+    return lambda w: damage(w / "target")
+
+
+def _symlink_out(w: Path) -> None:
+    (w / "secret.txt").write_text("not yours")
+    (w / "target" / "tokenizer.json").symlink_to(w / "secret.txt")
+
+
+def _qwen(w: Path) -> None:
+    make_model(w / "qwen", 1, arch="qwen2")
+
+
+def _gguf_garbage(w: Path) -> None:
+    (w / "model.gguf").write_bytes(struct.pack("<4sI", b"NOPE", 3) + bytes(64))
+
+
+# Held for the whole row by the `held_lock` fixture: a second writer of {w}/out must be refused.
+LOCKED = "another run writing the output"
+
+SETUPS: dict[str, Callable[[Path], None]] = {
+    **{key: _on_target(damage) for key, (damage, _) in BROKEN.items()},
+    "bad arguments": lambda w: None,
+    "bad arguments, valid manifest": _manifest,
+    "no config.json": lambda w: (w / "target" / "config.json").unlink(),
+    "custom model code": _edit_config(lambda c: c.update(auto_map={"AutoConfig": "x.Config"})),
+    "symlink out of the folder": _symlink_out,
+    "a qwen2 source": _qwen,
+    "output exists": lambda w: (w / "out").mkdir(),
+    "manifest for other checkpoints": _edit_manifest(lambda m: m["target"].update(fingerprint="sha256:" + "1" * 64)),
+    "manifest names an embedding": _edit_manifest(lambda m: m["modules"][0].update(name="model.embed_tokens")),
+    "manifest lists other tensors": _edit_manifest(lambda m: m["modules"][0].update(tensors=["model.norm.weight"])),
+    "manifest of another schema": _edit_manifest(lambda m: m.update(schema_version=7)),
+    LOCKED: lambda w: None,
+    "empty workload": _write("w.jsonl", ""),
+    "workload line not JSON": _write("w.jsonl", "{bad\n"),
+    "stats file that is not stats": _write("junk.safetensors", bytes(16)),
+    "benchmark without answers": _write("b.jsonl", '{"question": "1+1?"}\n'),
+    "not a GGUF file": _gguf_garbage,
+}
+
+
+ROWS = parse_rows(DOC.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def held_lock(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """For the LOCKED row: this process holds {w}/out's lock while the command runs."""
+    (tmp_path / "w").mkdir()
+    if request.node.callspec.params["row"].input != LOCKED:
+        yield
+        return
+    with output_lock(tmp_path / "w" / "out"):
+        yield
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.command}: {r.input}" for r in ROWS])
+def test_row(tmp_path: Path, pair: tuple[Path, Path], row: Row, held_lock: None) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(pair[0], w / "source")
+    shutil.copytree(pair[1], w / "target")
+    SETUPS[row.input](w)
+    args = shlex.split(row.args.replace("{w}", str(w)))
+    assert args[0] == row.command, f"the row is filed under {row.command} but runs {args[0]}"
+    result = refused(args, "", watch=w)
+    got = result.stderr.removeprefix("error: ").removesuffix("\n").replace(str(w), "{w}")
+    assert got == row.message.replace("{pid}", str(os.getpid())), "docs/errors.md differs from the command"
+
+
+def test_table_covers_every_command_and_setup() -> None:
+    assert len(ROWS) >= 30
+    assert {r.command for r in ROWS} == COMMANDS
+    assert {r.input for r in ROWS} == set(SETUPS), "a setup no row uses, or a row with no setup"
+    assert len({(r.args, r.input) for r in ROWS}) == len(ROWS), "a row appears twice"

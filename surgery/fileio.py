@@ -43,6 +43,13 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
     return obj
 
 
+def umasked(mode: int) -> int:
+    """`mode` as a plain open()/mkdir() would create it under this process's umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves the old file or the new one, never a torn one.
 
@@ -52,9 +59,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would, so manifests and results are shareable.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, umasked(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -15,7 +15,7 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 
 # Private helpers of transplant.py, imported rather than copied: one atomic-publish path in the package.
-from surgery.staging import staged_folder
+from surgery.staging import check_out, staged_folder
 
 DTYPES = ("float32", "bfloat16", "float16")
 _MAGIC = b"GGUF"
@@ -52,7 +52,8 @@ def import_gguf(
         raise SurgeryError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     src = Path(gguf_file)
     architecture = _check_gguf(src)
-    out = _check_out(Path(out), src.resolve(), overwrite)
+    # As an input, the GGUF file must not end up inside OUT: --overwrite would delete it.
+    out = check_out(Path(out), {"GGUF file": src.resolve()}, overwrite)
 
     import torch
 
@@ -106,18 +107,6 @@ def _check_gguf(path: Path) -> str:
     if not isinstance(architecture, str):
         raise SurgeryError(f"{path} has no general.architecture in its metadata; re-export it with llama.cpp")
     return architecture
-
-
-def _check_out(out: Path, src: Path, overwrite: bool) -> Path:
-    resolved = out.resolve()
-    if resolved in src.parents:
-        # --overwrite would delete the old folder, and the GGUF with it.
-        raise SurgeryError(f"output {out} contains the GGUF file {src}; choose another folder")
-    if resolved.exists() and not overwrite:
-        raise SurgeryError(f"output {out} already exists; choose a new path or pass --overwrite")
-    if resolved.exists() and not resolved.is_dir():
-        raise SurgeryError(f"output {out} exists and is not a folder; remove it or choose another path")
-    return resolved
 
 
 def _load(src: Path, architecture: str, dtype):

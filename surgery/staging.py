@@ -24,6 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.fileio import umasked
 
 try:
     import fcntl
@@ -249,9 +250,7 @@ def fsync_tree(path: Path) -> None:
 
 def _chmod_like_new(path: Path, mode: int) -> None:
     # mkdtemp creates 0700 (and some writers 0600); give what a plain mkdir/open would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    os.chmod(path, umasked(mode))
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:

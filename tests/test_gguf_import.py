@@ -164,7 +164,7 @@ def test_overwrite_replaces_only_when_asked(tmp_path: Path, ggufs: dict[str, Pat
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     # The file's own folder as OUT would lose the GGUF to --overwrite.
-    with pytest.raises(SurgeryError, match="contains the GGUF file"):
+    with pytest.raises(SurgeryError, match="contains the GGUF file checkpoint"):
         import_gguf(ggufs["tied"], ggufs["tied"].parent, overwrite=True)
     with pytest.raises(SurgeryError, match="--dtype 'int8' is not supported"):
         import_gguf(ggufs["tied"], tmp_path / "new", dtype="int8")

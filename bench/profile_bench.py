@@ -31,23 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import LAUNCHER  # bench/ is on sys.path when this runs as a script
+
 MIB = 2**20
 GIB = 2**30
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PARTS = ("generate", "analyze", "big")
 
-# Spawns argv[2:], waits with wait4 and writes [wall s, ru_maxrss KiB, user+sys CPU s] to argv[1]; exits with the
-# child's code. Copied from bench/transplant_bench.py (plus CPU time) rather than imported: that file is a script.
-LAUNCHER = """
-import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(sys.argv[1], "w") as f:
-    json.dump([wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime], f)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 
 # Runs surgery.profiling.profile() with timers wrapped around its model load and its generation loop
 # (`_run`, hooks attached and removed inside). profile() looks both names up as module globals at

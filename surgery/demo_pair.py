@@ -1,21 +1,30 @@
-"""Build the demo's source/target pair from one base model with a short, seeded fine-tune.
+"""Build a source/target pair from one base model with a short, seeded fine-tune.
 
-The recipe (`math-sft`): the SOURCE is the base fine-tuned on GSM8K **train** solutions, in the
-exact zero-shot prompt format `surgery eval` uses; the TARGET is the base. Plain AdamW on the CPU,
-embeddings frozen. Nothing here touches the test split: the evaluation's problems stay held out.
+The demo's recipe (`math-sft`): the SOURCE is the base fine-tuned on GSM8K **train** solutions, in
+the exact zero-shot prompt format `surgery eval` uses; the TARGET is the base. Plain AdamW on the
+CPU, embeddings frozen. Nothing here touches the test split: the evaluation's problems stay held out.
 
 Chosen by measurement (SmolLM2-135M-Instruct, gold-solution NLL on 40 GSM8K test problems, seed 42):
 the base scores 1.3248 nats/token; 20 steps of batch 4 at lr 1e-4 bring the source to 1.0609
-(~4 min on 2 cores). The other candidate, "a bad update" (the base fine-tuned on unrelated text,
-Python's standard-library docs, 10 steps at lr 1e-4), did not degrade math at all (1.3134), so it
-was dropped rather than tuned until it did.
+(~4 min on 2 cores). The other candidate as the demo's pair, "a bad update" (the base fine-tuned on
+unrelated text, Python's standard-library docs, 10 steps at lr 1e-4), did not degrade math at all
+(1.3134).
+
+`ROLLBACK` is the study's second pair, the scenario the method was made for: the math-tuned model
+is the SOURCE, and the TARGET is that model after an update on unrelated text (standard-library
+docstrings) strong enough to undo part of its math gain; see bench/study.py. Measured the same way,
+30 steps of batch 8 at lr 3e-4 (the one setting tried, ~7 min) take the source's 1.0609 to 1.1452:
+about a third of the math-sft gain undone.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,14 +40,48 @@ RECIPE_FILE = "demo_recipe.json"
 
 @dataclass(frozen=True)
 class Recipe:
-    """A seeded fine-tune; any change in these fields rebuilds the cached pair."""
+    """A seeded fine-tune; any change in these fields rebuilds the cached pair.
+
+    `data` is "gsm8k-train" (prompt + gold solution, loss on the solution) or "stdlib-docs"
+    (plain text, loss on every token). `tuned_role` says which side of the pair the fine-tuned
+    model plays; the model it started from plays the other.
+    """
 
     name: str = "math-sft"
+    data: str = "gsm8k-train"
+    tuned_role: str = "source"
     steps: int = 20
     batch_size: int = 4
     lr: float = 1e-4
     max_tokens: int = 320
     seed: int = 0
+
+
+# Unrelated text for the rollback pair: docstrings of these standard-library modules and their
+# public members. Offline and deterministic for a given Python version.
+_DOC_MODULES = (
+    "argparse", "asyncio", "collections", "csv", "datetime", "email.message", "functools", "http.client",
+    "itertools", "json", "logging", "os", "pathlib", "re", "shutil", "socket", "sqlite3", "string",
+    "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "zipfile",
+)  # fmt: skip
+
+
+def _doc_examples(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], int]]:
+    """`count` standard-library docstrings (over 200 characters) as (tokens, 0): loss on every token."""
+    docs: dict[str, None] = {}  # ordered and de-duplicated: members are re-exported across modules
+    with warnings.catch_warnings():  # getattr on deprecated aliases (typing.io, ...) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in _DOC_MODULES:
+            module = importlib.import_module(name)
+            for obj in (module, *(getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_"))):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 200:
+                    docs[doc] = None
+    texts = list(docs)
+    rng.shuffle(texts)
+    if len(texts) < count:
+        raise ValueError(f"the recipe needs {count} docstrings but only {len(texts)} were found; lower its steps")
+    return [(tokenizer(t)["input_ids"], 0) for t in texts[:count]]
 
 
 def _math_examples(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], int]]:
@@ -76,6 +119,11 @@ def _batches(examples: list[tuple[list[int], int]], recipe: Recipe, pad_id: int)
         yield input_ids, mask, labels
 
 
+ROLLBACK = Recipe(
+    name="stdlib-update", data="stdlib-docs", tuned_role="target", steps=30, batch_size=8, lr=3e-4, max_tokens=128
+)
+
+
 def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] = print) -> None:
     """Fine-tune `base` by `recipe` and save it to `out` (written beside it, then renamed).
 
@@ -96,7 +144,8 @@ def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] =
     # the update lands in the modules a transplant can move, and their 28 M-parameter gradient
     # (the largest single matmul of the backward pass) is skipped.
     model.get_input_embeddings().weight.requires_grad_(False)
-    examples = _math_examples(tokenizer, rng, recipe.steps * recipe.batch_size)
+    make_examples = {"gsm8k-train": _math_examples, "stdlib-docs": _doc_examples}[recipe.data]
+    examples = make_examples(tokenizer, rng, recipe.steps * recipe.batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=0.0)
     t0 = time.perf_counter()
@@ -125,7 +174,7 @@ def build_pair(base: Path, folder: Path, recipe: Recipe, log: Callable[[str], No
         log: where progress lines go.
 
     Returns:
-        (source, target) folders: the tuned model and the base.
+        (source, target) folders: the tuned model and `base`, in the order `recipe.tuned_role` says.
     """
     tuned = folder / recipe.name
     stamp = tuned / RECIPE_FILE
@@ -134,4 +183,4 @@ def build_pair(base: Path, folder: Path, recipe: Recipe, log: Callable[[str], No
     else:
         log(f"pair: fine-tuning {base.name} with recipe {asdict(recipe)} -> {tuned}")
         finetune(base, tuned, recipe, log)
-    return tuned, base
+    return (tuned, base) if recipe.tuned_role == "source" else (base, tuned)

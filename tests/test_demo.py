@@ -4,6 +4,7 @@ eval, report; and the pair cache (a second run fine-tunes nothing)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from surgery import demo
 from surgery.cli import main
-from surgery.demo_pair import Recipe, build_pair
+from surgery.demo_pair import ROLLBACK, Recipe, build_pair
 from surgery.gguf_import import import_gguf
 from tests.conftest import CHAT_TEMPLATE
 from tests.test_gguf_import import write_gguf
@@ -55,6 +56,17 @@ def test_changed_recipe_rebuilds_the_pair(tmp_path: Path, tiny_gguf: Path) -> No
     build_pair(base, tmp_path / "pair", Recipe(steps=2), logs.append)
     build_pair(base, tmp_path / "pair", Recipe(steps=3), logs.append)
     assert sum("fine-tuning" in line for line in logs) == 2
+
+
+def test_rollback_pair_puts_the_updated_model_on_the_target_side(tmp_path: Path, tiny_gguf: Path) -> None:
+    base = import_gguf(tiny_gguf, tmp_path / "base")
+    recipe = replace(ROLLBACK, steps=1, batch_size=2, max_tokens=16)
+    source, target = build_pair(base, tmp_path / "pair", recipe, print)
+    assert source == base and target == tmp_path / "pair" / ROLLBACK.name
+    # The update trained on plain text (loss on every token) and changed the blocks, not the frozen embedding.
+    old, new = load_file(base / "model.safetensors"), load_file(target / "model.safetensors")
+    assert not new["model.layers.0.self_attn.q_proj.weight"].equal(old["model.layers.0.self_attn.q_proj.weight"])
+    assert new["model.embed_tokens.weight"].equal(old["model.embed_tokens.weight"])
 
 
 def test_demo_without_the_model_package_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

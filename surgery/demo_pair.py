@@ -13,7 +13,7 @@ unrelated text, Python's standard-library docs, 10 steps at lr 1e-4), did not de
 `ROLLBACK` is the study's second pair, the scenario the method was made for: the math-tuned model
 is the SOURCE, and the TARGET is that model after an update on unrelated text (standard-library
 docstrings) strong enough to undo part of its math gain; see bench/study.py. Measured the same way,
-30 steps of batch 8 at lr 3e-4 (the one setting tried, ~7 min) take the source's 1.0609 to 1.1452:
+30 steps of batch 8 at lr 3e-4 (the one setting tried; 6.4 min of fine-tuning) take the source's 1.0609 to 1.1452:
 about a third of the math-sft gain undone.
 """
 
@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -48,13 +49,19 @@ class Recipe:
     """
 
     name: str = "math-sft"
-    data: str = "gsm8k-train"
-    tuned_role: str = "source"
+    data: Literal["gsm8k-train", "stdlib-docs"] = "gsm8k-train"
+    tuned_role: Literal["source", "target"] = "source"
     steps: int = 20
     batch_size: int = 4
     lr: float = 1e-4
     max_tokens: int = 320
     seed: int = 0
+
+
+# The study's second pair (see the module docstring); its base is the math-sft source.
+ROLLBACK = Recipe(
+    name="stdlib-update", data="stdlib-docs", tuned_role="target", steps=30, batch_size=8, lr=3e-4, max_tokens=128
+)
 
 
 # Unrelated text for the rollback pair: docstrings of these standard-library modules and their
@@ -117,11 +124,6 @@ def _batches(examples: list[tuple[list[int], int]], recipe: Recipe, pad_id: int)
             mask[row, : len(ids)] = 1
             labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
         yield input_ids, mask, labels
-
-
-ROLLBACK = Recipe(
-    name="stdlib-update", data="stdlib-docs", tuned_role="target", steps=30, batch_size=8, lr=3e-4, max_tokens=128
-)
 
 
 def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] = print) -> None:

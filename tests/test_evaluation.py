@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from surgery import open_checkpoint
 from surgery.cli import main
 from surgery.evaluation.benchmarks import grade
 from surgery.evaluation.generate import gold_nll
+from surgery.evaluation.metrics import paired_bootstrap
 from surgery.evaluation.runner import evaluate, read_records
 from surgery.sweep import swapped
 from tests.conftest import make_model, save_tokenizer, write_manifest
@@ -230,6 +232,17 @@ def test_report_math_and_undefined_cases(tmp_path: Path) -> None:
     assert "undefined (target accuracy is 0)" in r0.stdout and "inf" not in r0.stdout and "nan" not in r0.stdout
     r1 = cli("report", "-s", same, "-t", t, "-p", p)
     assert "undefined (source and target accuracies are equal (no gap))" in r1.stdout
+
+
+def test_bootstrap_bounds_are_never_negative_zero() -> None:
+    # The demo's case: source worse than target (negative gap), patched equal to target on most
+    # resamples, so Recovery is 0 / (negative) = -0.0 there; the bound must print as "0.0".
+    source = [False] * 40
+    target = [True] + [False] * 39
+    patched = [True, True] + [False] * 38
+    lo, hi = paired_bootstrap(source, target, patched)["recovery"]
+    assert hi == 0.0 and math.copysign(1.0, hi) == 1.0 and f"{100 * hi:.1f}" == "0.0"
+    assert lo < 0
 
 
 def test_report_refuses_mixed_results(tmp_path: Path) -> None:

@@ -70,4 +70,5 @@ def _percentiles(values: list[float], samples: int) -> tuple[float, float] | Non
     if len(values) < samples / 2:
         return None
     values = sorted(values)
-    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+    # `+ 0.0` turns -0.0 (Recovery 0 / g with a negative gap g) into 0.0, so it never prints as "-0.0".
+    return values[int(0.025 * (len(values) - 1))] + 0.0, values[int(0.975 * (len(values) - 1))] + 0.0

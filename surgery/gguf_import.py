@@ -14,7 +14,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 
-# Private helpers of transplant.py, imported rather than copied: one atomic-publish path in the package.
+# The package's one staging and atomic-publish path, shared with transplant.
 from surgery.staging import check_out, staged_folder
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -22,7 +22,7 @@ from surgery import open_checkpoint
 from surgery.cli import main
 from surgery.evaluation.benchmarks import grade
 from surgery.evaluation.generate import gold_nll
-from surgery.evaluation.metrics import paired_bootstrap
+from surgery.evaluation.metrics import paired_bootstrap, recovery
 from surgery.evaluation.runner import evaluate, read_records
 from surgery.sweep import swapped
 from tests.conftest import make_model, save_tokenizer, write_manifest
@@ -234,7 +234,9 @@ def test_report_math_and_undefined_cases(tmp_path: Path) -> None:
     assert "undefined (source and target accuracies are equal (no gap))" in r1.stdout
 
 
-def test_bootstrap_bounds_are_never_negative_zero() -> None:
+def test_recovery_and_its_bounds_are_never_negative_zero() -> None:
+    no_change = recovery(0.5, 0.5, 0.25)  # patched = target, source worse: 0 / (negative gap)
+    assert no_change == 0.0 and math.copysign(1.0, no_change) == 1.0
     # The demo's case: source worse than target (negative gap), patched equal to target on most
     # resamples, so Recovery is 0 / (negative) = -0.0 there; the bound must print as "0.0".
     source = [False] * 40

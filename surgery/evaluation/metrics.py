@@ -38,7 +38,8 @@ def recovery(acc_patched: float, acc_target: float, acc_source: float) -> float 
     Works for any score, higher or lower is better (accuracy, or gold NLL where lower is better).
     """
     gap = acc_source - acc_target
-    return 100.0 * (acc_patched - acc_target) / gap if gap != 0 else None
+    # `+ 0.0` turns -0.0 (no change over a negative gap) into 0.0, so it never prints as "-0.0".
+    return 100.0 * (acc_patched - acc_target) / gap + 0.0 if gap != 0 else None
 
 
 def paired_bootstrap(
@@ -70,5 +71,4 @@ def _percentiles(values: list[float], samples: int) -> tuple[float, float] | Non
     if len(values) < samples / 2:
         return None
     values = sorted(values)
-    # `+ 0.0` turns -0.0 (Recovery 0 / g with a negative gap g) into 0.0, so it never prints as "-0.0".
-    return values[int(0.025 * (len(values) - 1))] + 0.0, values[int(0.975 * (len(values) - 1))] + 0.0
+    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]

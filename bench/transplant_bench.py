@@ -242,7 +242,7 @@ def best_of(cmd: list[str], out: Path | None, root: Path, repeat: int) -> tuple[
 def write_manifest(pair, path: Path) -> Path:
     """A seeded random-ranking manifest for the pair, made with surgery's own API."""
     from surgery import find_candidates, open_checkpoint, save_manifest
-    from surgery.ranking import build_manifest
+    from surgery.analysis.ranking import build_manifest
 
     src, tgt = open_checkpoint(pair.source), open_checkpoint(pair.target)
     save_manifest(build_manifest("random", src, tgt, find_candidates(src, tgt), seed=0), path)

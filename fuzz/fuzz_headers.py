@@ -36,9 +36,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from surgery.checkpoint import INDEX_FILE, SINGLE_FILE, open_checkpoint
+from surgery.checkpoints.files import INDEX_FILE, SINGLE_FILE
+from surgery.checkpoints.folder import open_checkpoint
+from surgery.checkpoints.header import DTYPE_SIZES, read_header
 from surgery.errors import SurgeryError
-from surgery.safetensors_header import DTYPE_SIZES, read_header
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 TENSORS = ["a", "b", "c"]

@@ -3,24 +3,25 @@
 The public Python API; the `surgery` CLI is a thin layer over these functions.
 """
 
-__version__ = "0.1.0"
-
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
+from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest, load_manifest, save_manifest, select_modules
-from surgery.modules import Candidate, Compatibility, find_candidates
-from surgery.transplant import TransplantResult, transplant
-from surgery.verify import VerificationError, verify
+from surgery.transplants.verify import VerificationError, verify
+from surgery.transplants.write import TransplantResult, transplant
+from surgery.version import __version__
 
 # The analysis API needs torch; it is imported on first use so that `import surgery` (and
 # `transplant`/`verify`, which only move bytes) stay free of it.
 _LAZY = {
-    "analyze": "surgery.analysis",
-    "profile": "surgery.profiling",
-    "build_manifest": "surgery.ranking",
-    "import_gguf": "surgery.gguf_import",
-    "load_stats": "surgery.stats",
-    "load_workload": "surgery.workloads",
+    "analyze": "surgery.analysis.analyze",
+    "profile": "surgery.analysis.profiling",
+    "build_manifest": "surgery.analysis.ranking",
+    "rank": "surgery.analysis.rank",
+    "import_gguf": "surgery.importers.from_gguf",
+    "load_stats": "surgery.analysis.stats",
+    "load_workload": "surgery.analysis.workloads",
 }
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "Checkpoint",
     "Compatibility",
     "Manifest",
+    "ModelOptions",
     "SurgeryError",
     "TransplantResult",
     "VerificationError",
@@ -52,6 +54,7 @@ __all__ = [
     "load_workload",
     "open_checkpoint",
     "profile",
+    "rank",
     "save_manifest",
     "select_modules",
     "transplant",

@@ -21,9 +21,6 @@ from surgery.fileio import read_json_object, write_json_atomic
 
 SCHEMA_VERSION = 1
 KINDS = ("attn", "mlp", "other")
-# Ranking methods a manifest may name (implemented in surgery.ranking).
-STATS_METHODS = ("lae", "lae-abs", "lae-rel", "consistency")
-METHODS = (*STATS_METHODS, "weight-delta", "random")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from surgery.checkpoint import open_checkpoint
+from surgery.checkpoints.candidates import find_candidates
+from surgery.checkpoints.folder import open_checkpoint
 from surgery.manifest import SCHEMA_VERSION
-from surgery.modules import find_candidates
 
 TINY = {
     "hidden_size": 32,

@@ -278,8 +278,8 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
     src, tgt, _ = work
     before = tree_digest(tmp_path)
     calls = []
-    # `surgery.transplant` is the re-exported function; patch the module it lives in.
-    module = importlib.import_module("surgery.transplant")
+    # `surgery.transplants.write` is the re-exported function; patch the module it lives in.
+    module = importlib.import_module("surgery.transplants.write")
     real_copy = module.copy_range
 
     def interrupt(*args) -> None:
@@ -299,8 +299,8 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
 @pytest.mark.parametrize(
     ("module", "name"),
     [
-        ("surgery.transplant", "copy_range"),  # the target's tensors
-        ("surgery.transplant", "write_all"),  # headers and the source's tensors
+        ("surgery.transplants.write", "copy_range"),  # the target's tensors
+        ("surgery.transplants.write", "write_all"),  # headers and the source's tensors
         ("os", "copy_file_range"),  # the syscall: copy_range must not take ENOSPC for "unsupported here"
         ("os", "fsync"),  # with delayed allocation a full disk may show only when flushing
     ],
@@ -319,6 +319,6 @@ def test_disk_full_during_write_is_one_clean_error(
 
 def test_not_enough_free_space_is_refused_up_front(tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch) -> None:
     src, tgt, _ = work
-    module = importlib.import_module("surgery.transplant")
+    module = importlib.import_module("surgery.transplants.write")
     monkeypatch.setattr(module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
     refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "GiB free; free some space", watch=tmp_path)

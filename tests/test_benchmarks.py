@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from surgery import SurgeryError
+from surgery.data import read_jsonl_gz
 from surgery.evaluation.benchmarks import (
     BENCHMARKS,
     STOP_STRINGS,
@@ -26,7 +27,6 @@ from surgery.evaluation.benchmarks import (
     select_problems,
     strip_calculator,
 )
-from surgery.workloads import read_jsonl_gz
 
 # ---------------------------------------------------------------------------------------------
 # GSM8K grading: (output, gold, strict extract, flexible extract, strict verdict, flexible verdict).

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from surgery import SurgeryError, open_checkpoint
+from surgery.checkpoints.header import MAX_HEADER_BYTES, read_header
 from surgery.cli import main
-from surgery.safetensors_header import MAX_HEADER_BYTES, read_header
 from tests.conftest import make_model
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from surgery import demo
 from surgery.cli import main
-from surgery.demo_pair import ROLLBACK, Recipe, build_pair
-from surgery.gguf_import import import_gguf
+from surgery.demo import run as demo
+from surgery.demo.pairs import ROLLBACK, Recipe, build_pair
+from surgery.importers.from_gguf import import_gguf
 from tests.conftest import CHAT_TEMPLATE
 from tests.test_gguf_import import write_gguf
 

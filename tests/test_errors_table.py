@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery.staging import output_lock
+from surgery.checkpoints.staging import output_lock
 from tests.conftest import make_model, write_manifest
 from tests.test_bad_input import BROKEN, refused
 

@@ -24,7 +24,7 @@ from surgery.evaluation.benchmarks import grade
 from surgery.evaluation.generate import gold_nll
 from surgery.evaluation.metrics import paired_bootstrap, recovery
 from surgery.evaluation.runner import evaluate, read_records
-from surgery.sweep import swapped
+from surgery.evaluation.sweep import swapped
 from tests.conftest import make_model, save_tokenizer, write_manifest
 
 QUESTIONS = [
@@ -49,8 +49,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def run_eval(setup, out: Path, **kw) -> dict:
+    """The summary as `summary.json` holds it."""
     kw = {"max_new_tokens": 6, "batch_size": 4, "progress": False, **kw}
-    return evaluate(setup["target"], str(setup["bench"]), out, **kw)
+    return evaluate(setup["target"], str(setup["bench"]), out, **kw).to_dict()
 
 
 def test_eval_end_to_end(tmp_path: Path, setup) -> None:
@@ -317,7 +318,7 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
     assert [r["output"] for r in read_records(out / "lae-k4-m3" / "records.jsonl")] == [
         r["output"] for r in read_records(tmp_path / "disk" / "records.jsonl")
     ]
-    assert in_memory["accuracy"] == disk["accuracy"]
+    assert in_memory["accuracy"] == disk.accuracy
 
     # A second manifest (another ranking) swept into the same folder reuses the baselines and the
     # random-K runs, which do not depend on the manifest, and adds only its own rows.

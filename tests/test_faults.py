@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-import surgery.profiling
+import surgery.analysis.profiling
 from surgery import load_stats, profile, transplant
+from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, output_lock
 from surgery.cli import main
 from surgery.errors import SurgeryError
-from surgery.staging import LOCK_SUFFIX, TMP_PREFIX, output_lock
-from surgery.transplant import HOLD_ENV, PIECE_DELAY_ENV
+from surgery.transplants.write import HOLD_ENV, PIECE_DELAY_ENV
 from tests.conftest import make_model, save_tokenizer, tree_digest, write_manifest
 
 KILLS = 20
@@ -220,7 +220,7 @@ def test_interrupted_profile_leaves_no_stats_file(
 ) -> None:
     model, workload = chatty
     out = tmp_path / "s.safetensors"
-    real, calls = surgery.profiling._generate_batch, []
+    real, calls = surgery.analysis.profiling._generate_batch, []
 
     def interrupt(*args, **kwargs):
         calls.append(1)
@@ -228,7 +228,7 @@ def test_interrupted_profile_leaves_no_stats_file(
             raise KeyboardInterrupt  # Ctrl-C in the second batch
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(surgery.profiling, "_generate_batch", interrupt)
+    monkeypatch.setattr(surgery.analysis.profiling, "_generate_batch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         profile(model, str(workload), out, max_new_tokens=2, batch_size=2, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -250,4 +250,4 @@ def test_profile_interrupted_while_writing_keeps_the_old_stats_whole(
         profile(model, str(workload), out, max_new_tokens=3, progress=False)
     monkeypatch.undo()
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
-    assert load_stats(out).meta["settings"]["max_new_tokens"] == 2
+    assert load_stats(out).meta.settings.max_new_tokens == 2

@@ -21,9 +21,9 @@ from fuzz.fuzz_headers import (
     peak_allocation,
     safetensors_bytes,
 )
-from surgery.checkpoint import INDEX_FILE
+from surgery.checkpoints.files import INDEX_FILE
+from surgery.checkpoints.header import read_header
 from surgery.errors import SurgeryError
-from surgery.safetensors_header import read_header
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 EXPECTED: dict[str, dict[str, str]] = json.loads((CORPUS / "expected.json").read_text())

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from surgery.checkpoint import open_checkpoint
+from surgery.checkpoints.folder import open_checkpoint
 from surgery.cli import main
 from surgery.errors import SurgeryError
-from surgery.gguf_import import import_gguf
+from surgery.importers.from_gguf import import_gguf
 from tests.test_bad_input import refused
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2

@@ -117,7 +117,7 @@ def test_sharded_pickle_keeps_its_index(tmp_path: Path) -> None:
         torch.save(tensors, src / name)
         weight_map.update(dict.fromkeys(tensors, name))
     (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    from surgery.pickle_import import import_pickle
+    from surgery.importers.from_pickle import import_pickle
 
     out = import_pickle(src, tmp_path / "out", allow_pickle=True)
     converted = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]

@@ -15,11 +15,11 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
-import surgery.hub
+import surgery.hub.publish
 from surgery import SurgeryError, transplant
 from surgery.cli import main
 from surgery.evaluation.metrics import wilson_interval
-from surgery.hub import push
+from surgery.hub.publish import push
 from tests.conftest import tree_digest, write_manifest
 from tests.hub_cache import add_snapshot, commit_hash, offline_hub
 
@@ -204,7 +204,7 @@ def uploaded(api: HfApi) -> tuple[Path, set[str]]:
 
 
 def test_push_creates_the_repo_and_uploads_the_output(output: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(surgery.hub, "make_api", lambda: pytest.fail("push must use the api it is given"))
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: pytest.fail("push must use the api it is given"))
     api = fake_api()
     url = push(output, "org/patched", private=True, api=api)
     assert url == REPO_URL
@@ -267,7 +267,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_cli_push_prints_the_url_and_never_the_token(output: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     api = fake_api()
-    monkeypatch.setattr(surgery.hub, "make_api", lambda: api)
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: api)
     result = cli("push", output, "--repo-id", "org/patched", "--private")
     assert result.exit_code == 0, result.output
     assert result.stdout == f"pushed {output} to {REPO_URL}\n"
@@ -289,7 +289,7 @@ def test_cli_push_errors_are_one_line_without_the_token(
     api.upload_folder.side_effect = HfHubHTTPError(
         f"upload of Bearer {FAKE_TOKEN} failed", response=httpx2.Response(status, request=request)
     )
-    monkeypatch.setattr(surgery.hub, "make_api", lambda: api)
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: api)
     result = cli("push", output, "--repo-id", "org/patched")
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: {expected}") and result.stderr.count("\n") == 1, result.stderr
@@ -305,7 +305,7 @@ def test_cli_push_offline_with_the_real_api_sends_nothing(output: Path) -> None:
 
 def test_transplant_push_to_hub(hub: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     api = fake_api()
-    monkeypatch.setattr(surgery.hub, "make_api", lambda: api)
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: api)
     out = tmp_path / "out"
     result = cli("transplant", "-t", "org/target", "-s", "org/source", "-o", out, "-m", hub["manifest"], "-k", 3,
                  "--push-to-hub", "org/patched", "--private", "-q")  # fmt: skip
@@ -328,7 +328,7 @@ def test_transplant_push_to_hub(hub: dict, tmp_path: Path, monkeypatch: pytest.M
 def test_transplant_push_options_are_checked_before_writing(
     hub: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], message: str
 ) -> None:
-    monkeypatch.setattr(surgery.hub, "make_api", lambda: pytest.fail("nothing may be sent"))
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: pytest.fail("nothing may be sent"))
     before = tree_digest(tmp_path)
     result = cli("transplant", "-t", "org/target", "-s", "org/source", "-o", tmp_path / "out", "--module", "*", *extra)
     assert result.exit_code == 2, result.output
@@ -342,7 +342,7 @@ def test_transplant_keeps_its_output_when_the_push_fails(
     api = fake_api()
     request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
     api.create_repo.side_effect = HfHubHTTPError("Unauthorized", response=httpx2.Response(401, request=request))
-    monkeypatch.setattr(surgery.hub, "make_api", lambda: api)
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: api)
     out = tmp_path / "out"
     result = cli("transplant", "-t", "org/target", "-s", "org/source", "-o", out, "--module", "*.0.mlp.*",
                  "--push-to-hub", "org/patched", "-q")  # fmt: skip

@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from surgery import open_checkpoint
+from surgery.checkpoints.hub_inputs import parse_repo_spec
 from surgery.cli import main
-from surgery.hub_inputs import parse_repo_spec
 from tests.conftest import make_model, tree_digest
 from tests.hub_cache import add_snapshot, commit_hash, offline_hub
 

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from surgery import SurgeryError, find_candidates, open_checkpoint
+from surgery.checkpoints.candidates import module_kind, module_layer
 from surgery.cli import main
-from surgery.modules import module_kind, module_layer
 from tests.conftest import make_model
 
 LLAMA_PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surgery import SurgeryError, find_candidates, open_checkpoint
-from surgery.profiling import profile
-from surgery.ranking import build_manifest
-from surgery.stats import load_stats
+from surgery.analysis.profiling import profile
+from surgery.analysis.ranking import build_manifest
+from surgery.analysis.stats import load_stats
 from tests.conftest import make_model, save_tokenizer
 
 PROMPTS = [
@@ -112,7 +112,7 @@ def test_stats_file_is_deterministic_and_complete(tmp_path: Path, model: Path) -
     profile(model, w, tmp_path / "b.safetensors", max_new_tokens=3, batch_size=3)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     stats = load_stats(tmp_path / "a.safetensors")
-    meta = stats.meta
+    meta = stats.meta.to_dict()  # as the file's JSON holds it
     assert meta["model"]["fingerprint"] == open_checkpoint(model).fingerprint
     assert meta["workload"]["prompts"] == 4 and len(meta["workload"]["sha256"]) == 64
     assert meta["settings"] == {"max_new_tokens": 3, "chat": True, "dtype": "float32"}
@@ -125,7 +125,7 @@ def test_no_chat_changes_the_prompts(tmp_path: Path, model: Path) -> None:
     w = workload(tmp_path, PROMPTS[:2])
     chat = profile(model, w, None, max_new_tokens=2)
     plain = profile(model, w, None, max_new_tokens=2, chat=False)
-    assert plain.meta["settings"]["chat"] is False and chat.meta["settings"]["chat"] is True
+    assert plain.meta.settings.chat is False and chat.meta.settings.chat is True
     assert plain.mean != chat.mean
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from surgery import SurgeryError, open_checkpoint, transplant, verify
 from surgery.cli import main
-from surgery.verify import VerificationError
+from surgery.transplants.verify import VerificationError
 from tests.conftest import make_model, tree_digest, write_manifest
 
 CASES = {
@@ -74,7 +74,7 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
     assert moved == expected_moved
 
     # Same layout as the target; every tensor from the right origin.
-    # Plus the model card, generated (surgery.hub), never the target's README.
+    # Plus the model card, generated (surgery.transplants.card), never the target's README.
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [p.name for p in tgt.iterdir() if p.name != "README.md"] + ["transplant.json", "README.md"]
     )

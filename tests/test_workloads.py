@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from surgery import SurgeryError
-from surgery.workloads import load_workload, read_jsonl_gz
+from surgery.analysis.workloads import load_workload
+from surgery.data import read_jsonl_gz
 
 
 def _norm(text: str) -> str:

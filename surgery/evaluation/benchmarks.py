@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.data import read_jsonl_gz
 from surgery.errors import SurgeryError
-from surgery.workloads import read_jsonl_gz
 
 BENCHMARKS = ("gsm8k", "math500")
 GRADERS = ("gsm8k", "math")

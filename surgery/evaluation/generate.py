@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from surgery.loading import input_device
+from surgery.checkpoints.loading import input_device
 
 # Logits are batch x positions x vocab floats; keep one NLL forward pass under this many bytes.
 _NLL_LOGITS_BYTES = 256 * 2**20

@@ -16,14 +16,13 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from surgery import __version__
-from surgery.checkpoint import open_checkpoint
+from surgery.checkpoints.folder import open_checkpoint
+from surgery.checkpoints.loading import check_generation_options, load_model, load_tokenizer
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
     STOP_STRINGS,
@@ -37,31 +36,13 @@ from surgery.evaluation.benchmarks import (
 )
 from surgery.evaluation.generate import gold_nll, greedy_generate, render
 from surgery.evaluation.metrics import wilson_interval
+from surgery.evaluation.summary import EvalSettings, EvalSummary
 from surgery.fileio import write_atomic, write_json_atomic
-from surgery.loading import check_generation_options, load_model, load_tokenizer
+from surgery.version import library_versions
 
 RECORDS = "records.jsonl"
 SETTINGS = "settings.json"
 SUMMARY = "summary.json"
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Everything that determines an evaluation's results (compared on resume)."""
-
-    benchmark: str
-    benchmark_sha256: str
-    problem_ids_sha256: str
-    limit: int | None
-    seed: int
-    shots: int
-    chat: bool
-    max_new_tokens: int
-    dtype: str
-    model_fingerprint: str
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def dist_info() -> tuple[int, int]:
@@ -153,7 +134,7 @@ def evaluate(
     max_memory: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
-) -> dict:
+) -> EvalSummary:
     """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
 
     Args:
@@ -168,7 +149,7 @@ def evaluate(
         progress: progress bar (only on a terminal).
 
     Returns:
-        The summary (also in `out/summary.json`).
+        The summary (also in `out/summary.json`, as `summary.to_dict()`).
     """
     check_generation_options(max_new_tokens, batch_size, max_memory)
     bench, problems = prepare(benchmark, limit, seed, shots)
@@ -203,7 +184,7 @@ def evaluate_loaded(
     model_label: str,
     batch_size: int,
     progress: bool = True,
-) -> dict:
+) -> EvalSummary:
     """Evaluate an already loaded model (used by `evaluate` and by the in-memory K sweep)."""
     rank, world = dist_info()
     _init_dist(world)
@@ -253,12 +234,12 @@ def evaluate_loaded(
     if rank == 0:
         summary = _finish(out, bench, problems, settings, model_label, fmt if mine else None)
     _barrier(world)
-    return summary if rank == 0 else json.loads((out / SUMMARY).read_text())
+    return summary if rank == 0 else EvalSummary.from_dict(json.loads((out / SUMMARY).read_text()))
 
 
 def _finish(
     out: Path, bench: Benchmark, problems: list[Problem], settings: EvalSettings, model_label: str, fmt: str | None
-) -> dict:
+) -> EvalSummary:
     """Merge rank files into records.jsonl (problem order) and write the summary."""
     by_id = {r["id"]: r for path in sorted(out.glob("records*.jsonl")) for r in read_records(path)}
     missing = [p.id for p in problems if p.id not in by_id]
@@ -270,34 +251,27 @@ def _finish(
         path.unlink()
     correct = sum(r["correct"] for r in records)
     nlls = [r["nll"] for r in records if r["nll"] == r["nll"]]
-    summary = {
-        "model": model_label,
-        "benchmark": bench.name,
-        "grader": bench.grader,
-        "problems": len(records),
-        "correct": correct,
-        "accuracy": correct / len(records),
-        "accuracy_ci95": list(wilson_interval(correct, len(records))),
-        "nll_mean": sum(nlls) / len(nlls) if nlls else None,
-        "mean_tokens": sum(r["tokens"] for r in records) / len(records),
-        "prompt_format": fmt or _previous_format(out),
-        "settings": settings.to_dict(),
-        "versions": _versions(),
-    }
-    if bench.grader == "gsm8k":
-        strict = sum(r["strict"] for r in records)
-        summary["strict_accuracy"] = strict / len(records)
-        summary["strict_accuracy_ci95"] = list(wilson_interval(strict, len(records)))
-    write_json_atomic(out / SUMMARY, summary)
+    strict = sum(r["strict"] for r in records) if bench.grader == "gsm8k" else None
+    summary = EvalSummary(
+        model=model_label,
+        benchmark=bench.name,
+        grader=bench.grader,
+        problems=len(records),
+        correct=correct,
+        accuracy=correct / len(records),
+        accuracy_ci95=wilson_interval(correct, len(records)),
+        nll_mean=sum(nlls) / len(nlls) if nlls else None,
+        mean_tokens=sum(r["tokens"] for r in records) / len(records),
+        prompt_format=fmt or _previous_format(out),
+        settings=settings,
+        versions=library_versions(),
+        strict_accuracy=strict / len(records) if strict is not None else None,
+        strict_accuracy_ci95=wilson_interval(strict, len(records)) if strict is not None else None,
+    )
+    write_json_atomic(out / SUMMARY, summary.to_dict())
     return summary
 
 
 def _previous_format(out: Path) -> str | None:
     path = out / SUMMARY
     return json.loads(path.read_text()).get("prompt_format") if path.is_file() else None
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

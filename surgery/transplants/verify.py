@@ -6,11 +6,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.checkpoint import Checkpoint, TensorRef, open_checkpoint
+from surgery.checkpoints.files import RECORD_FILE, copied_files
+from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
+from surgery.checkpoints.streaming import ReadOnlyFiles, converted_chunks, read_chunks
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.streaming import ReadOnlyFiles, converted_chunks, read_chunks
-from surgery.transplant import RECORD_FILE, copied_files
 
 
 class VerificationError(SurgeryError):

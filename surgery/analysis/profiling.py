@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from surgery import __version__
-from surgery.checkpoint import open_checkpoint
-from surgery.loading import check_generation_options, input_device, load_model, load_tokenizer
-from surgery.modules import find_candidates
-from surgery.stats import Stats, save_stats
-from surgery.workloads import PromptSet, load_workload
+from surgery.analysis.stats import ModelInfo, ProfileSettings, Requested, Stats, StatsMeta, WorkloadInfo, save_stats
+from surgery.analysis.workloads import PromptSet, load_workload
+from surgery.checkpoints.candidates import find_candidates
+from surgery.checkpoints.folder import open_checkpoint
+from surgery.checkpoints.loading import check_generation_options, input_device, load_model, load_tokenizer
+from surgery.version import library_versions
 
 
 @dataclass
@@ -221,23 +221,17 @@ def profile(
     sums = recorder.per_module()
     per_prompt = {n: sums[n] / steps for n in names}
     mean = {n: (sums[n].sum() / steps.sum()).item() for n in names}
-    meta = {
-        "model": {"path": str(ckpt.path), "fingerprint": ckpt.fingerprint},
-        "workload": {"name": prompt_set.name, "sha256": prompt_set.sha256, "prompts": len(texts)},
-        "settings": {"max_new_tokens": max_new_tokens, "chat": used_chat, "dtype": dtype_used},
+    meta = StatsMeta(
+        model=ModelInfo(str(ckpt.path), ckpt.fingerprint),
+        workload=WorkloadInfo(prompt_set.name, prompt_set.sha256, len(texts)),
+        settings=ProfileSettings(max_new_tokens, used_chat, dtype_used),
         # What was asked for, so a cached stats file can be matched to a request without loading the model.
-        "requested": {"chat": chat, "dtype": dtype},
-        "modules": names,
-        "batch_size": batch_size,
-        "versions": _versions(),
-    }
+        requested=Requested(chat, dtype),
+        modules=tuple(names),
+        batch_size=batch_size,
+        versions=library_versions(),
+    )
     stats = Stats(meta=meta, mean=mean, per_prompt=per_prompt, steps=steps)
     if out is not None:
         save_stats(stats, out)
     return stats
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {"surgery": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

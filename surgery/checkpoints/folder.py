@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from surgery.checkpoints.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
+from surgery.checkpoints.header import ShardHeader, TensorInfo, brief, read_header
+from surgery.checkpoints.hub_inputs import HubRef, cache_repo_folder, resolve_checkpoint
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.hub_inputs import HubRef, cache_repo_folder, resolve_checkpoint
-from surgery.safetensors_header import ShardHeader, TensorInfo, brief, read_header
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-# Weight formats we recognise but never read: loading them means unpickling.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAMPLE_BYTES = 64
 
 
@@ -111,7 +108,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
     Args:
         path: the checkpoint folder; or, as a str that is not an existing path,
-            `org/name[@revision]` (fetched into, or read from, the HF cache; see `surgery.hub_inputs`).
+            `org/name[@revision]` (fetched into, or read from, the HF cache; see `surgery.checkpoints.hub_inputs`).
 
     Returns:
         The validated checkpoint.

@@ -16,15 +16,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.analysis.ranking import build_manifest
+from surgery.checkpoints.candidates import find_candidates
+from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.loading import load_model, load_tokenizer
 from surgery.errors import SurgeryError
 from surgery.evaluation.report import report
-from surgery.evaluation.runner import EvalSettings, dist_info, evaluate_loaded, prepare, problem_ids_sha256
+from surgery.evaluation.runner import dist_info, evaluate_loaded, prepare, problem_ids_sha256
+from surgery.evaluation.summary import EvalSettings
 from surgery.fileio import write_atomic, write_json_atomic
-from surgery.loading import load_model, load_tokenizer
 from surgery.manifest import file_sha256, load_manifest, select_modules
-from surgery.modules import find_candidates
-from surgery.ranking import build_manifest
 
 
 @contextmanager

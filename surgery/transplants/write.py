@@ -21,26 +21,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from surgery import __version__
-from surgery.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
+from surgery.checkpoints.files import INDEX_FILE, RECORD_FILE, copied_files
+from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.header import encode_header
+from surgery.checkpoints.staging import TMP_PREFIX, check_out, staged_folder
+from surgery.checkpoints.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
-from surgery.modules import Candidate, Compatibility, find_candidates
-from surgery.safetensors_header import encode_header
-from surgery.staging import TMP_PREFIX, check_out, staged_folder
-from surgery.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
+from surgery.version import __version__
 
-RECORD_FILE = "transplant.json"
 # Test hooks, not an API: after each piece is written, sleep this many seconds, and wait while the
 # file the second one names exists, so that the fault tests (tests/test_faults.py) can kill a run,
 # or start a second one, while it is inside the copy.
 PIECE_DELAY_ENV = "SURGERY_TEST_PIECE_DELAY"
 HOLD_ENV = "SURGERY_TEST_HOLD_FILE"
-# Files of the target that are not copied: weights (rewritten or stale) and the model card.
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", *PICKLE_SUFFIXES)
-_SKIPPED_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md", RECORD_FILE}
-_SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,7 @@ def transplant(
 
     Select with a manifest (`manifest` + `top_k`, optionally `only`/`layers`/`modules`
     as filters) or by name alone (`modules` glob patterns over the candidates). The output
-    gets a model card (`README.md`, see `surgery.hub.model_card`).
+    gets a model card (`README.md`, see `surgery.transplants.card.model_card`).
 
     Args:
         target: the checkpoint folder to patch (never modified), or a Hub repo id `org/name[@revision]`.
@@ -128,14 +124,13 @@ def transplant(
     Raises:
         SurgeryError: any input is invalid; nothing is written in that case.
     """
-    # Imported here: surgery.hub imports this module, and huggingface_hub's card classes cost ~0.3 s
-    # and ~13 MiB that `import surgery` should not pay.
-    from surgery import hub
+    # Imported here: huggingface_hub's card classes cost ~0.3 s and ~13 MiB that `import surgery` should not pay.
+    from surgery.transplants import card as cards
 
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     out = check_out(Path(out), {"target": tgt.path, "source": src.path}, overwrite)
     man = load_manifest(manifest) if manifest is not None else None
-    summaries = [hub.load_eval_summary(p) for p in eval_results]
+    summaries = [cards.load_eval_summary(p) for p in eval_results]
     if man is not None and _fingerprints_match(man, src, tgt):
         # The manifest was ranked on these exact checkpoints (the fingerprints cover the config and
         # every tensor's name, dtype and shape), so its candidate list stands in for rebuilding the
@@ -164,11 +159,11 @@ def transplant(
     }
     plans = _plan(tgt, src, from_source, provenance)
     # Built before anything is written, so that a problem with it leaves nothing behind.
-    card = hub.model_card(out.name, tgt, src, selected, manifest=man, selection=selection, eval_summaries=summaries)
+    card = cards.model_card(out.name, tgt, src, selected, manifest=man, selection=selection, eval_summaries=summaries)
     with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
         hashes = _write_shards(tmp, plans, progress)
         _copy_extra_files(tgt.path, tmp)
-        card.save(tmp / hub.CARD_FILE)
+        card.save(tmp / cards.CARD_FILE)
         if tgt.index is not None:
             _write_json(tmp / INDEX_FILE, tgt.index)
         record = {
@@ -398,23 +393,6 @@ def _test_pause() -> Callable[[], None] | None:
             time.sleep(0.01)
 
     return pause
-
-
-def is_copied_file(rel: Path) -> bool:
-    """Whether a file of the target folder is copied into the output as is."""
-    return (
-        not any(part in _SKIPPED_DIRS for part in rel.parts[:-1])
-        and rel.name not in _SKIPPED_NAMES
-        and not rel.name.endswith(_WEIGHT_SUFFIXES)
-        and not rel.name.startswith(TMP_PREFIX)
-    )
-
-
-def copied_files(folder: Path) -> list[Path]:
-    """The target's non-weight files (config, tokenizer, ...), relative to `folder`."""
-    return sorted(
-        p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and is_copied_file(p.relative_to(folder))
-    )
 
 
 def _copy_extra_files(src_dir: Path, dst_dir: Path) -> None:

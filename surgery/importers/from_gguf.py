@@ -12,10 +12,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from surgery.errors import SurgeryError
-
 # The package's one staging and atomic-publish path, shared with transplant.
-from surgery.staging import check_out, staged_folder
+from surgery.checkpoints.staging import check_out, staged_folder
+from surgery.errors import SurgeryError
 
 DTYPES = ("float32", "bfloat16", "float16")
 _MAGIC = b"GGUF"

@@ -1,6 +1,6 @@
 """Checkpoint arguments that name a Hugging Face Hub repo: `org/name[@revision]` becomes a cached snapshot folder.
 
-Every command opens its checkpoints through `surgery.checkpoint.open_checkpoint`, which calls
+Every command opens its checkpoints through `surgery.checkpoints.folder.open_checkpoint`, which calls
 `resolve_checkpoint` here, so all of them accept repo ids. An existing local path always wins;
 otherwise an `org/name[@revision]` argument is resolved with `huggingface_hub.snapshot_download`
 through the standard cache (`HF_HUB_CACHE`), so `HF_HUB_OFFLINE=1` works from what is cached.
@@ -8,7 +8,7 @@ Only what surgery reads is fetched: config, generation config, tokenizer, chat t
 (used only with --trust-remote-code) and the safetensors weights the index names.
 
 Snapshot files are symlinks into the repo's `blobs/` folder, outside the snapshot folder. The rule
-refusing symlinks that leave a checkpoint folder (`surgery.checkpoint.check_links`) allows them when
+refusing symlinks that leave a checkpoint folder (`surgery.checkpoints.folder.check_links`) allows them when
 the folder is a snapshot: `cache_repo_folder` gives the repo folder whose `blobs/` they may point into.
 
 huggingface_hub is imported only when an argument is not a local path: opening local folders
@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.checkpoints.files import INDEX_FILE, SINGLE_FILE
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 
@@ -156,9 +157,6 @@ def _download(arg: str, repo_id: str, revision: str | None) -> Path:
     doubles the download), so the index is read first and its shards are named exactly.
     """
     from huggingface_hub import snapshot_download
-
-    # Imported here: surgery.checkpoint imports this module.
-    from surgery.checkpoint import INDEX_FILE, SINGLE_FILE
 
     try:
         meta = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*_METADATA_PATTERNS, INDEX_FILE]))

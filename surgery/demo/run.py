@@ -64,14 +64,14 @@ def run_demo(
     Returns:
         The `surgery report` result for the patched model, with the paths of everything written.
     """
-    from surgery.analysis import analyze
-    from surgery.checkpoint import open_checkpoint
-    from surgery.demo_pair import Recipe, build_pair
+    from surgery.analysis.analyze import analyze
+    from surgery.checkpoints.folder import open_checkpoint
+    from surgery.demo.pairs import Recipe, build_pair
     from surgery.evaluation.report import markdown, report, save_report
     from surgery.evaluation.runner import evaluate
-    from surgery.gguf_import import import_gguf
-    from surgery.transplant import transplant
-    from surgery.verify import verify
+    from surgery.importers.from_gguf import import_gguf
+    from surgery.transplants.verify import verify
+    from surgery.transplants.write import transplant
 
     s = settings or DemoSettings()
     work = Path(work).resolve()
@@ -127,8 +127,8 @@ def run_demo(
         )
         results[role] = folder
         log(
-            f"{role:8} accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['problems']}), "
-            f"gold NLL {summary['nll_mean']:.4f} nats/token  [{time.perf_counter() - t0:.0f} s] -> {folder}"
+            f"{role:8} accuracy {summary.accuracy:.1%} ({summary.correct}/{summary.problems}), "
+            f"gold NLL {summary.nll_mean:.4f} nats/token  [{time.perf_counter() - t0:.0f} s] -> {folder}"
         )
 
     step("7/7 report")

@@ -9,15 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.analysis.profiling import profile
+from surgery.analysis.ranking import build_manifest, check_needs, get_method
+from surgery.analysis.stats import Requested, Stats, load_stats
+from surgery.analysis.workloads import PromptSet, load_workload
+from surgery.checkpoints.candidates import find_candidates
+from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.loading import check_generation_options
 from surgery.errors import SurgeryError
-from surgery.loading import check_generation_options
-from surgery.manifest import METHODS, STATS_METHODS, Manifest, save_manifest
-from surgery.modules import find_candidates
-from surgery.profiling import profile
-from surgery.ranking import build_manifest
-from surgery.stats import Stats, load_stats
-from surgery.workloads import PromptSet, load_workload
+from surgery.manifest import Manifest, save_manifest
 
 
 def stats_paths(manifest_path: Path) -> tuple[Path, Path]:
@@ -39,10 +39,10 @@ def _cached(path: Path, ckpt: Checkpoint, prompts: PromptSet, max_new_tokens: in
         return None
     meta = stats.meta
     same = (
-        meta["model"]["fingerprint"] == ckpt.fingerprint
-        and meta["workload"]["sha256"] == prompts.sha256
-        and meta["settings"]["max_new_tokens"] == max_new_tokens
-        and meta.get("requested") == {"chat": chat, "dtype": dtype}
+        meta.model.fingerprint == ckpt.fingerprint
+        and meta.workload.sha256 == prompts.sha256
+        and meta.settings.max_new_tokens == max_new_tokens
+        and meta.requested == Requested(chat, dtype)
     )
     return stats if same else None
 
@@ -68,9 +68,9 @@ def analyze(
     Args:
         source: checkpoint that is good at the task.
         target: checkpoint to be patched.
-        workload: workload spec (see `surgery.workloads.load_workload`).
+        workload: workload spec (see `surgery.analysis.workloads.load_workload`).
         out: manifest path; stats are cached beside it.
-        method: ranking method (see `surgery.ranking`).
+        method: ranking method (see `surgery.analysis.ranking`).
         seed: for the `random` method.
         max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress: as in `profile`.
 
@@ -79,10 +79,10 @@ def analyze(
     """
     out = Path(out)
     # Validate everything before the (slow) profiling starts.
-    if method not in METHODS:
-        raise SurgeryError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "random" and seed is None:
-        raise SurgeryError("method random needs --seed")
+    spec = get_method(method)
+    uses_stats = "stats" in spec.needs
+    # Stats come from the profiles below; every other need is checked now.
+    check_needs(spec, have_stats=True, seed=seed)
     check_generation_options(max_new_tokens, batch_size, max_memory)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out} should end in .json")
@@ -91,7 +91,7 @@ def analyze(
     prompts = load_workload(workload)
 
     stats: dict[str, Stats | None] = {"source": None, "target": None}
-    if method in STATS_METHODS:
+    if uses_stats:
         for (what, ckpt), path in zip((("source", src), ("target", tgt)), stats_paths(out), strict=True):
             cached = _cached(path, ckpt, prompts, max_new_tokens, chat, dtype)
             if cached is not None:

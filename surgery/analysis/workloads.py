@@ -6,15 +6,14 @@ problems that evaluation scores (the paper's weak point we fix).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import random
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from surgery.data import read_jsonl_gz
 from surgery.errors import SurgeryError
 
 # Built-in name -> (vendored file, field holding the question).
@@ -37,12 +36,6 @@ class PromptSet:
     def sha256(self) -> str:
         """Identifies the exact prompts: two stats files are comparable only if these match."""
         return hashlib.sha256(json.dumps(list(self.prompts)).encode()).hexdigest()
-
-
-def read_jsonl_gz(filename: str) -> list[dict]:
-    """Rows of a vendored data file in `surgery/data/`."""
-    with resources.files("surgery").joinpath("data", filename).open("rb") as raw, gzip.open(raw, "rt") as f:
-        return [json.loads(line) for line in f]
 
 
 def load_workload(spec: str) -> PromptSet:

@@ -32,9 +32,9 @@ from typing import Literal
 
 import torch
 
+from surgery.checkpoints.staging import staged_folder
+from surgery.data import read_jsonl_gz
 from surgery.evaluation.benchmarks import Problem, prompt_messages, strip_calculator
-from surgery.staging import staged_folder
-from surgery.workloads import read_jsonl_gz
 
 RECIPE_FILE = "demo_recipe.json"
 

@@ -15,11 +15,11 @@ import shutil
 import warnings
 from pathlib import Path
 
-from surgery.checkpoint import INDEX_FILE, SINGLE_FILE, check_links, index_shards, open_checkpoint
+from surgery.checkpoints.files import INDEX_FILE, SINGLE_FILE, copied_files
+from surgery.checkpoints.folder import check_links, index_shards, open_checkpoint
+from surgery.checkpoints.staging import check_out, staged_folder
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.staging import check_out, staged_folder
-from surgery.transplant import copied_files
 
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"

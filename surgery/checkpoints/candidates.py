@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from surgery.checkpoint import Checkpoint
+from surgery.checkpoints.folder import Checkpoint
 from surgery.errors import SurgeryError
 
 if TYPE_CHECKING:

@@ -1,0 +1,44 @@
+"""Ranking methods: score every candidate module of a pair, then rank them into a manifest.
+
+One file per method, each registering one scoring function (see `registry.py`):
+- `lae`: the paper's signed difference A_src - A_tgt (the default).
+- `lae-abs`: |A_src - A_tgt|.
+- `lae-rel`: |A_src - A_tgt| / (A_src + A_tgt), scale-free across modules.
+- `consistency`: mean per-prompt difference over its standard error.
+- `weight-delta`: ||W_src - W_tgt|| / ||W_tgt||, streamed; needs no activations.
+- `random`: a seeded shuffle; the baseline any method must beat.
+
+To add a method: a new file here with one `@ranking_method` function, its import below, and its
+name in the manifest schema's `method.name` enum.
+"""
+
+# isort: off
+# Imported to register the methods; this order is the order of `--help` and of error messages.
+from surgery.analysis.ranking import lae, lae_abs, lae_rel, consistency, weight_delta, random_order  # noqa: F401
+
+# isort: on
+from surgery.analysis.ranking.build import build_manifest, check_comparable, check_stats_match
+from surgery.analysis.ranking.registry import (
+    RANKING_METHODS,
+    RankContext,
+    RankingMethod,
+    check_needs,
+    get_method,
+    ranking_method,
+)
+
+# Every method name, in the order `--help` lists them.
+METHODS: tuple[str, ...] = tuple(RANKING_METHODS)
+
+__all__ = [
+    "METHODS",
+    "RANKING_METHODS",
+    "RankContext",
+    "RankingMethod",
+    "build_manifest",
+    "check_comparable",
+    "check_needs",
+    "check_stats_match",
+    "get_method",
+    "ranking_method",
+]

@@ -1,0 +1,144 @@
+"""Score every candidate with a registered method and rank them into a manifest."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from surgery.analysis.ranking.registry import RankContext, check_needs, get_method
+from surgery.errors import SurgeryError
+from surgery.manifest import Manifest, Method, ModelRef, ModuleEntry, Workload
+from surgery.version import __version__
+
+if TYPE_CHECKING:
+    from surgery.analysis.stats import Stats
+    from surgery.checkpoints.candidates import Compatibility
+    from surgery.checkpoints.folder import Checkpoint
+
+
+def check_comparable(src: Stats, tgt: Stats) -> None:
+    """Refuse stats files that were not measured on the same prompts with the same settings."""
+    for key in ("workload", "settings"):
+        a, b = asdict(getattr(src.meta, key)), asdict(getattr(tgt.meta, key))
+        if a != b:
+            diff = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise SurgeryError(
+                f"stats differ in {key} {diff}: source has {a.get(diff)!r}, target has {b.get(diff)!r}; "
+                "profile both models with the same workload and settings"
+            )
+    if src.modules != tgt.modules:
+        raise SurgeryError("stats cover different modules (different architectures); profile a compatible pair")
+
+
+def check_stats_match(stats: Stats, ckpt: Checkpoint, what: str) -> None:
+    """Refuse stats measured on another checkpoint than `ckpt`."""
+    if stats.meta.model.fingerprint != ckpt.fingerprint:
+        raise SurgeryError(
+            f"{what} stats were measured on {stats.meta.model.path}, not {ckpt.path} (fingerprint differs); "
+            "profile this checkpoint again"
+        )
+
+
+def build_manifest(
+    method: str,
+    src: Checkpoint,
+    tgt: Checkpoint,
+    compat: Compatibility,
+    *,
+    src_stats: Stats | None = None,
+    tgt_stats: Stats | None = None,
+    seed: int | None = None,
+    source_label: str | None = None,
+    target_label: str | None = None,
+) -> Manifest:
+    """Score every candidate with `method` and rank them (highest score = rank 1).
+
+    Args:
+        method: a registered method (`surgery.analysis.ranking.RANKING_METHODS`).
+        src, tgt: the checkpoints.
+        compat: their candidates and exclusions.
+        src_stats, tgt_stats: profile stats, required by methods that need `stats`.
+        seed: required by methods that need `seed` (`random`).
+        source_label, target_label: how to name the models in the manifest (default: their paths, or
+            repo ids for Hub snapshots, whose commit is recorded as the revision).
+
+    Returns:
+        The manifest; ties keep module order, so ranking is deterministic.
+
+    Raises:
+        SurgeryError: unknown method, a missing need, stats of other checkpoints, or non-finite scores.
+
+    Example:
+        >>> m = build_manifest("weight-delta", src, tgt, find_candidates(src, tgt))  # doctest: +SKIP
+        >>> m.modules[0].name  # doctest: +SKIP
+        'model.layers.3.mlp.down_proj'
+    """
+    spec = get_method(method)
+    names = [c.name for c in compat.candidates]
+    if not names:
+        raise SurgeryError("no transplantable modules to rank; check `surgery compat`")
+    uses_stats = "stats" in spec.needs
+    check_needs(spec, have_stats=src_stats is not None and tgt_stats is not None, seed=seed)
+    params: dict = {}
+    workload = None
+    if uses_stats:
+        assert src_stats is not None and tgt_stats is not None
+        check_comparable(src_stats, tgt_stats)
+        check_stats_match(src_stats, src, "source")
+        check_stats_match(tgt_stats, tgt, "target")
+        missing = [n for n in names if n not in src_stats.mean]
+        if missing:
+            raise SurgeryError(f"stats lack module {missing[0]}; profile these checkpoints again")
+        w, settings = src_stats.meta.workload, src_stats.meta.settings
+        workload = Workload(w.name, w.sha256, w.prompts, settings.max_new_tokens)
+        params["settings"] = asdict(settings)
+    if "seed" in spec.needs:
+        params["seed"] = seed
+    ctx = RankContext(
+        src,
+        tgt,
+        compat,
+        src_stats if uses_stats else None,
+        tgt_stats if uses_stats else None,
+        seed if "seed" in spec.needs else None,
+    )
+    scores = spec.score(ctx)
+
+    bad = next((n for n in names if not math.isfinite(scores[n])), None)
+    if bad is not None:
+        raise SurgeryError(
+            f"module {bad} scored {scores[bad]} (non-finite activations or weights); profile with --dtype float32"
+        )
+    order = sorted(range(len(names)), key=lambda i: (-scores[names[i]], i))
+    rank = {names[i]: r + 1 for r, i in enumerate(order)}
+    entries = tuple(
+        ModuleEntry(
+            name=c.name,
+            kind=c.kind,
+            layer=c.layer,
+            tensors=c.tensors,
+            shape=c.shape,
+            a_src=src_stats.mean[c.name] if ctx.src_stats is not None else None,
+            a_tgt=tgt_stats.mean[c.name] if ctx.tgt_stats is not None else None,
+            score=scores[c.name],
+            rank=rank[c.name],
+        )
+        for c in sorted(compat.candidates, key=lambda c: rank[c.name])
+    )
+    return Manifest(
+        created_by=f"surgery {__version__}",
+        source=_model_ref(src, source_label),
+        target=_model_ref(tgt, target_label),
+        workload=workload,
+        method=Method(method, params),
+        modules=entries,
+        excluded=tuple((e.name, e.reason) for e in compat.excluded),
+    )
+
+
+def _model_ref(ckpt: Checkpoint, label: str | None) -> ModelRef:
+    # A Hub snapshot is named by its repo id and pinned by its commit: its cache path is machine-specific.
+    if ckpt.hub is not None:
+        return ModelRef(label or ckpt.hub.repo_id, ckpt.hub.commit, ckpt.fingerprint)
+    return ModelRef(label or str(ckpt.path), None, ckpt.fingerprint)

@@ -1,0 +1,33 @@
+"""How a checkpoint is loaded and prompted: one set of options shared by profile, analyze, eval and sweep."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Loading and prompting options, declared once (the CLI generates its flags from them).
+
+    The RAM budget (`max_memory`) is not among them: `sweep` swaps weights in place, which an
+    offloaded model cannot take, so only `profile`, `analyze` and `eval` accept it.
+
+    Attributes:
+        dtype: compute dtype; `auto` keeps the checkpoint's.
+        chat: apply the tokenizer's chat template when it has one.
+        trust_remote_code: allow custom model code (off unless asked for).
+        progress: show progress bars (only on a terminal).
+    """
+
+    dtype: Dtype = "auto"
+    chat: bool = True
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def kwargs(self) -> dict[str, object]:
+        """As keyword arguments of `profile`, `analyze`, `evaluate` and `sweep`."""
+        return asdict(self)

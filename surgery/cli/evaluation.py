@@ -1,0 +1,72 @@
+"""`eval`, `report` and `sweep`: score models on math benchmarks, compare them, sweep K."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from surgery.checkpoints.options import ModelOptions
+from surgery.cli.options import MAX_MEMORY, model_options, stack
+
+_eval_options = stack(
+    click.option("--benchmark", "-b", required=True, help="gsm8k, math500, or a JSONL with question/answer."),
+    click.option("--limit", type=int, help="Score a seeded random subset of N problems (the paper: 50)."),
+    click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit subset."),
+    click.option("--shots", type=int, default=0, show_default=True, help="Chain-of-thought exemplars (0-8)."),
+    click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per generate call."),
+    model_options,
+)
+
+
+@click.command("eval")
+@click.argument("model")
+@_eval_options
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Greedy decoding budget.")
+@MAX_MEMORY
+@click.option("--out", "-o", required=True, help="Results folder; a rerun with the same settings resumes.")
+def eval_cmd(model: str, benchmark: str, out: str, options: ModelOptions, **settings: Any) -> None:
+    """Score MODEL on a math benchmark with greedy decoding."""
+    from surgery.evaluation.runner import evaluate
+
+    s = evaluate(model, benchmark, out, **settings, **options.kwargs())
+    lo, hi = s.accuracy_ci95
+    nll = f"{s.nll_mean:.3f}" if s.nll_mean is not None else "n/a"
+    click.echo(
+        f"{s.benchmark}: {s.correct}/{s.problems} = {100 * s.accuracy:.1f}% "
+        f"[95% CI {100 * lo:.1f}, {100 * hi:.1f}], gold NLL {nll}; results in {out}"
+    )
+
+
+@click.command("report")
+@click.option("--source", "-s", required=True, help="Results folder of the source model.")
+@click.option("--target", "-t", required=True, help="Results folder of the target model.")
+@click.option("--patched", "-p", required=True, multiple=True, help="Results folder of a patched model; repeatable.")
+@click.option("--out", "-o", help="Also write the report as JSON here.")
+def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | None) -> None:
+    """TIR and Recovery of patched models, with paired bootstrap 95% intervals."""
+    from surgery.evaluation.report import markdown, report, save_report
+
+    result = report(source, target, list(patched))
+    click.echo(markdown(result))
+    if out:
+        save_report(result, out)
+
+
+@click.command("sweep")
+@click.option("--target", "-t", required=True, help="Checkpoint to patch (loaded once).")
+@click.option("--source", "-s", required=True, help="Checkpoint modules come from (memory-mapped).")
+@click.option("--manifest", "-m", required=True, help="Ranking to take the top K from.")
+@click.option("--k", "ks", default="8,16,32,64,128", show_default=True, help="Comma-separated K values.")
+@click.option("--max-new-tokens", default="128", show_default=True, help="Comma-separated decoding budgets.")
+@_eval_options
+@click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the random-K baseline.")
+@click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints.")
+@click.option("--out", "-o", required=True, help="Folder for the evaluations, sweep.md/json and sweep.png.")
+def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
+    """Accuracy, TIR and Recovery against K, swapping modules in memory (no checkpoint per K)."""
+    from surgery.evaluation.sweep import markdown, sweep
+
+    table = sweep(out=out, **settings, **options.kwargs())
+    click.echo(markdown(table))
+    click.echo(f"table and plot in {out}")

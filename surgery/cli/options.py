@@ -1,0 +1,61 @@
+"""Flags shared by several commands, each declared once here.
+
+`model_options` turns `--dtype`, `--no-chat`, `--trust-remote-code` and `--quiet` into one
+`ModelOptions` argument, as mergekit's `add_merge_options` does for its `MergeOptions`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from surgery.checkpoints.options import DTYPES, ModelOptions
+
+OUT_FOLDER = click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
+OVERWRITE = click.option(
+    "--overwrite", is_flag=True, help="Replace an existing OUT, only after the new one is complete."
+)
+TRUST_REMOTE_CODE = click.option("--trust-remote-code", is_flag=True, help="Allow custom model code (off by default).")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+MAX_MEMORY = click.option(
+    "--max-memory", help="RAM budget, e.g. 2GiB: weights beyond it are read from disk (accelerate)."
+)
+NO_CHAT = click.option("--no-chat", is_flag=True, help="Do not apply the tokenizer's chat template.")
+DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
+    help="Compute dtype; auto keeps the checkpoint's.",
+)
+
+
+def stack(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Apply click options in the order listed (the order `--help` shows them)."""
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --no-chat, --dtype, --trust-remote-code and --quiet; the command receives `options: ModelOptions`."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, no_chat: bool, dtype: str, trust_remote_code: bool, quiet: bool, **kwargs: Any) -> Any:
+        options = ModelOptions(
+            dtype=dtype,  # type: ignore[arg-type]  (click.Choice keeps it to DTYPES)
+            chat=not no_chat,
+            trust_remote_code=trust_remote_code,
+            progress=not quiet,
+        )
+        return f(*args, options=options, **kwargs)
+
+    return stack(NO_CHAT, DTYPE, TRUST_REMOTE_CODE, QUIET)(wrapper)

@@ -1,0 +1,86 @@
+"""`transplant`, `verify` and `push`: write a patched checkpoint, check it byte for byte, publish it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from surgery.cli.options import OUT_FOLDER, OVERWRITE, QUIET, TRUST_REMOTE_CODE
+from surgery.errors import SurgeryError
+from surgery.manifest import parse_layer_range
+from surgery.transplants.verify import verify as run_verify
+from surgery.transplants.write import transplant as run_transplant
+
+
+@click.command()
+@click.option("--target", "-t", required=True, help="Checkpoint to patch: folder or org/name[@rev] (never modified).")
+@click.option("--source", "-s", required=True, help="Checkpoint to take modules from: folder or org/name[@rev].")
+@OUT_FOLDER
+@click.option("--manifest", "-m", help="Module manifest ranking the candidates (format: manifests/schema.json).")
+@click.option("--top-k", "-k", type=int, help="Transplant the K best-ranked modules (needs --manifest).")
+@click.option("--only", type=click.Choice(["attn", "mlp", "other"]), help="Only modules of this kind.")
+@click.option("--layers", help="Only layers in this inclusive range, e.g. 0-11.")
+@click.option("--module", "modules", multiple=True, help="Module name or glob pattern; repeatable.")
+@click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints (warns).")
+@OVERWRITE
+@QUIET
+@TRUST_REMOTE_CODE
+@click.option(
+    "--eval-results", multiple=True, help="summary.json of `surgery eval` to report in the model card; repeatable."
+)
+@click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+def transplant(layers: str | None, quiet: bool, push_to: str | None, private: bool, **selection: Any) -> None:
+    """Write a copy of the target with the selected modules taken from the source.
+
+    Select with --manifest M --top-k K (filters: --only, --layers, --module), or by
+    name alone with --module PATTERN. The output gets a model card (README.md).
+    """
+    if push_to is not None:
+        from surgery.hub import check_push_options
+
+        check_push_options(push_to)  # a bad repo id is refused before the output is written
+    elif private:
+        raise SurgeryError("--private only applies with --push-to-hub ORG/NAME")
+    # The remaining flags are named as `surgery.transplant`'s arguments and go to it unchanged.
+    result = run_transplant(layers=parse_layer_range(layers) if layers else None, progress=not quiet, **selection)
+    click.echo(
+        f"wrote {result.out}: {len(result.modules)} modules ({len(result.tensors)} tensors) from the source, "
+        f"{result.bytes_written / 2**20:.1f} MiB"
+    )
+    if push_to is not None:
+        from surgery.hub import push
+
+        try:
+            url = push(result.out, push_to, private=private)
+        except SurgeryError as e:
+            raise SurgeryError(f"{e} (the output is kept in {result.out}; retry with `surgery push`)") from None
+        click.echo(f"pushed to {url}")
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--target", "-t", required=True, help="The target the output was made from.")
+@click.option("--source", "-s", required=True, help="The source the output was made from.")
+def verify(out: str, target: str, source: str) -> None:
+    """Check every byte of the transplant output OUT against its target and source."""
+    report = run_verify(out, target, source)
+    click.echo(
+        f"ok: {report.tensors_checked} tensors ({report.from_source} from the source, "
+        f"{report.bytes_checked / 2**20:.1f} MiB) and {report.files_checked} files match"
+    )
+
+
+@click.command("push")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--repo-id", required=True, metavar="ORG/NAME", help="Hub model repo to push to (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to main.")
+@click.option("--revision", metavar="BRANCH", help="Commit to this branch (created if missing) instead of main.")
+def push_cmd(out: str, repo_id: str, private: bool, create_pr: bool, revision: str | None) -> None:
+    """Upload the transplant output OUT to a Hub model repo (token: HF_TOKEN or `hf auth login`)."""
+    from surgery.hub import push
+
+    url = push(out, repo_id, private=private, create_pr=create_pr, revision=revision)
+    click.echo(f"pushed {out} to {url}")

@@ -1,0 +1,76 @@
+"""The ranking registry: every registered method, run from one table on a planted pair."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from surgery import SurgeryError, find_candidates, open_checkpoint
+from surgery.analysis.ranking import METHODS, RANKING_METHODS, build_manifest, get_method, ranking_method
+from surgery.manifest import schema
+from tests.test_profile import planted  # noqa: F401  (the fixture)
+
+ALL = list(RANKING_METHODS)
+
+
+def test_registry_names_equal_the_schema_enum() -> None:
+    # A method the schema does not admit would write manifests that `load_manifest` refuses.
+    assert list(METHODS) == schema()["properties"]["method"]["properties"]["name"]["enum"]
+    committed = json.loads((Path(__file__).parents[1] / "manifests" / "schema.json").read_text())
+    assert committed == schema()
+
+
+def test_unknown_method_lists_the_registered_ones() -> None:
+    with pytest.raises(SurgeryError, match=r"unknown method 'nope'; use one of lae, lae-abs, .*random"):
+        get_method("nope")
+
+
+def test_a_name_cannot_be_registered_twice() -> None:
+    with pytest.raises(ValueError, match="registered twice"):
+        ranking_method("lae")(lambda ctx: {})
+
+
+def _rank(method: str, source: Path, target: Path, src_stats, tgt_stats, seed: int | None = 1):
+    src, tgt = open_checkpoint(source), open_checkpoint(target)
+    spec = get_method(method)
+    stats = {"src_stats": src_stats, "tgt_stats": tgt_stats} if "stats" in spec.needs else {}
+    return build_manifest(method, src, tgt, find_candidates(src, tgt), seed=seed, **stats)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_scores_finitely_and_deterministically(planted, method: str) -> None:  # noqa: F811
+    target, tgt_stats, make_source = planted
+    source, src_stats = make_source("model.layers.2.mlp.up_proj")
+    first = _rank(method, source, target, src_stats, tgt_stats)
+    again = _rank(method, source, target, src_stats, tgt_stats)
+    assert first.to_dict() == again.to_dict()
+    assert all(math.isfinite(m.score) for m in first.modules)
+    assert [m.rank for m in first.modules] == list(range(1, len(first.modules) + 1))
+    assert first.method.name == method
+    # Equal scores keep module order (candidate order), so the ranking never depends on a hash.
+    order = [c.name for c in find_candidates(open_checkpoint(source), open_checkpoint(target)).candidates]
+    for a, b in zip(first.modules, first.modules[1:], strict=False):
+        if a.score == b.score:
+            assert order.index(a.name) < order.index(b.name)
+
+
+@pytest.mark.parametrize("method", [m for m in ALL if RANKING_METHODS[m].needs])
+def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:  # noqa: F811
+    target, _, make_source = planted
+    source, _ = make_source("model.layers.2.mlp.up_proj")
+    need = sorted(RANKING_METHODS[method].needs)[0]
+    hint = {"stats": "--source-stats and --target-stats", "seed": "--seed"}[need]
+    with pytest.raises(SurgeryError, match=f"method {method} needs {hint}"):
+        _rank(method, source, target, None, None, seed=None)
+
+
+@pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta"])
+def test_the_planted_module_ranks_first(planted, method: str) -> None:  # noqa: F811
+    target, tgt_stats, make_source = planted
+    # The last layer's down_proj: no module downstream of it changes, so activations isolate it too.
+    name = "model.layers.3.mlp.down_proj"
+    source, src_stats = make_source(name)
+    assert _rank(method, source, target, src_stats, tgt_stats).modules[0].name == name

@@ -6,3 +6,9 @@ class SurgeryError(Exception):
 
     The CLI prints the message without a traceback and exits with code 2.
     """
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of a library's exception message (its type name if it has none), for our one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

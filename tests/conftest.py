@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
@@ -35,7 +35,7 @@ def make_model(
     **overrides: int,
 ) -> Path:
     """Save a randomly initialised tiny model (plus a fake tokenizer file) to `path`."""
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[arch]
     config = config_cls(**{**TINY, **overrides}, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)

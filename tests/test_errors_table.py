@@ -113,6 +113,8 @@ SETUPS: dict[str, Callable[[Path], None]] = {
     "bad arguments, valid manifest": _manifest,
     "no config.json": lambda w: (w / "target" / "config.json").unlink(),
     "custom model code": _edit_config(lambda c: c.update(auto_map={"AutoConfig": "x.Config"})),
+    "config claims 200000 layers": _edit_config(lambda c: c.update(num_hidden_layers=200000)),
+    "config claims hidden_size 48": _edit_config(lambda c: c.update(hidden_size=48)),
     "symlink out of the folder": _symlink_out,
     "a qwen2 source": _qwen,
     "output exists": lambda w: (w / "out").mkdir(),

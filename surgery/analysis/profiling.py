@@ -24,7 +24,7 @@ from surgery.analysis.stats import ModelInfo, ProfileSettings, Requested, Stats,
 from surgery.analysis.workloads import PromptSet, load_workload
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
-from surgery.checkpoints.loading import check_generation_options, input_device, load_model, load_tokenizer
+from surgery.checkpoints.loading import chat_text, check_generation_options, input_device, load_model, load_tokenizer
 from surgery.version import library_versions
 
 
@@ -72,10 +72,7 @@ def render_prompts(tokenizer, prompts: tuple[str, ...], chat: bool) -> tuple[lis
     use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
     if not use_chat:
         return list(prompts), False
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
+    texts = [chat_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return texts, True
 
 

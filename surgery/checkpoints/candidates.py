@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from surgery.checkpoints.folder import Checkpoint
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, one_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -96,21 +96,28 @@ def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
         )
     try:
         return AutoConfig.from_pretrained(ckpt.path, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # transformers' config validation raises many types; all are bad input
+        first = one_line(e)
         raise SurgeryError(
             f"{ckpt.path}: transformers cannot load this config offline ({first}); upgrade transformers, "
             "or pass --trust-remote-code if the model needs custom code"
         ) from None
 
 
-def meta_model(config) -> nn.Module:
-    """Build the model from its config on the meta device: the module tree, no weights."""
+def meta_model(config, ckpt: Checkpoint) -> nn.Module:
+    """Build the model from its config on the meta device: the module tree, no weights.
+
+    Raises:
+        SurgeryError: transformers cannot build a model from this config (naming `ckpt`'s config.json).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # any failure to build from a config is a bad config
+        raise SurgeryError(f"{ckpt.path}/config.json: transformers cannot build this model ({one_line(e)})") from None
 
 
 def find_candidates(source: Checkpoint, target: Checkpoint, trust_remote_code: bool = False) -> Compatibility:
@@ -137,7 +144,10 @@ def find_candidates(source: Checkpoint, target: Checkpoint, trust_remote_code: b
             f"architectures differ: source is {src_arch[0]} {src_arch[1]}, target is {tgt_arch[0]} {tgt_arch[1]}; "
             "transplanting needs two checkpoints of the same architecture"
         )
-    model = meta_model(load_config(target, trust_remote_code))
+    # The config decides what is built: refuse one the tensors do not back before building anything.
+    source.check_config()
+    target.check_config()
+    model = meta_model(load_config(target, trust_remote_code), target)
     head = model.get_output_embeddings()
 
     candidates: list[Candidate] = []

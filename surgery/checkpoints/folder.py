@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from surgery.checkpoints.config_check import ConfigMismatch, config_mismatches, describe
 from surgery.checkpoints.files import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 from surgery.checkpoints.header import ShardHeader, TensorInfo, brief, read_header
 from surgery.checkpoints.hub_inputs import HubRef, cache_repo_folder, resolve_checkpoint
@@ -73,6 +74,22 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(ref.info.nbytes for ref in self.tensors.values())
 
+    @cached_property
+    def config_mismatches(self) -> list[ConfigMismatch]:
+        """Where `config.json` disagrees with the tensors (see `surgery.checkpoints.config_check`)."""
+        return config_mismatches(self.config, {name: ref.info for name, ref in self.tensors.items()})
+
+    def check_config(self) -> None:
+        """Refuse a config that disagrees with the tensors, before anything is built from it.
+
+        Raises:
+            SurgeryError: naming the field, both values and the tensor.
+        """
+        if self.config_mismatches:
+            raise SurgeryError(
+                f"{self.path}: {self.config_mismatches[0].message()}; fix config.json to match the weights"
+            )
+
     def summary(self) -> dict:
         """What `surgery inspect` prints: architecture, sizes, dtypes and storage."""
         # Multimodal configs keep the language model's fields in text_config.
@@ -97,6 +114,7 @@ class Checkpoint:
             "tensors": len(self.tensors),
             "total_bytes": self.total_bytes,
             "fingerprint": self.fingerprint,
+            "config": describe(self.config_mismatches),
         }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, one_line
 
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,10 +50,9 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # tokenizers, jinja2 and transformers raise many types; all mean unreadable files
         raise SurgeryError(
-            f"{path}: cannot load its tokenizer offline ({first}); the folder needs tokenizer files"
+            f"{path}: cannot load its tokenizer offline ({one_line(e)}); the folder needs tokenizer files"
         ) from None
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -100,7 +99,29 @@ def load_model(
         }
     elif torch.cuda.is_available():
         kwargs["device_map"] = "cuda"
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    except MemoryError:
+        raise
+    except Exception as e:  # a config or weights transformers refuses (validated configs raise many types)
+        raise SurgeryError(f"{path}: transformers cannot load this model ({one_line(e)}); check config.json") from None
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """Render `messages` with the tokenizer's chat template, ready for generation.
+
+    The template runs in jinja's sandbox, as transformers sets it up; a template that fails or
+    escapes is refused in one line, not crashed on.
+
+    Raises:
+        SurgeryError: the template cannot render these messages.
+    """
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja2's sandbox and template errors, or transformers' own
+        raise SurgeryError(
+            f"{tokenizer.name_or_path}: its chat template fails to render ({one_line(e)}); fix it or pass --no-chat"
+        ) from None
 
 
 def _return_large_frees_to_os() -> None:

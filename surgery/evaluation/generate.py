@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from surgery.checkpoints.loading import input_device
+from surgery.checkpoints.loading import chat_text, input_device
 
 # Logits are batch x positions x vocab floats; keep one NLL forward pass under this many bytes.
 _NLL_LOGITS_BYTES = 256 * 2**20
@@ -23,7 +23,7 @@ def render(tokenizer, messages: list[dict[str, str]], plain: str, chat: bool) ->
         (text, ids, format) where format is "chat" or "plain".
     """
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = chat_text(tokenizer, messages)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"], "chat"
     return plain, tokenizer(plain)["input_ids"], "plain"
 

@@ -154,6 +154,7 @@ def evaluate(
     check_generation_options(max_new_tokens, batch_size, max_memory)
     bench, problems = prepare(benchmark, limit, seed, shots)
     ckpt = open_checkpoint(model)
+    ckpt.check_config()  # before transformers builds anything from it
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
         lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload))

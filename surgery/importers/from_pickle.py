@@ -18,7 +18,7 @@ from pathlib import Path
 from surgery.checkpoints.files import INDEX_FILE, SINGLE_FILE, copied_files
 from surgery.checkpoints.folder import check_links, index_shards, open_checkpoint
 from surgery.checkpoints.staging import check_out, staged_folder
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, one_line
 from surgery.fileio import read_json_object
 
 PICKLE_FILE = "pytorch_model.bin"
@@ -106,24 +106,20 @@ def _convert(path: Path, dest: Path) -> int:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = _REFUSAL_RE.search(str(e))
-        why = found.group(1) if found else _first_line(e)
+        why = found.group(1) if found else one_line(e)
         raise SurgeryError(
             f"{path}: refused by torch.load(weights_only=True) ({why}); it is not a plain tensor checkpoint, "
             "and unpickling it without that restriction could run code, so it is not converted"
         ) from None
     except (RuntimeError, ValueError, EOFError, OSError) as e:
-        raise SurgeryError(f"{path}: not a readable PyTorch state dict ({_first_line(e)}); re-download it") from None
+        raise SurgeryError(f"{path}: not a readable PyTorch state dict ({one_line(e)}); re-download it") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise SurgeryError(f"{path}: not a state dict (names to tensors); pass a model's pytorch_model.bin")
     try:
         save_file(_unshared(state), dest, metadata={"format": "pt"})
     except (ValueError, TypeError) as e:  # a dtype safetensors has no code for (complex, quantized)
-        raise SurgeryError(f"{path}: cannot store as safetensors ({_first_line(e)})") from None
+        raise SurgeryError(f"{path}: cannot store as safetensors ({one_line(e)})") from None
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _unshared(state: dict) -> dict:

@@ -128,6 +128,9 @@ def transplant(
     from surgery.transplants import card as cards
 
     tgt, src = open_checkpoint(target), open_checkpoint(source)
+    # A config that disagrees with the tensors would be copied into an output `from_pretrained` cannot load.
+    tgt.check_config()
+    src.check_config()
     out = check_out(Path(out), {"target": tgt.path, "source": src.path}, overwrite)
     man = load_manifest(manifest) if manifest is not None else None
     summaries = [cards.load_eval_summary(p) for p in eval_results]

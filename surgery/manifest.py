@@ -60,6 +60,49 @@ class ModuleEntry:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """One K of a selection curve: the metric on the validation problems, and the Recovery it means."""
+
+    k: int
+    value: float
+    recovery: float | None
+    recovery_ci95: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The K `surgery select` chose on held-out problems.
+
+    Attributes:
+        k: the chosen K.
+        rule: how it was chosen, in words.
+        metric: `nll` (gold-solution NLL) or `accuracy`.
+        validation: the validation workload (name, sha256 of its prompts, count).
+        baselines: the metric of the source and of the target on it.
+        curve: every K measured.
+    """
+
+    k: int
+    rule: str
+    metric: str
+    validation: dict[str, object]
+    baselines: dict[str, float]
+    curve: tuple[CurvePoint, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "rule": self.rule,
+            "metric": self.metric,
+            "validation": dict(self.validation),
+            "baselines": dict(self.baselines),
+            "curve": [
+                {**asdict(p), "recovery_ci95": list(p.recovery_ci95) if p.recovery_ci95 else None} for p in self.curve
+            ],
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated manifest. `modules` are sorted by rank (1 = transplant first)."""
 
@@ -70,6 +113,7 @@ class Manifest:
     method: Method
     modules: tuple[ModuleEntry, ...]
     excluded: tuple[tuple[str, str], ...]
+    selection: Selection | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -81,6 +125,7 @@ class Manifest:
             "method": {"name": self.method.name, "params": self.method.params},
             "modules": [{**asdict(m), "tensors": list(m.tensors), "shape": list(m.shape)} for m in self.modules],
             "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
+            **({"selection": self.selection.to_dict()} if self.selection else {}),
         }
 
 
@@ -154,7 +199,16 @@ def manifest_from_dict(obj: object, where: str = "manifest") -> Manifest:
         method=Method(name=obj["method"]["name"], params=obj["method"].get("params", {})),
         modules=tuple(modules),
         excluded=tuple((e["name"], e["reason"]) for e in obj["excluded"]),
+        selection=_selection(obj["selection"]) if "selection" in obj else None,
     )
+
+
+def _selection(obj: dict) -> Selection:
+    curve = tuple(
+        CurvePoint(p["k"], p["value"], p["recovery"], tuple(p["recovery_ci95"]) if p["recovery_ci95"] else None)
+        for p in obj["curve"]
+    )
+    return Selection(obj["k"], obj["rule"], obj["metric"], obj["validation"], obj["baselines"], curve)
 
 
 def save_manifest(manifest: Manifest, path: str | Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from surgery import SurgeryError
-from surgery.data import read_jsonl_gz
+from surgery.data import read_jsonl_gz, strip_calculator
 from surgery.evaluation.benchmarks import (
     BENCHMARKS,
     STOP_STRINGS,
@@ -25,7 +25,6 @@ from surgery.evaluation.benchmarks import (
     prompt_messages,
     prompt_text,
     select_problems,
-    strip_calculator,
 )
 
 # ---------------------------------------------------------------------------------------------

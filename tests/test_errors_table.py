@@ -27,7 +27,7 @@ from tests.test_bad_input import BROKEN, refused
 DOC = Path(__file__).parent.parent / "docs" / "errors.md"
 COMMANDS = {
     "inspect", "compat", "transplant", "verify", "profile", "manifest", "analyze",
-    "eval", "report", "sweep", "push", "import-gguf", "import-pickle",
+    "eval", "report", "sweep", "select", "push", "import-gguf", "import-pickle",
 }  # fmt: skip
 
 
@@ -113,6 +113,11 @@ SETUPS: dict[str, Callable[[Path], None]] = {
     "bad arguments, valid manifest": _manifest,
     "no config.json": lambda w: (w / "target" / "config.json").unlink(),
     "custom model code": _edit_config(lambda c: c.update(auto_map={"AutoConfig": "x.Config"})),
+    "a workload without solutions": _write("w.jsonl", '{"prompt": "hi"}\n'),
+    "valid manifest, a workload without solutions": lambda w: (
+        _manifest(w),
+        _write("w.jsonl", '{"prompt": "hi"}\n')(w),
+    ),
     "config claims 200000 layers": _edit_config(lambda c: c.update(num_hidden_layers=200000)),
     "config claims hidden_size 48": _edit_config(lambda c: c.update(hidden_size=48)),
     "symlink out of the folder": _symlink_out,

@@ -19,12 +19,12 @@ from click.testing import CliRunner, Result
 from transformers import AutoModelForCausalLM
 
 from surgery import open_checkpoint
+from surgery.analysis.nll import gold_nll
+from surgery.checkpoints.swap import swapped
 from surgery.cli import main
 from surgery.evaluation.benchmarks import grade
-from surgery.evaluation.generate import gold_nll
 from surgery.evaluation.metrics import paired_bootstrap, recovery
 from surgery.evaluation.runner import evaluate, read_records
-from surgery.evaluation.sweep import swapped
 from tests.conftest import make_model, save_tokenizer, write_manifest
 
 QUESTIONS = [

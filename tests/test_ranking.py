@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from surgery import SurgeryError, find_candidates, open_checkpoint
+from surgery import SurgeryError, find_candidates, load_workload, open_checkpoint
 from surgery.analysis.ranking import METHODS, RANKING_METHODS, build_manifest, get_method, ranking_method
 from surgery.manifest import schema
 from tests.test_profile import planted  # noqa: F401  (the fixture)
@@ -33,11 +34,15 @@ def test_a_name_cannot_be_registered_twice() -> None:
         ranking_method("lae")(lambda ctx: {})
 
 
-def _rank(method: str, source: Path, target: Path, src_stats, tgt_stats, seed: int | None = 1):
+def _rank(method: str, source: Path, target: Path, src_stats, tgt_stats, seed: int | None = 1, gold: bool = True):
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     spec = get_method(method)
-    stats = {"src_stats": src_stats, "tgt_stats": tgt_stats} if "stats" in spec.needs else {}
-    return build_manifest(method, src, tgt, find_candidates(src, tgt), seed=seed, **stats)
+    extra: dict = {"src_stats": src_stats, "tgt_stats": tgt_stats} if "stats" in spec.needs else {}
+    if "gold" in spec.needs and gold:
+        path = target.parent / "gold.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "solution": f"{p} 42"}) + "\n" for p in ("1+1?", "Hi")))
+        extra["workload"] = load_workload(str(path))
+    return build_manifest(method, src, tgt, find_candidates(src, tgt), seed=seed, **extra)
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -62,12 +67,12 @@ def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:
     target, _, make_source = planted
     source, _ = make_source("model.layers.2.mlp.up_proj")
     need = sorted(RANKING_METHODS[method].needs)[0]
-    hint = {"stats": "--source-stats and --target-stats", "seed": "--seed"}[need]
-    with pytest.raises(SurgeryError, match=f"method {method} needs {hint}"):
-        _rank(method, source, target, None, None, seed=None)
+    hint = {"stats": "--source-stats and --target-stats", "seed": "--seed", "gold": "--workload with gold"}[need]
+    with pytest.raises(SurgeryError, match=f"method {method} needs {re.escape(hint)}"):
+        _rank(method, source, target, None, None, seed=None, gold=False)
 
 
-@pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta"])
+@pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta", "swap-nll"])
 def test_the_planted_module_ranks_first(planted, method: str) -> None:  # noqa: F811
     target, tgt_stats, make_source = planted
     # The last layer's down_proj: no module downstream of it changes, so activations isolate it too.

@@ -1,5 +1,8 @@
 """Profile the source, free it, profile the target, rank: workload -> manifest in one call.
 
+Methods that measure the task loss instead (`taylor`, `swap-nll`) skip the profiles and rank from the
+workload's gold solutions on the target.
+
 Stats are cached next to the manifest (`NAME.source.stats.safetensors`,
 `NAME.target.stats.safetensors`), so re-ranking with another method does not regenerate.
 """
@@ -12,10 +15,11 @@ from pathlib import Path
 from surgery.analysis.profiling import profile
 from surgery.analysis.ranking import build_manifest, check_needs, get_method
 from surgery.analysis.stats import Requested, Stats, load_stats
-from surgery.analysis.workloads import PromptSet, load_workload
+from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.loading import check_generation_options
+from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest, save_manifest
 
@@ -82,13 +86,15 @@ def analyze(
     spec = get_method(method)
     uses_stats = "stats" in spec.needs
     # Stats come from the profiles below; every other need is checked now.
-    check_needs(spec, have_stats=True, seed=seed)
+    check_needs(spec, have_stats=True, seed=seed, have_gold=True)
     check_generation_options(max_new_tokens, batch_size, max_memory)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out} should end in .json")
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     compat = find_candidates(src, tgt, trust_remote_code)
     prompts = load_workload(workload)
+    if "gold" in spec.needs:  # refused now, not after the target is loaded
+        require_solutions(prompts, f"method {method}")
 
     stats: dict[str, Stats | None] = {"source": None, "target": None}
     if uses_stats:
@@ -121,6 +127,9 @@ def analyze(
         seed=seed,
         source_label=str(source),
         target_label=str(target),
+        workload=prompts,
+        options=ModelOptions(dtype=dtype, chat=chat, trust_remote_code=trust_remote_code, progress=progress),  # type: ignore[arg-type]
+        batch_size=batch_size,
     )
     save_manifest(manifest, out)
     return manifest

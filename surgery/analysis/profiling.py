@@ -25,6 +25,7 @@ from surgery.analysis.workloads import PromptSet, load_workload
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import chat_text, check_generation_options, input_device, load_model, load_tokenizer
+from surgery.distributed import all_sum, barrier, dist_info, init, mine
 from surgery.version import library_versions
 
 
@@ -62,9 +63,6 @@ class _Recorder:
         self.sums.index_add_(1, rows[active], self.step[:, active])
         # A module the forward pass never called (an unused layer) then contributes 0, as it does to the output.
         self.step.zero_()
-
-    def per_module(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.sums, strict=True))
 
 
 def render_prompts(tokenizer, prompts: tuple[str, ...], chat: bool) -> tuple[list[str], bool]:
@@ -195,14 +193,18 @@ def profile(
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
     texts, used_chat = render_prompts(tokenizer, prompt_set.prompts, chat)
     encoded = [tokenizer(t, add_special_tokens=not used_chat)["input_ids"] for t in texts]
-    recorder = _Recorder(names, len(texts))
+    # Under torchrun each rank profiles every WORLD_SIZE-th prompt; the sums are all-reduced below.
+    rank, world = dist_info()
+    init(world)
+    share = mine(len(encoded), rank, world)
+    recorder = _Recorder(names, len(share))
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload_dir:
         lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir))
         try:
-            steps = _run(
+            my_steps = _run(
                 lm,
                 tokenizer,
-                encoded,
+                [encoded[i] for i in share],
                 recorder,
                 max_new_tokens,
                 batch_size,
@@ -215,7 +217,14 @@ def profile(
             del lm
             gc.collect()
 
-    sums = recorder.per_module()
+    # Every rank's prompts into their columns; the other columns are 0, so the sum is the whole.
+    all_sums = torch.zeros(len(names), len(encoded), dtype=torch.float64)
+    all_sums[:, share] = recorder.sums
+    steps = torch.zeros(len(encoded), dtype=torch.int64)
+    steps[share] = my_steps
+    all_sum(all_sums, world)
+    all_sum(steps, world)
+    sums = dict(zip(names, all_sums, strict=True))
     per_prompt = {n: sums[n] / steps for n in names}
     mean = {n: (sums[n].sum() / steps.sum()).item() for n in names}
     meta = StatsMeta(
@@ -229,6 +238,7 @@ def profile(
         versions=library_versions(),
     )
     stats = Stats(meta=meta, mean=mean, per_prompt=per_prompt, steps=steps)
-    if out is not None:
+    if out is not None and rank == 0:  # every rank holds the same stats; one writes them
         save_stats(stats, out)
+    barrier(world)
     return stats

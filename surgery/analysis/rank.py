@@ -1,4 +1,5 @@
-"""Rank from existing stats files (or from weights alone) and write the manifest: `surgery manifest`."""
+"""Rank without profiling and write the manifest (`surgery manifest`): from existing stats files, from
+the weights alone, or from the task loss on a gold workload."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from pathlib import Path
 
 from surgery.analysis.ranking import RANKING_METHODS, build_manifest
 from surgery.analysis.stats import load_stats
+from surgery.analysis.workloads import load_workload
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
+from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
-from surgery.manifest import Manifest, save_manifest
+from surgery.manifest import Manifest, load_manifest, save_manifest
 
 
 def rank(
@@ -21,7 +24,11 @@ def rank(
     target: str | Path | None = None,
     method: str = "lae",
     seed: int | None = None,
-    trust_remote_code: bool = False,
+    workload: str | None = None,
+    candidates_from: str | Path | None = None,
+    max_candidates: int | None = None,
+    batch_size: int = 8,
+    options: ModelOptions | None = None,
 ) -> Manifest:
     """Rank the candidate modules of a pair into a manifest written to `out`.
 
@@ -31,7 +38,11 @@ def rank(
         source, target: the checkpoints; default: the ones the stats files name.
         method: a registered ranking method.
         seed: for methods that need one (`random`).
-        trust_remote_code: allow configs that need custom model code.
+        workload: a workload with gold solutions, for `taylor` and `swap-nll` (see `load_workload`).
+        candidates_from: score only the modules this manifest (of the same pair) ranks, ...
+        max_candidates: ... and of those only its top N.
+        batch_size: problems per forward pass (`taylor`, `swap-nll`).
+        options: how the target is loaded and prompted (`taylor`, `swap-nll`), and trust_remote_code.
 
     Returns:
         The manifest written.
@@ -40,6 +51,10 @@ def rank(
         SurgeryError: a checkpoint can be found neither from its argument nor from its stats, or
             `build_manifest` refuses the request.
     """
+    options = options or ModelOptions()
+    if max_candidates is not None and (candidates_from is None or max_candidates < 1):
+        raise SurgeryError("--max-candidates N takes N >= 1 and needs --candidates-from MANIFEST to take them from")
+    prompts = load_workload(workload) if workload is not None else None
     stats = {"source": load_stats(source_stats) if source_stats else None}
     stats["target"] = load_stats(target_stats) if target_stats else None
     paths = {"source": source, "target": target}
@@ -51,16 +66,28 @@ def rank(
             weights_only = "/".join(n for n, m in RANKING_METHODS.items() if "stats" not in m.needs)
             raise SurgeryError(f"pass --{what}-stats (or --{what} for --method {weights_only})")
     src, tgt = open_checkpoint(str(paths["source"])), open_checkpoint(str(paths["target"]))
+    only, why = None, "not scored"
+    if candidates_from is not None:
+        prior = load_manifest(candidates_from)
+        if (prior.source.fingerprint, prior.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
+            raise SurgeryError(f"{candidates_from} was ranked for other checkpoints; rank this pair first")
+        only = [m.name for m in prior.modules[:max_candidates]]
+        why = f"outside the top {len(only)} of {Path(candidates_from).name} ({prior.method.name})"
     manifest = build_manifest(
         method,
         src,
         tgt,
-        find_candidates(src, tgt, trust_remote_code),
+        find_candidates(src, tgt, options.trust_remote_code),
         src_stats=stats["source"],
         tgt_stats=stats["target"],
         seed=seed,
         source_label=str(paths["source"]),
         target_label=str(paths["target"]),
+        workload=prompts,
+        options=options,
+        batch_size=batch_size,
+        only=only,
+        only_reason=why,
     )
     save_manifest(manifest, out)
     return manifest

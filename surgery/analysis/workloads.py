@@ -13,24 +13,30 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.data import read_jsonl_gz
+from surgery.data import read_jsonl_gz, strip_calculator
 from surgery.errors import SurgeryError
 
-# Built-in name -> (vendored file, field holding the question).
-BUILTINS: dict[str, tuple[str, str]] = {
-    "gsm8k-train": ("gsm8k-train.jsonl.gz", "question"),
-    "math-train": ("math-train.jsonl.gz", "problem"),
+# Built-in name -> (vendored file, field holding the question, field holding the gold solution).
+BUILTINS: dict[str, tuple[str, str, str]] = {
+    "gsm8k-train": ("gsm8k-train.jsonl.gz", "question", "answer"),
+    "math-train": ("math-train.jsonl.gz", "problem", "solution"),
 }
 _BUILTIN_RE = re.compile(r"^(?P<name>[a-z0-9-]+)(?::(?P<count>\d+))?(?::(?P<seed>\d+))?$")
 _PROMPT_FIELDS = ("prompt", "question", "problem")
+_SOLUTION_FIELDS = ("solution", "answer")
 
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The prompts of a workload, in order, and a canonical name."""
+    """The prompts of a workload, in order, a canonical name, and the gold solutions where it has them.
+
+    `solutions` (one per prompt) is what the loss-based ranking methods (`taylor`, `swap-nll`) and
+    `select` measure the teacher-forced NLL of; None for a workload of prompts alone.
+    """
 
     name: str
     prompts: tuple[str, ...]
+    solutions: tuple[str, ...] | None = None
 
     @property
     def sha256(self) -> str:
@@ -62,18 +68,36 @@ def load_workload(spec: str) -> PromptSet:
             f"unknown workload {spec!r}; use a JSONL file or a built-in: "
             + ", ".join(f"{n}:COUNT[:SEED]" for n in BUILTINS)
         )
-    filename, field = BUILTINS[m["name"]]
+    filename, field, solution_field = BUILTINS[m["name"]]
     rows = read_jsonl_gz(filename)
     count = int(m["count"]) if m["count"] else 64
     seed = int(m["seed"]) if m["seed"] else 0
     if not 0 < count <= len(rows):
         raise SurgeryError(f"workload {spec!r}: count must be between 1 and {len(rows)}")
     picked = random.Random(seed).sample(range(len(rows)), count)
-    return PromptSet(f"{m['name']}:{count}:{seed}", tuple(rows[i][field] for i in picked))
+    return PromptSet(
+        f"{m['name']}:{count}:{seed}",
+        tuple(rows[i][field] for i in picked),
+        tuple(strip_calculator(rows[i][solution_field]).strip() for i in picked),
+    )
+
+
+def require_solutions(prompts: PromptSet, what: str) -> tuple[str, ...]:
+    """The workload's gold solutions, or a refusal naming what is missing.
+
+    Raises:
+        SurgeryError: the workload has no gold solutions.
+    """
+    if prompts.solutions is None:
+        raise SurgeryError(
+            f"{what} needs gold solutions, and workload {prompts.name} has none; use gsm8k-train:N, math-train:N, "
+            "or a JSONL with prompt and solution (or question and answer) on every line"
+        )
+    return prompts.solutions
 
 
 def _from_file(path: Path) -> PromptSet:
-    prompts = []
+    prompts, solutions = [], []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -90,6 +114,9 @@ def _from_file(path: Path) -> PromptSet:
         if not text:
             raise SurgeryError(f"workload {path} line {i}: no non-empty 'prompt' or 'question' string field")
         prompts.append(text)
+        solutions.append(next((row[f] for f in _SOLUTION_FIELDS if isinstance(row.get(f), str) and row[f]), None))
     if not prompts:
         raise SurgeryError(f"workload {path} is empty; it needs one JSON object with a 'prompt' per line")
-    return PromptSet(path.name, tuple(prompts))
+    # Gold solutions only when every line has one: a partial set would score a different workload.
+    gold = tuple(solutions) if all(s is not None for s in solutions) else None
+    return PromptSet(path.name, tuple(prompts), gold)  # type: ignore[arg-type]

@@ -48,6 +48,7 @@ for command in (
     evaluation.eval_cmd,
     evaluation.report_cmd,
     evaluation.sweep_cmd,
+    evaluation.select_cmd,
     demo.demo_cmd,
 ):
     main.add_command(command)

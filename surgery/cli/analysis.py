@@ -8,7 +8,8 @@ import click
 
 from surgery.analysis.ranking import METHODS
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.options import MAX_MEMORY, TRUST_REMOTE_CODE, model_options, stack
+from surgery.cli.options import MAX_MEMORY, model_options, stack
+from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
 
 _profile_options = stack(
@@ -57,8 +58,16 @@ def profile_cmd(model: str, workload: str, out: str, options: ModelOptions, **se
 @click.option("--source", "-s", help="Source checkpoint (default: the one the source stats name).")
 @click.option("--target", "-t", help="Target checkpoint (default: the one the target stats name).")
 @_method_options
+@click.option(
+    "--workload",
+    "-w",
+    help="taylor, swap-nll: a workload with gold solutions (gsm8k-train:N, math-train:N, JSONL prompt+solution).",
+)
+@click.option("--candidates-from", help="Score only the modules this manifest ranks (swap-nll costs one pass each).")
+@click.option("--max-candidates", type=int, help="With --candidates-from: only its top N.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
+@model_options
 @click.option("--out", "-o", required=True, help="Manifest to write (.json).")
-@TRUST_REMOTE_CODE
 def manifest_cmd(out: str, **request: Any) -> None:
     """Rank the candidate modules of a source/target pair into a manifest."""
     from surgery.analysis.rank import rank
@@ -72,10 +81,35 @@ def manifest_cmd(out: str, **request: Any) -> None:
 @click.option("--target", "-t", required=True, help="Checkpoint to patch.")
 @_profile_options
 @_method_options
+@click.option("--auto-k", is_flag=True, help="Then choose K on --validation, as `surgery select` does.")
+@click.option("--validation", help="With --auto-k: held-out problems with gold solutions, e.g. gsm8k-train:64:1.")
 @click.option("--out", "-o", required=True, help="Manifest to write (.json); stats are cached beside it.")
-def analyze_cmd(source: str, target: str, workload: str, out: str, options: ModelOptions, **settings: Any) -> None:
+def analyze_cmd(
+    source: str,
+    target: str,
+    workload: str,
+    out: str,
+    options: ModelOptions,
+    auto_k: bool,
+    validation: str | None,
+    **settings: Any,
+) -> None:
     """Profile SOURCE, then TARGET (never both in memory), and write a ranked manifest."""
     from surgery.analysis.analyze import analyze
 
+    if auto_k != (validation is not None):
+        raise SurgeryError("--auto-k and --validation W go together: K is chosen on the validation problems")
+    if validation is not None:
+        # Refused before the (slow) ranking: a validation set without solutions or equal to the workload.
+        from surgery.analysis.workloads import load_workload, require_solutions
+
+        held_out = load_workload(validation)
+        require_solutions(held_out, "--validation")
+        if held_out.sha256 == load_workload(workload).sha256:
+            raise SurgeryError("--validation is the ranking workload itself; choose K on held-out problems")
     manifest = analyze(source, target, workload, out, **settings, **options.kwargs())
     _summarize(manifest, out)
+    if validation is not None:
+        from surgery.evaluation.select import select
+
+        select(out, source, target, validation, out, options=options, batch_size=settings["batch_size"], log=click.echo)

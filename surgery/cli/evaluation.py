@@ -70,3 +70,36 @@ def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
     table = sweep(out=out, **settings, **options.kwargs())
     click.echo(markdown(table))
     click.echo(f"table and plot in {out}")
+
+
+@click.command("select")
+@click.argument("manifest")
+@click.option("--source", "-s", required=True, help="The source the manifest ranks.")
+@click.option("--target", "-t", required=True, help="The target the manifest ranks.")
+@click.option(
+    "--validation", required=True, help="Held-out problems with gold solutions, e.g. gsm8k-train:64:1 (another seed)."
+)
+@click.option(
+    "--ks", help="Comma-separated K values to measure [default: 1,2,4,...,128, up to the manifest's modules]."
+)
+@click.option(
+    "--min-recovery", type=float, default=90.0, show_default=True, help="Choose the smallest K reaching this %."
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["nll", "accuracy"]),
+    default="nll",
+    show_default=True,
+    help="Gold-solution NLL (one pass per K) or accuracy (generate and grade, as eval does).",
+)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
+@click.option(
+    "--max-new-tokens", type=int, default=256, show_default=True, help="Decoding budget for --metric accuracy."
+)
+@model_options
+@click.option("--out", "-o", required=True, help="Manifest to write, with the chosen K (.json); a PNG goes beside it.")
+def select_cmd(manifest: str, out: str, options: ModelOptions, **settings: Any) -> None:
+    """Choose K for MANIFEST on held-out problems: swap the top K in memory for each K and measure Recovery."""
+    from surgery.evaluation.select import select
+
+    select(manifest, out=out, options=options, log=click.echo, **settings)

@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 
 from surgery.checkpoints.staging import staged_folder
-from surgery.data import read_jsonl_gz
-from surgery.evaluation.benchmarks import Problem, prompt_messages, strip_calculator
+from surgery.data import read_jsonl_gz, strip_calculator
+from surgery.evaluation.benchmarks import Problem, prompt_messages
 
 RECIPE_FILE = "demo_recipe.json"
 
@@ -56,11 +56,31 @@ class Recipe:
     lr: float = 1e-4
     max_tokens: int = 320
     seed: int = 0
+    # What is trained: every block weight ("blocks"; embeddings stay frozen), or only the MLP up and
+    # down projections ("mlp-up-down"), which keeps a 1.5B model's gradients and AdamW state in 24 GiB.
+    train: Literal["blocks", "mlp-up-down"] = "blocks"
+    # The weights' dtype while training (and as saved): bfloat16 halves memory and is 4-5x faster on
+    # CPUs with AVX512-BF16.
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 # The study's second pair (see the module docstring); its base is the math-sft source.
 ROLLBACK = Recipe(
     name="stdlib-update", data="stdlib-docs", tuned_role="target", steps=30, batch_size=8, lr=3e-4, max_tokens=128
+)
+
+# The 1.5B pair (Qwen2.5-Coder-1.5B-Instruct as the source, the same model after a bad update as the
+# target); chosen by measurement (see the module docstring).
+QWEN_ROLLBACK = Recipe(
+    name="qwen-stdlib-update",
+    data="stdlib-docs",
+    tuned_role="target",
+    steps=16,
+    batch_size=4,
+    lr=1e-4,
+    max_tokens=256,
+    train="mlp-up-down",
+    dtype="bfloat16",
 )
 
 
@@ -140,12 +160,15 @@ def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] =
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, recipe.dtype), local_files_only=True)
     model.train()
     # Embeddings (tied to the head in SmolLM2) stay frozen: they are not transplant candidates, so
     # the update lands in the modules a transplant can move, and their 28 M-parameter gradient
     # (the largest single matmul of the backward pass) is skipped.
     model.get_input_embeddings().weight.requires_grad_(False)
+    if recipe.train == "mlp-up-down":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")))
     make_examples = {"gsm8k-train": _math_examples, "stdlib-docs": _doc_examples}[recipe.data]
     examples = make_examples(tokenizer, rng, recipe.steps * recipe.batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -180,7 +203,9 @@ def build_pair(base: Path, folder: Path, recipe: Recipe, log: Callable[[str], No
     """
     tuned = folder / recipe.name
     stamp = tuned / RECIPE_FILE
-    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(recipe):
+    # A stamp written before a field existed was made with that field's default.
+    defaults = asdict(Recipe())
+    if stamp.is_file() and {**defaults, **json.loads(stamp.read_text())} == asdict(recipe):
         log(f"pair: reusing {tuned} (recipe unchanged)")
     else:
         log(f"pair: fine-tuning {base.name} with recipe {asdict(recipe)} -> {tuned}")

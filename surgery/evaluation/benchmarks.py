@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.data import read_jsonl_gz
+from surgery.data import read_jsonl_gz, strip_calculator
 from surgery.errors import SurgeryError
 
 BENCHMARKS = ("gsm8k", "math500")
@@ -40,7 +40,6 @@ _STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _IGNORE_RES = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$"))
 
-_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
 _NUMBER_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -83,18 +82,6 @@ class Benchmark:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
-
-
-def strip_calculator(text: str) -> str:
-    """Remove GSM8K calculator annotations: "48/2 = <<48/2=24>>24" -> "48/2 = 24".
-
-    Args:
-        text: a GSM8K solution.
-
-    Returns:
-        The solution without `<<...>>` annotations.
-    """
-    return _CALCULATOR_RE.sub("", text)
 
 
 def _gsm8k_gold(answer: str) -> str:

@@ -1,4 +1,4 @@
-"""Batched greedy generation and teacher-forced NLL with plain `transformers`.
+"""Batched greedy generation with plain `transformers` (teacher-forced NLL is `surgery.analysis.nll`).
 
 Prompts are sorted by length so a batch holds similar lengths (little padding), left-padded
 so every row's next token sits at the last position, and decoded greedily with `generate`.
@@ -11,9 +11,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from surgery.checkpoints.loading import chat_text, input_device
-
-# Logits are batch x positions x vocab floats; keep one NLL forward pass under this many bytes.
-_NLL_LOGITS_BYTES = 256 * 2**20
 
 
 def render(tokenizer, messages: list[dict[str, str]], plain: str, chat: bool) -> tuple[str, list[int], str]:
@@ -88,56 +85,3 @@ def greedy_generate(
         texts = [_cut(tokenizer.decode(k, skip_special_tokens=True), stop_strings) for k in kept]
         if on_batch is not None:
             on_batch(rows, texts, [len(k) for k in kept])
-
-
-@torch.inference_mode()
-def gold_nll(model, prompts: list[list[int]], solutions: list[list[int]], pad_id: int) -> list[float]:
-    """Teacher-forced mean negative log-likelihood per token of each gold solution.
-
-    A continuous measure that still moves when a small model's accuracy is 0.
-
-    Args:
-        model: a loaded causal LM.
-        prompts: prompt token ids per problem.
-        solutions: gold solution token ids per problem (appended to the prompt).
-        pad_id: id used for left padding (masked out).
-
-    Returns:
-        Mean NLL in nats per solution token, per problem (nan for an empty solution).
-    """
-    device = input_device(model)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(solutions[i])))
-    result = [float("nan")] * len(prompts)
-    i = 0
-    while i < len(order):
-        # Grow the batch while its kept logits stay under the byte budget.
-        longest = len(solutions[order[i]]) + 1
-        size = max(1, _NLL_LOGITS_BYTES // (longest * vocab * 4))
-        rows = [r for r in order[i : i + size] if solutions[r]]
-        i += size
-        if not rows:
-            continue
-        seqs = [prompts[r] + solutions[r] for r in rows]
-        width = max(map(len, seqs))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s) :] = torch.tensor(s)
-            mask[j, width - len(s) :] = 1
-        keep = max(len(solutions[r]) for r in rows) + 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            logits_to_keep=keep,
-        ).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()
-        for j, r in enumerate(rows):
-            n = len(solutions[r])
-            # Position k of the kept slice predicts the token at kept position k + 1.
-            predicted = logprobs[j, keep - n - 1 : keep - 1]
-            target = torch.tensor(solutions[r])
-            result[r] = -predicted.gather(1, target[:, None]).mean().item()
-    return result

@@ -18,11 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from surgery.analysis.nll import gold_nll
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import check_generation_options, load_model, load_tokenizer
+from surgery.distributed import barrier, dist_info, init
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
     STOP_STRINGS,
@@ -34,7 +35,7 @@ from surgery.evaluation.benchmarks import (
     prompt_text,
     select_problems,
 )
-from surgery.evaluation.generate import gold_nll, greedy_generate, render
+from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.metrics import wilson_interval
 from surgery.evaluation.summary import EvalSettings, EvalSummary
 from surgery.fileio import write_atomic, write_json_atomic
@@ -43,24 +44,6 @@ from surgery.version import library_versions
 RECORDS = "records.jsonl"
 SETTINGS = "settings.json"
 SUMMARY = "summary.json"
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment; (0, 1) when run plainly."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _init_dist(world: int) -> None:
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def read_records(path: Path) -> list[dict]:
@@ -100,7 +83,7 @@ def _check_or_write_settings(out: Path, settings: EvalSettings, rank: int, world
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, settings.to_dict())
-    _barrier(world)
+    barrier(world)
 
 
 def prepare(benchmark: str, limit: int | None, seed: int, shots: int) -> tuple[Benchmark, list[Problem]]:
@@ -188,7 +171,7 @@ def evaluate_loaded(
 ) -> EvalSummary:
     """Evaluate an already loaded model (used by `evaluate` and by the in-memory K sweep)."""
     rank, world = dist_info()
-    _init_dist(world)
+    init(world)
     _check_or_write_settings(out, settings, rank, world)
     done = {r["id"] for path in sorted(out.glob("records*.jsonl")) for r in read_records(path)}
     mine = [p for i, p in enumerate(problems) if i % world == rank and p.id not in done]
@@ -231,10 +214,10 @@ def evaluate_loaded(
 
         greedy_generate(lm, tokenizer, prompts, settings.max_new_tokens, batch_size, stops, save)
 
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         summary = _finish(out, bench, problems, settings, model_label, fmt if mine else None)
-    _barrier(world)
+    barrier(world)
     return summary if rank == 0 else EvalSummary.from_dict(json.loads((out / SUMMARY).read_text()))
 
 

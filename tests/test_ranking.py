@@ -72,10 +72,21 @@ def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:
         _rank(method, source, target, None, None, seed=None, gold=False)
 
 
-@pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta", "swap-nll"])
+@pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta", "swap-nll", "random-changed"])
 def test_the_planted_module_ranks_first(planted, method: str) -> None:  # noqa: F811
     target, tgt_stats, make_source = planted
     # The last layer's down_proj: no module downstream of it changes, so activations isolate it too.
     name = "model.layers.3.mlp.down_proj"
     source, src_stats = make_source(name)
     assert _rank(method, source, target, src_stats, tgt_stats).modules[0].name == name
+
+
+def test_random_changed_draws_only_among_the_modules_that_differ(planted) -> None:  # noqa: F811
+    target, tgt_stats, make_source = planted
+    source, src_stats = make_source("model.layers.2.mlp.up_proj")
+    man = _rank("random-changed", source, target, src_stats, tgt_stats, seed=3)
+    assert man.modules[0].name == "model.layers.2.mlp.up_proj" and 0 <= man.modules[0].score < 1
+    assert all(m.score == -1.0 for m in man.modules[1:])
+    # Against itself nothing differs: a pure ranking by module order.
+    same = _rank("random-changed", target, target, tgt_stats, tgt_stats, seed=3)
+    assert {m.score for m in same.modules} == {-1.0}

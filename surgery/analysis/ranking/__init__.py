@@ -9,6 +9,8 @@ One file per method, each registering one scoring function (see `registry.py`):
 - `taylor`: -<dL/dW, W_src - W_tgt>, the first-order drop of the target's gold-solution NLL.
 - `swap-nll`: the measured drop of that NLL with each module alone swapped in.
 - `random`: a seeded shuffle; the baseline any method must beat.
+- `random-changed`: a seeded shuffle of the modules whose weights differ; the baseline when an
+  update touched only some modules.
 
 To add a method: a new file here with one `@ranking_method` function, its import below, and its
 name in the manifest schema's `method.name` enum.
@@ -16,7 +18,8 @@ name in the manifest schema's `method.name` enum.
 
 # isort: off
 # Imported to register the methods; this order is the order of `--help` and of error messages.
-from surgery.analysis.ranking import lae, lae_abs, lae_rel, consistency, weight_delta, taylor, swap_nll, random_order  # noqa: F401
+from surgery.analysis.ranking import lae, lae_abs, lae_rel, consistency, weight_delta, taylor, swap_nll  # noqa: F401
+from surgery.analysis.ranking import random_order, random_changed  # noqa: F401
 
 # isort: on
 from surgery.analysis.ranking.build import build_manifest, check_comparable, check_stats_match

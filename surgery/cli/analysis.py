@@ -17,7 +17,7 @@ _profile_options = stack(
         "--workload",
         "-w",
         required=True,
-        help="JSONL of prompts, or a built-in train split: gsm8k-train:COUNT[:SEED], math-train:COUNT[:SEED].",
+        help="JSONL of prompts, or a built-in train split: gsm8k-train:N[:SEED], math-train:N[:SEED], addition-train:N",
     ),
     click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Greedy steps per prompt."),
     click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass."),

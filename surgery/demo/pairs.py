@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from surgery.checkpoints.staging import staged_folder
-from surgery.data import read_jsonl_gz, strip_calculator
+from surgery.data import addition_rows, read_jsonl_gz, strip_calculator
 from surgery.evaluation.benchmarks import Problem, prompt_messages
 
 RECIPE_FILE = "demo_recipe.json"
@@ -49,7 +49,7 @@ class Recipe:
     """
 
     name: str = "math-sft"
-    data: Literal["gsm8k-train", "stdlib-docs"] = "gsm8k-train"
+    data: Literal["gsm8k-train", "addition-train", "stdlib-docs"] = "gsm8k-train"
     tuned_role: Literal["source", "target"] = "source"
     steps: int = 20
     batch_size: int = 4
@@ -113,15 +113,25 @@ def _doc_examples(tokenizer, rng: random.Random, count: int) -> list[tuple[list[
 
 def _math_examples(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], int]]:
     """`count` GSM8K train problems as (tokens, prompt length): the eval's zero-shot prompt, then the gold solution."""
-    rows = read_jsonl_gz("gsm8k-train.jsonl.gz")
+    rows = [(r["question"], strip_calculator(r["answer"]).strip()) for r in read_jsonl_gz("gsm8k-train.jsonl.gz")]
+    return _sft_examples(tokenizer, rows, rng, count)
+
+
+def _addition_examples(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], int]]:
+    """`count` two-digit additions of the train split, in the same form as `_math_examples`."""
+    return _sft_examples(tokenizer, [(r["question"], r["solution"]) for r in addition_rows("train")], rng, count)
+
+
+def _sft_examples(
+    tokenizer, rows: list[tuple[str, str]], rng: random.Random, count: int
+) -> list[tuple[list[int], int]]:
+    """(tokens, prompt length) per (question, solution): the eval's zero-shot GSM8K-style prompt, then the solution."""
     rng.shuffle(rows)
     examples = []
-    for r in rows[:count]:
-        messages = prompt_messages(Problem("", r["question"], "", ""), "gsm8k", 0)
+    for question, solution in rows[:count]:
+        messages = prompt_messages(Problem("", question, "", ""), "gsm8k", 0)
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": strip_calculator(r["answer"]).strip()}], tokenize=False
-        )
+        full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": solution}], tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         examples.append((ids, len(p_ids)))
@@ -169,7 +179,11 @@ def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] =
     if recipe.train == "mlp-up-down":
         for name, param in model.named_parameters():
             param.requires_grad_(name.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")))
-    make_examples = {"gsm8k-train": _math_examples, "stdlib-docs": _doc_examples}[recipe.data]
+    make_examples = {
+        "gsm8k-train": _math_examples,
+        "addition-train": _addition_examples,
+        "stdlib-docs": _doc_examples,
+    }[recipe.data]
     examples = make_examples(tokenizer, rng, recipe.steps * recipe.batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=0.0)

@@ -19,10 +19,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery.data import read_jsonl_gz, strip_calculator
+from surgery.data import addition_rows, read_jsonl_gz, strip_calculator
 from surgery.errors import SurgeryError
 
-BENCHMARKS = ("gsm8k", "math500")
+BENCHMARKS = ("gsm8k", "math500", "addition")
 GRADERS = ("gsm8k", "math")
 MAX_SHOTS = 8
 
@@ -127,6 +127,12 @@ def _builtin(name: str) -> Benchmark:
             for i, r in enumerate(rows)
         )
         return Benchmark("gsm8k", "gsm8k", problems)
+    if name == "addition":
+        rows = addition_rows("test")
+        problems = tuple(
+            Problem(f"addition-test-{i:03d}", r["question"], r["answer"], r["solution"]) for i, r in enumerate(rows)
+        )
+        return Benchmark("addition", "gsm8k", problems)
     rows = read_jsonl_gz("math500-test.jsonl.gz")
     problems = tuple(Problem(f"math500-{r['unique_id']}", r["problem"], r["answer"], r["solution"]) for r in rows)
     return Benchmark("math500", "math", problems)

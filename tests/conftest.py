@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,16 @@ def save_tokenizer(path: Path, chat: bool = True) -> None:
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
+
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="no torchrun beside this python")
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node N -m surgery ARGS` on a free port, one thread per process (gloo on the CPU)."""
+    with socket.socket() as sock:  # a free port, so concurrent test runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(port), "-m", "surgery", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

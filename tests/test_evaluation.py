@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +22,7 @@ from surgery.cli import main
 from surgery.evaluation.benchmarks import grade
 from surgery.evaluation.metrics import paired_bootstrap, recovery
 from surgery.evaluation.runner import evaluate, read_records
-from tests.conftest import make_model, save_tokenizer, write_manifest
+from tests.conftest import make_model, needs_torchrun, save_tokenizer, torchrun, write_manifest
 
 QUESTIONS = [
     (f"What is {a} plus {b}?", str(a + b))
@@ -334,35 +331,12 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
     assert (out / "lae-rel-k4-m3" / "summary.json").is_file()
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+@needs_torchrun
 def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
     single = tmp_path / "single"
     run_eval(setup, single, batch_size=2)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    with socket.socket() as sock:  # a free port, so concurrent test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        torchrun,
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(port),
-        "-m",
-        "surgery",
-        "eval",
-        str(setup["target"]),
-        "-b",
-        str(setup["bench"]),
-        "--max-new-tokens",
-        "6",
-        "--batch-size",
-        "2",
-        "-q",
-        "-o",
-        str(tmp_path / "dp"),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = ["eval", str(setup["target"]), "-b", str(setup["bench"]), "--max-new-tokens", "6", "--batch-size", "2"]
+    done = torchrun([*args, "-q", "-o", str(tmp_path / "dp")])
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = (read_records(d / "records.jsonl") for d in (single, tmp_path / "dp"))
     assert [r["id"] for r in a] == [r["id"] for r in b]

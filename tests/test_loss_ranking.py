@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +15,7 @@ from surgery.analysis.nll import encode_gold, mean_nll
 from surgery.analysis.ranking import build_manifest
 from surgery.checkpoints.loading import load_tokenizer
 from surgery.cli import main
-from tests.conftest import make_model, save_tokenizer
+from tests.conftest import make_model, needs_torchrun, save_tokenizer, torchrun
 
 GOLD = [
     ("What is 2+2?", "2+2 is 4. #### 4"),
@@ -182,23 +177,14 @@ def test_builtin_train_workloads_carry_solutions() -> None:
     assert m.solutions is not None and all(m.solutions)
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    with socket.socket() as sock:  # a free port, so concurrent test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(port), "-m", "surgery", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+@needs_torchrun
 def test_profile_and_taylor_under_torchrun_equal_one_process(pair: dict, tmp_path: Path) -> None:
     """2 gloo processes on the CPU: each takes half the prompts (batches); the files equal one process's."""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     w = pair["workload"]
     args = ["profile", str(pair["target"]), "-w", w, "--max-new-tokens", "3", "--batch-size", "1", "-q"]
     assert CliRunner().invoke(main, [*args, "-o", str(one)]).exit_code == 0
-    done = _torchrun([*args, "-o", str(two)])
+    done = torchrun([*args, "-o", str(two)])
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = load_stats(one), load_stats(two)
     assert a.steps.tolist() == b.steps.tolist()
@@ -208,7 +194,7 @@ def test_profile_and_taylor_under_torchrun_equal_one_process(pair: dict, tmp_pat
     t1, t2 = tmp_path / "t1.json", tmp_path / "t2.json"
     rank = ["manifest", "-s", str(pair["source"]), "-t", str(pair["target"]), "--method", "taylor", "-w", w]
     assert CliRunner().invoke(main, [*rank, "--batch-size", "1", "-q", "-o", str(t1)]).exit_code == 0
-    done = _torchrun([*rank, "--batch-size", "1", "-q", "-o", str(t2)])
+    done = torchrun([*rank, "--batch-size", "1", "-q", "-o", str(t2)])
     assert done.returncode == 0, done.stderr[-2000:]
     s1 = {m.name: m.score for m in load_manifest(t1).modules}
     s2 = {m.name: m.score for m in load_manifest(t2).modules}

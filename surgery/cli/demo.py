@@ -8,10 +8,10 @@ import click
 @click.command("demo")
 @click.option(
     "--pair",
-    type=click.Choice(["smollm2-math", "qwen-rollback"]),
-    default="smollm2-math",
+    type=click.Choice(["smollm2-addition", "smollm2-math", "qwen-rollback"]),
+    default="smollm2-addition",
     show_default=True,
-    help="smollm2-math (SmolLM2-135M, fast) or qwen-rollback (Qwen2.5-Coder-1.5B, `make demo-large`).",
+    help="SmolLM2-135M on 2-digit addition (fast), on GSM8K (accuracy at the floor), or Qwen2.5-Coder-1.5B.",
 )
 @click.option("--work", help="Folder for every artefact; reruns reuse it [default: .demo, or .demo-large].")
 @click.option("--limit", type=int, help="Test problems to evaluate [default: the pair's].")

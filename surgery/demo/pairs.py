@@ -10,6 +10,19 @@ the base scores 1.3248 nats/token; 20 steps of batch 4 at lr 1e-4 bring the sour
 unrelated text, Python's standard-library docs, 10 steps at lr 1e-4), did not degrade math at all
 (1.3134).
 
+`ADDITION_SFT` is the demo's pair since GSM8K left SmolLM2-135M at the floor (0-2 of 40 problems
+whatever the pair, so accuracy never moved): the base fine-tuned on two-digit additions of the train
+split (`surgery.data.addition_rows`, generated, disjoint from the 500 test problems), in the eval's
+GSM8K-style prompt. Measured on 100 test problems (seed 42, 64 new tokens, bfloat16): the base solves
+0 (it explains the order of operations and runs out of tokens), the source after 20 steps of batch 4
+at lr 1e-4 solves 46 [36.6, 55.7].
+
+`QWEN_ROLLBACK` is the 1.5B pair: Qwen2.5-Coder-1.5B-Instruct is the source and the target is it after
+"a bad update", 16 AdamW steps (batch 4, lr 1e-4, 256 tokens) on standard-library docstrings, in
+bfloat16, training only the MLP up and down projections (the issue's trial: at 3e-5 for 12 steps
+accuracy stayed within noise, at 3e-4 the loss diverged). The fine-tune took 12.6 min at 13.1 GiB peak
+RSS on 2 busy cores.
+
 `ROLLBACK` is the study's second pair, the scenario the method was made for: the math-tuned model
 is the SOURCE, and the TARGET is that model after an update on unrelated text (standard-library
 docstrings) strong enough to undo part of its math gain; see bench/study.py. Measured the same way,
@@ -63,6 +76,9 @@ class Recipe:
     # CPUs with AVX512-BF16.
     dtype: Literal["float32", "bfloat16"] = "float32"
 
+
+# The demo's pair (see the module docstring): the base taught two-digit addition; the base is the target.
+ADDITION_SFT = Recipe(name="addition-sft", data="addition-train", steps=20, batch_size=4, lr=1e-4, max_tokens=128)
 
 # The study's second pair (see the module docstring); its base is the math-sft source.
 ROLLBACK = Recipe(

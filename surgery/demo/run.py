@@ -30,17 +30,17 @@ class DemoSettings:
     `pair` names a `DemoPair`; `dtype` is the compute dtype of analysis and evaluation.
     """
 
-    pair: str = "smollm2-math"
-    workload: str = "gsm8k-train:16"
+    pair: str = "smollm2-addition"
+    workload: str = "addition-train:32"
     analysis_tokens: int = 64
-    method: str = "lae"
+    method: str = "taylor"
     top_k: int = 16
-    benchmark: str = "gsm8k"
-    limit: int = 40
+    benchmark: str = "addition"
+    limit: int = 100
     seed: int = 42
-    eval_tokens: int = 128
+    eval_tokens: int = 64
     batch_size: int = 16
-    dtype: str = "auto"
+    dtype: str = "bfloat16"
 
 
 # `surgery demo --pair qwen-rollback` / `make demo-large`: the 1.5B pair, scored on 100 problems with a
@@ -55,7 +55,17 @@ QWEN_SETTINGS = DemoSettings(
     batch_size=16,
     dtype="bfloat16",
 )
-PRESETS = {"smollm2-math": DemoSettings(), "qwen-rollback": QWEN_SETTINGS}
+# The first demo: GSM8K, which SmolLM2-135M solves 0-2 of 40 problems of whatever the pair, so only NLL moved.
+MATH_SETTINGS = DemoSettings(
+    pair="smollm2-math",
+    workload="gsm8k-train:16",
+    method="lae",
+    benchmark="gsm8k",
+    limit=40,
+    eval_tokens=128,
+    dtype="auto",
+)
+PRESETS = {"smollm2-addition": DemoSettings(), "smollm2-math": MATH_SETTINGS, "qwen-rollback": QWEN_SETTINGS}
 
 
 def smollm2_gguf() -> Path:
@@ -128,7 +138,7 @@ def run_demo(
     """
     from surgery.analysis.analyze import analyze
     from surgery.checkpoints.folder import open_checkpoint
-    from surgery.demo.pairs import QWEN_ROLLBACK, Recipe, build_pair
+    from surgery.demo.pairs import ADDITION_SFT, QWEN_ROLLBACK, Recipe, build_pair
     from surgery.evaluation.report import markdown, report, save_report
     from surgery.evaluation.runner import evaluate
     from surgery.importers.from_gguf import import_gguf
@@ -156,12 +166,16 @@ def run_demo(
         import_gguf(gguf, base, dtype="bfloat16" if qwen else "float32")
         log(f"wrote {base}")
 
-    if qwen:
-        step("2/7 build the pair: source = the base, target = the base after a bad update (stdlib docstrings)")
-        source, target = build_pair(base, work / "pair", QWEN_ROLLBACK, log)
-    else:
-        step("2/7 build the source/target pair: source = the base fine-tuned on GSM8K train, target = the base")
-        source, target = build_pair(base, work / "pair", Recipe(), log)
+    recipe, story = {
+        "qwen-rollback": (QWEN_ROLLBACK, "source = the base, target = the base after a bad update (stdlib docstrings)"),
+        "smollm2-math": (Recipe(), "source = the base fine-tuned on GSM8K train, target = the base"),
+        "smollm2-addition": (
+            ADDITION_SFT,
+            "source = the base taught 2-digit addition (train split), target = the base",
+        ),
+    }[s.pair]
+    step(f"2/7 build the source/target pair: {story}")
+    source, target = build_pair(base, work / "pair", recipe, log)
     log(f"source {source}\ntarget {target}")
 
     step(f"3/7 analyze on {s.workload} ({s.analysis_tokens} new tokens), method {s.method}")

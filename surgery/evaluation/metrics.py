@@ -70,6 +70,16 @@ def paired_bootstrap(
     return {"tir": _percentiles(tirs, samples), "recovery": _percentiles(recs, samples)}
 
 
+def mean_interval(values: Sequence[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (e.g. per-problem differences)."""
+    n = len(values)
+    rng = random.Random(seed)
+    means = [sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples)]
+    interval = _percentiles(means, samples)
+    assert interval is not None  # every resample has a mean
+    return interval
+
+
 def _percentiles(values: list[float], samples: int) -> tuple[float, float] | None:
     if len(values) < samples / 2:
         return None

@@ -24,7 +24,7 @@ from surgery.checkpoints.swap import swapped
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import STOP_STRINGS, Problem, extract_boxed, grade, prompt_messages, prompt_text
 from surgery.evaluation.generate import greedy_generate, render
-from surgery.evaluation.metrics import paired_bootstrap, recovery
+from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
 from surgery.manifest import CurvePoint, Manifest, Selection, load_manifest, save_manifest, select_modules
 
 METRICS = ("nll", "accuracy")
@@ -270,22 +270,13 @@ def _check_disjoint(man: Manifest, validation: PromptSet) -> None:
 def _check_gap(source: list[float], target: list[float], metric: str, n: int) -> None:
     """Refuse to choose K when the source-target gap itself is within noise (its 95% interval crosses 0)."""
     diffs = [a - b for a, b in zip(source, target, strict=True)]
-    lo, hi = _bootstrap_mean(diffs)
+    lo, hi = mean_interval(diffs)
     if lo <= 0 <= hi:
         hint = "use --metric accuracy (gold NLL can miss an accuracy gap) or more" if metric == "nll" else "use more"
         raise SurgeryError(
             f"the source-target {metric} gap on the {n} validation problems is within noise (95% CI of the "
             f"difference [{lo:.4g}, {hi:.4g}] crosses 0), so K cannot be chosen from it; {hint} validation problems"
         )
-
-
-def _bootstrap_mean(values: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    import random
-
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    return means[int(0.025 * (samples - 1))], means[int(0.975 * (samples - 1))]
 
 
 def _plot(selection: Selection, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -172,3 +173,64 @@ def test_python_api_and_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> No
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_link_shares_inodes_only_for_untouched_shards(tmp_path: Path) -> None:
+    """--link: shards without a selected tensor are the target's own files; verify accepts the output."""
+    tgt = make_model(tmp_path / "t", 1, shard="20KB")
+    src = make_model(tmp_path / "s", 2, shard="20KB")
+    before = tree_digest(tgt)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "transplant",
+            "-t",
+            str(tgt),
+            "-s",
+            str(src),
+            "-o",
+            str(out),
+            "--module",
+            "model.layers.1.mlp.*",
+            "--link",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "transplant.json").read_text())
+    touched = {open_checkpoint(tgt).tensors[t].shard.path.name for t in (x["name"] for x in record["tensors"])}
+    shards = sorted(p.name for p in tgt.glob("*.safetensors"))
+    assert touched and set(record["linked_shards"]) == set(shards) - touched
+    for name in shards:
+        same = (out / name).stat().st_ino == (tgt / name).stat().st_ino
+        assert same == (name not in touched), name
+    verify(out, tgt, src)
+    assert tree_digest(tgt) == before, "the target must not change"
+    # The bytes equal a plain transplant's, shard for shard, except the provenance in rewritten headers.
+    plain = tmp_path / "plain"
+    transplant(tgt, src, plain, modules=["model.layers.1.mlp.*"], progress=False)
+    a, b = open_checkpoint(out), open_checkpoint(plain)
+    for t, ref in a.tensors.items():
+        assert _tensor_bytes(ref) == _tensor_bytes(b.tensors[t]), t
+
+
+def _tensor_bytes(ref) -> bytes:
+    with open(ref.shard.path, "rb") as f:
+        f.seek(ref.shard.data_start + ref.info.begin)
+        return f.read(ref.info.nbytes)
+
+
+def test_link_across_filesystems_copies_with_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    tgt, src = make_model(tmp_path / "t", 1, shard="20KB"), make_model(tmp_path / "s", 2, shard="20KB")
+
+    def cross_device(a, b) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    out = tmp_path / "out"
+    transplant(tgt, src, out, modules=["model.layers.1.mlp.*"], link=True, progress=False)
+    assert "copying them" in capfd.readouterr().err
+    assert json.loads((out / "transplant.json").read_text())["linked_shards"] == []
+    assert all(p.stat().st_nlink == 1 for p in out.glob("*.safetensors"))
+    verify(out, tgt, src)

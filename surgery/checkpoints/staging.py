@@ -69,8 +69,9 @@ def staged_folder(out: Path, overwrite: bool, needed_bytes: int = 0) -> Iterator
         try:
             yield tmp
             for p in tmp.rglob("*"):
-                if p.is_file():
-                    # Some writers (safetensors) create files 0600; published files get the usual umask mode.
+                # Some writers (safetensors) create files 0600; published files get the usual umask mode.
+                # A hard-linked file (transplant --link) is an input's own file: its mode is not ours to change.
+                if p.is_file() and p.stat().st_nlink == 1:
                     _chmod_like_new(p, 0o666)
             fsync_tree(tmp)
             _publish(tmp, out, overwrite)

@@ -29,6 +29,9 @@ from surgery.transplants.write import transplant as run_transplant
 @click.option(
     "--eval-results", multiple=True, help="summary.json of `surgery eval` to report in the model card; repeatable."
 )
+@click.option(
+    "--link", is_flag=True, help="Hard-link the target's shards that no selected module touches (same file, no copy)."
+)
 @click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def transplant(layers: str | None, quiet: bool, push_to: str | None, private: bool, **selection: Any) -> None:

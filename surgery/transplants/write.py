@@ -8,6 +8,7 @@ checkpoint. The output is built in a temp folder beside OUT, fsynced and renamed
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
@@ -96,6 +97,7 @@ def transplant(
     progress: bool = True,
     trust_remote_code: bool = False,
     eval_results: Sequence[str | Path] = (),
+    link: bool = False,
 ) -> TransplantResult:
     """Write a copy of `target` with the selected modules' tensors taken from `source`.
 
@@ -117,6 +119,8 @@ def transplant(
         progress: show a progress bar of bytes (only when stderr is a terminal).
         trust_remote_code: allow configs that need custom model code.
         eval_results: `summary.json` files written by `surgery eval`, reported in the model card.
+        link: hard-link the target's shards that hold no selected tensor instead of copying them (their
+            bytes and headers stay the target's; across filesystems they are copied, with a note).
 
     Returns:
         What was written.
@@ -170,7 +174,8 @@ def transplant(
     # Built before anything is written, so that a problem with it leaves nothing behind.
     card = cards.model_card(out.name, tgt, src, selected, manifest=man, selection=selection, eval_summaries=summaries)
     with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
-        hashes = _write_shards(tmp, plans, progress)
+        linked = _link_untouched(tmp, plans, tgt) if link else set()
+        hashes = _write_shards(tmp, [p for p in plans if p.name not in linked], progress)
         _copy_extra_files(tgt.path, tmp)
         card.save(tmp / cards.CARD_FILE)
         if tgt.index is not None:
@@ -178,6 +183,7 @@ def transplant(
         record = {
             **provenance,
             "selection": selection,
+            **({"linked_shards": sorted(linked)} if link else {}),
             "modules": [c.name for c in selected],
             "tensors": [
                 {
@@ -387,6 +393,32 @@ def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str
             finally:
                 os.close(dst)
     return hashes
+
+
+def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint) -> set[str]:
+    """Hard-link into `tmp` the target shards no selected tensor lives in; return their names.
+
+    A shard is linked only if its header already says `format: pt` (transformers needs it; other shards
+    are rewritten with it). Linked shards keep the target's header, without `surgery.provenance`:
+    the provenance is in transplant.json. Where the output is on another filesystem, nothing is linked.
+    """
+    linked: set[str] = set()
+    for plan, shard in zip(plans, tgt.shards, strict=True):
+        if any(p.tensor is not None for p in plan.pieces) or shard.metadata.get("format") != "pt":
+            continue
+        try:
+            os.link(shard.path, tmp / plan.name)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            # Typically EXDEV: the output is on another filesystem than the target.
+            print(
+                f"note: cannot hard-link the target's shards into {tmp.parent} ({e.strerror}); copying them",
+                file=sys.stderr,
+            )
+            return linked
+        linked.add(plan.name)
+    return linked
 
 
 def _test_pause() -> Callable[[], None] | None:

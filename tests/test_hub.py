@@ -348,6 +348,18 @@ def test_transplant_keeps_its_output_when_the_push_fails(
                  "--push-to-hub", "org/patched", "-q")  # fmt: skip
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "(HTTP 401); log in with `hf auth login`" in result.stderr
-    assert f"the output is kept in {out.resolve()}; retry with `surgery push`" in result.stderr
+    assert f"the output is at {out.resolve()}; retry with `surgery push {out.resolve()} --repo-id org/patched`" in (
+        result.stderr
+    )
     assert (out / "transplant.json").is_file() and (out / "README.md").is_file()
     api.upload_folder.assert_not_called()
+
+
+def test_a_push_without_network_is_one_line(output: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: the HTTP client's own error (httpx.ConnectError, not an OSError) was an 88-line traceback."""
+    api = fake_api()
+    api.create_repo.side_effect = httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(surgery.hub.publish, "make_api", lambda: api)
+    result = cli("push", output, "--repo-id", "me/x")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: pushing to me/x failed (ConnectError: [Errno -3]"), result.stderr

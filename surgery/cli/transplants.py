@@ -58,7 +58,8 @@ def transplant(layers: str | None, quiet: bool, push_to: str | None, private: bo
         try:
             url = push(result.out, push_to, private=private)
         except SurgeryError as e:
-            raise SurgeryError(f"{e} (the output is kept in {result.out}; retry with `surgery push`)") from None
+            retry = f"surgery push {result.out} --repo-id {push_to}" + (" --private" if private else "")
+            raise SurgeryError(f"{e} (the output is at {result.out}; retry with `{retry}`)") from None
         click.echo(f"pushed to {url}")
 
 

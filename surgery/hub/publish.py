@@ -82,8 +82,9 @@ def push(
             create_pr=create_pr,
             commit_message=message,
         )
-    except (OSError, ValueError) as e:
-        # huggingface_hub's HTTP and offline errors are OSErrors; a refused argument is a ValueError.
+    except Exception as e:
+        # Whatever fails on the way to the Hub is one line: huggingface_hub's HTTP and offline errors,
+        # a refused argument (ValueError), and the HTTP client's own, such as httpx.ConnectError offline.
         raise SurgeryError(_push_error(repo_id, e)) from None
     if create_pr:
         return str(info.pr_url)

@@ -279,6 +279,13 @@ def select_modules(
         if (only is None or m.kind == only)
         and (layers is None or (m.layer is not None and layers[0] <= m.layer <= layers[1]))
     ]
+    if layers is not None and not any(m.layer is not None and layers[0] <= m.layer <= layers[1] for m in modules):
+        # Name the filter that emptied the selection, and what would match (not "use --top-k 0 or fewer").
+        present = sorted({m.layer for m in modules if m.layer is not None})
+        have = f"layers {present[0]}-{present[-1]}" if present else "no numbered layers"
+        raise SurgeryError(f"--layers {layers[0]}-{layers[1]} matches no layer; this model has {have}")
+    if only is not None and not chosen:
+        raise SurgeryError(f"--only {only} leaves no module in this selection; drop --only or widen --layers")
     if patterns:
         for p in patterns:
             if not any(fnmatch.fnmatchcase(m.name, p) for m in chosen):

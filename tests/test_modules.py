@@ -70,6 +70,9 @@ def test_compat_cli_text_and_json(pair: tuple[Path, Path]) -> None:
     assert text.exit_code == 0
     assert text.stdout.splitlines()[0] == "14 transplantable modules in 2 layers (8 attn, 6 mlp); 7 excluded"
     assert "excluded model.norm: normalization layer (LlamaRMSNorm) is not transplanted" in text.stdout
+    # The text lists the candidates too, as the errors pointing at `surgery compat` promise.
+    assert sum(line.startswith("  candidate ") for line in text.stdout.splitlines()) == 14
+    assert "  candidate model.layers.1.mlp.down_proj (mlp, 32x64)" in text.stdout
     obj = json.loads(CliRunner().invoke(main, ["compat", *map(str, pair), "--json"]).stdout)
     assert len(obj["candidates"]) == 14 and len(obj["excluded"]) == 7
 

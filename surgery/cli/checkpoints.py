@@ -51,6 +51,8 @@ def compat(source: str, target: str, as_json: bool, trust_remote_code: bool) -> 
         click.echo(json.dumps(obj, indent=2))
         return
     click.echo(result.summary())
+    for c in result.candidates:
+        click.echo(f"  candidate {c.name} ({c.kind}, {'x'.join(map(str, c.shape))})")
     for e in result.excluded:
         click.echo(f"  excluded {e.name}: {e.reason}")
     if not result.candidates:

@@ -345,3 +345,14 @@ def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
     assert not list((tmp_path / "dp").glob("records.rank*.jsonl"))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, tmp_path / "dp"))
     assert sa["accuracy"] == sb["accuracy"] and sa["correct"] == sb["correct"]
+
+
+def test_the_default_k_grid_is_clipped_to_the_manifest(tmp_path: Path, setup) -> None:
+    """The default 8..128 on a 14-module manifest was refused; it is clipped (and the manifest's size added)."""
+    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    out = tmp_path / "sweep"
+    result = cli("sweep", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "--max-new-tokens", "1",
+                 "-b", setup["bench"], "--limit", 2, "-q", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "note: the manifest ranks 14 modules; K = [8, 14]" in result.stderr
+    assert json.loads((out / "sweep.json").read_text())["k"] == [8, 14]

@@ -57,8 +57,10 @@ def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | No
 @click.option("--target", "-t", required=True, help="Checkpoint to patch (loaded once).")
 @click.option("--source", "-s", required=True, help="Checkpoint modules come from (memory-mapped).")
 @click.option("--manifest", "-m", required=True, help="Ranking to take the top K from.")
-@click.option("--k", "ks", default="8,16,32,64,128", show_default=True, help="Comma-separated K values.")
-@click.option("--max-new-tokens", default="128", show_default=True, help="Comma-separated decoding budgets.")
+@click.option(
+    "--ks", "-k", "--k", "ks", help="Comma-separated K values [default: 8,16,32,64,128, up to the manifest's]."
+)
+@click.option("--max-new-tokens", default="256", show_default=True, help="Comma-separated budgets (eval's default).")
 @_eval_options
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the random-K baseline.")
 @click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints.")

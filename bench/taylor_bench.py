@@ -40,7 +40,9 @@ def main() -> None:
     base = convert_smollm2(args.out / "smollm2")
     source = make_perturbed(base, args.out / "smollm2-perturbed", 0.02, 1)
     workload = f"gsm8k-train:{args.prompts}"
-    wait_for_quiet("pytest|bench/|surgery (eval|profile|analyze|sweep)", 1.0, 5.0, 600.0)
+    # Not "bench/": that would match this script itself and wait forever.
+    busy = r"pytest|(profile|transplant|eval)_bench\.py|study\.py|surgery (eval|profile|analyze|sweep)"
+    wait_for_quiet(busy, 1.0, 5.0, 600.0)
     cli = surgery_cmd()
     scratch = args.out / "runs"
     taylor_out = args.out / "taylor.json"

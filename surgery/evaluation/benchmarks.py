@@ -84,7 +84,7 @@ class Benchmark:
 # Loading
 
 
-def _gsm8k_gold(answer: str) -> str:
+def gsm8k_gold(answer: str) -> str:
     # The number after "####"; commas removed so that it equals lm-eval's normalized reference.
     return answer.split("####")[-1].strip().replace(",", "")
 
@@ -123,7 +123,7 @@ def _builtin(name: str) -> Benchmark:
     if name == "gsm8k":
         rows = read_jsonl_gz("gsm8k-test.jsonl.gz")
         problems = tuple(
-            Problem(f"gsm8k-test-{i:04d}", r["question"], _gsm8k_gold(r["answer"]), strip_calculator(r["answer"]))
+            Problem(f"gsm8k-test-{i:04d}", r["question"], gsm8k_gold(r["answer"]), strip_calculator(r["answer"]))
             for i, r in enumerate(rows)
         )
         return Benchmark("gsm8k", "gsm8k", problems)
@@ -179,7 +179,7 @@ def _parse_row(path: Path, lineno: int, line: str) -> Problem:
     if "####" in answer:
         # A GSM8K-style answer (full solution ending "#### N"): grade the final number only.
         solution = solution or strip_calculator(answer)
-        answer = _gsm8k_gold(answer)
+        answer = gsm8k_gold(answer)
     row_id = row.get("id")
     if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
         raise SurgeryError(f"{where}: 'id' must be a string or an integer")

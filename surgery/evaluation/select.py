@@ -22,9 +22,18 @@ from surgery.checkpoints.loading import load_model, load_tokenizer
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.errors import SurgeryError
-from surgery.evaluation.benchmarks import STOP_STRINGS, Problem, extract_boxed, grade, prompt_messages, prompt_text
+from surgery.evaluation.benchmarks import (
+    STOP_STRINGS,
+    Problem,
+    extract_boxed,
+    grade,
+    gsm8k_gold,
+    prompt_messages,
+    prompt_text,
+)
 from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
+from surgery.evaluation.sweep import clip_grid
 from surgery.manifest import CurvePoint, Manifest, Selection, load_manifest, save_manifest, select_modules
 
 METRICS = ("nll", "accuracy")
@@ -95,9 +104,7 @@ def select(
         raise SurgeryError(f"manifest path {out} should end in .json")
     man = load_manifest(manifest)
     if ks is None:
-        n = len(man.modules)
-        default = [k for k in map(int, DEFAULT_KS.split(",")) if k < n] + [min(n, int(DEFAULT_KS.split(",")[-1]))]
-        ks = ",".join(map(str, sorted(set(default))))
+        ks = ",".join(map(str, clip_grid([int(k) for k in DEFAULT_KS.split(",")], len(man.modules))))
     k_values = parse_ks(ks, len(man.modules))
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     if (man.source.fingerprint, man.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
@@ -199,8 +206,7 @@ def _problems(prompts: PromptSet, metric: str) -> list[Problem]:
     for i, (question, solution) in enumerate(zip(prompts.prompts, solutions, strict=True)):
         answer = ""
         if metric == "accuracy":
-            answer = solution.split("####")[-1].strip().replace(",", "") if "####" in solution else None
-            answer = answer or extract_boxed(solution)
+            answer = (gsm8k_gold(solution) if "####" in solution else "") or extract_boxed(solution)
             if not answer:
                 raise SurgeryError(
                     f"--metric accuracy grades final answers, and validation problem {i + 1} has none "

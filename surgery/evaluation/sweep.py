@@ -40,6 +40,11 @@ def _parse_list(text: str, what: str) -> list[int]:
 DEFAULT_KS = "8,16,32,64,128"
 
 
+def clip_grid(grid: list[int], modules: int) -> list[int]:
+    """A default K grid cut to a manifest of `modules` modules, ending at min(modules, largest K)."""
+    return sorted({k for k in grid if k < modules} | {min(modules, max(grid))})
+
+
 def sweep(
     target: str | Path,
     source: str | Path,
@@ -85,7 +90,7 @@ def sweep(
         if not default_ks:
             raise SurgeryError(f"--ks {k_values[-1]} is more than the manifest's {len(man.modules)} modules")
         # The default grid is clipped to the manifest's modules (and includes all of them), and says so.
-        k_values = sorted({k for k in k_values if k < len(man.modules)} | {len(man.modules)})
+        k_values = clip_grid(k_values, len(man.modules))
         print(f"note: the manifest ranks {len(man.modules)} modules; K = {k_values}", file=sys.stderr)
     compat = find_candidates(src, tgt, trust_remote_code)
     rand = build_manifest("random", src, tgt, compat, seed=random_seed)

@@ -148,10 +148,10 @@ def transplant(
         if man is not None:
             _check_fingerprints(man, src, tgt, force)
         compat = find_candidates(src, tgt, trust_remote_code)
-    k_source = "given"
+    k_from = None  # set when K comes from the manifest, not from --top-k
     if man is not None and top_k is None and not modules and man.selection is not None:
         # The K that `surgery select` chose on held-out problems; said here, in the record and in the card.
-        top_k, k_source = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
+        top_k, k_from = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
         print(f"top-k {top_k} from the manifest's selection ({man.selection.rule})", file=sys.stderr)
     selected = _select(man, compat, src, tgt, top_k, only, layers, modules)
     from_source = {t for c in selected for t in c.tensors}
@@ -165,7 +165,7 @@ def transplant(
     }
     selection = {
         "top_k": top_k,
-        **({"top_k_from": k_source} if k_source != "given" else {}),
+        **({"top_k_from": k_from} if k_from else {}),
         "only": only,
         "layers": list(layers) if layers else None,
         "patterns": list(modules),

@@ -332,11 +332,14 @@ def log(msg: str) -> None:
 def wait_for_quiet(pattern: str, max_load: float, poll_s: float, load_timeout_s: float) -> None:
     """Block while another benchmark runs: on 2 cores it would skew every timing here.
 
-    `pgrep` sees only this machine's processes; the 1-minute load average also catches work we cannot
-    name (and the tail of our own model building), but is given up on after `load_timeout_s`.
+    `pgrep` sees only this machine's processes, and only those running or ready to (a run paused with
+    SIGSTOP does not count: pausing a long job is how to get a quiet machine without losing it); the
+    1-minute load average also catches work we cannot name (and the tail of our own model building),
+    but is given up on after `load_timeout_s`.
     """
     waited = 0.0
-    while subprocess.run(["pgrep", "-f", pattern], capture_output=True, check=False).returncode == 0:
+    running = ["pgrep", "--runstates", "R,S,D", "-f", pattern]
+    while subprocess.run(running, capture_output=True, check=False).returncode == 0:
         if waited == 0:
             log(f"waiting for `{pattern}` to finish ...")
         time.sleep(poll_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from surgery import SurgeryError, open_checkpoint
 from surgery.checkpoints.header import MAX_HEADER_BYTES, read_header
+from surgery.checkpoints.streaming import read_tensor
+from surgery.checkpoints.swap import TensorReader
 from surgery.cli import main
 from tests.conftest import make_model
 
@@ -44,6 +47,28 @@ def test_valid_file_matches_safetensors_library(tmp_path: Path) -> None:
     got = {t.name: (t.dtype, t.shape, t.nbytes) for t in header.tensors}
     assert got == {"a": ("F32", (3, 4), 48), "b": ("BF16", (5,), 10), "c": ("F32", (0,), 0)}
     assert header.metadata == {"format": "pt"}
+
+
+def test_read_tensor_matches_safetensors_library(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5, dtype=torch.float64).bfloat16(), "c": torch.zeros(2, 0)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    header = read_header(tmp_path / "x.safetensors")
+    fd = os.open(tmp_path / "x.safetensors", os.O_RDONLY)
+    try:
+        for t in header.tensors:
+            got = read_tensor(fd, header.data_start + t.begin, t.nbytes, t.dtype, t.shape)
+            assert got.dtype == tensors[t.name].dtype and torch.equal(got, tensors[t.name]), t.name
+    finally:
+        os.close(fd)
+
+
+def test_tensor_reader_reads_every_tensor_of_a_sharded_checkpoint(pair: tuple[Path, Path]) -> None:
+    checkpoint = open_checkpoint(pair[0])
+    expected = {k: v for shard in checkpoint.shards for k, v in load_file(shard.path).items()}
+    assert len(checkpoint.shards) > 1
+    with TensorReader(checkpoint) as reader:
+        assert all(torch.equal(reader[name], tensor) for name, tensor in expected.items())
+        assert set(expected) == set(checkpoint.tensors)
 
 
 @pytest.mark.parametrize(

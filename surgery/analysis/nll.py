@@ -45,7 +45,11 @@ def solution_nll(model, prompts: list[list[int]], solutions: list[list[int]], pa
     ids, mask, positions = _padded([p + s for p, s in zip(prompts, solutions, strict=True)], pad_id)
     keep = max(map(len, solutions)) + 1
     logits = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep,
+        use_cache=False,  # one pass, no generation: a cache would only cost memory (and break a recompute)
     ).logits
     # At least float32 (bf16 logits would round the NLL); a float64 model keeps float64.
     logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).cpu()
@@ -80,14 +84,18 @@ def encode_gold(tokenizer, prompts: Sequence[str], solutions: Sequence[str], cha
 
 
 def batches(
-    prompts: list[list[int]], solutions: list[list[int]], vocab: int, max_rows: int | None = None
+    prompts: list[list[int]],
+    solutions: list[list[int]],
+    vocab: int,
+    max_rows: int | None = None,
+    logits_bytes: int = _NLL_LOGITS_BYTES,
 ) -> list[list[int]]:
-    """Row indices in batches, longest first, each keeping its logits under the byte budget (and at most
-    `max_rows` rows); empty solutions skipped."""
+    """Row indices in batches, longest first, each keeping its float32 logits under `logits_bytes` (and at
+    most `max_rows` rows); empty solutions skipped."""
     order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(solutions[i])))
     out, i = [], 0
     while i < len(order):
-        size = max(1, _NLL_LOGITS_BYTES // ((len(solutions[order[i]]) + 1) * vocab * 4))
+        size = max(1, logits_bytes // ((len(solutions[order[i]]) + 1) * vocab * 4))
         size = min(size, max_rows) if max_rows else size
         rows = [r for r in order[i : i + size] if solutions[r]]
         i += size

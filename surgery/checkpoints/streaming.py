@@ -112,6 +112,27 @@ def read_chunks(fd: int, offset: int, n: int, chunk: int = CHUNK_BYTES) -> Itera
         offset, n = offset + len(data), n - len(data)
 
 
+def read_tensor(fd: int, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One whole tensor read with `preadv` into memory of its own, not a memory map.
+
+    The file's pages stay in the page cache but are never mapped into this process, so a pass over
+    every tensor of a checkpoint does not grow the process's resident set by the checkpoint's size.
+    """
+    import torch
+
+    t = torch_dtype(dtype)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=t)
+    buf = bytearray(nbytes)
+    view, done = memoryview(buf), 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done : done + CHUNK_BYTES]], offset + done)
+        if not got:
+            raise SurgeryError("file ended early while reading; was it modified during the run?")
+        done += got
+    return torch.frombuffer(buf, dtype=t).reshape(shape)
+
+
 def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:

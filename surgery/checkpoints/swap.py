@@ -1,17 +1,36 @@
-"""Swap a source's tensors into a loaded model, in memory, and restore the originals bit for bit.
+"""Read a checkpoint's tensors by name, and swap a source's tensors into a loaded model in memory.
 
-What `sweep`, `select` and `swap-nll` use instead of writing a checkpoint per selection: the source
-is read through safetensors' memory map, one tensor at a time.
+What `sweep`, `select`, `swap-nll` and `taylor` use instead of writing a checkpoint per selection:
+the source is read with `pread`, one tensor at a time, so its pages never count toward the
+process's memory.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
-from safetensors import safe_open
 
 from surgery.checkpoints.folder import Checkpoint
+from surgery.checkpoints.streaming import ReadOnlyFiles, read_tensor
+
+
+class TensorReader(ReadOnlyFiles):
+    """`reader[name]`: one tensor of `checkpoint`, freshly read; files stay open until the `with` block ends."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        ref = self.checkpoint.tensors[name]
+        info = ref.info
+        return read_tensor(
+            self.fd(ref.shard.path), ref.shard.data_start + info.begin, info.nbytes, info.dtype, info.shape
+        )
 
 
 @contextmanager
@@ -20,14 +39,9 @@ def swapped(model: torch.nn.Module, source: Checkpoint, tensors: list[str]):
     params = dict(model.named_parameters())
     saved = {t: params[t].detach().clone() for t in tensors}
     try:
-        with ExitStack() as stack:
-            files = {}
-            with torch.no_grad():
-                for t in tensors:
-                    path = source.tensors[t].shard.path
-                    if path not in files:
-                        files[path] = stack.enter_context(safe_open(path, "pt"))
-                    params[t].copy_(files[path].get_tensor(t).to(params[t].dtype))
+        with TensorReader(source) as reader, torch.no_grad():
+            for t in tensors:
+                params[t].copy_(reader[t].to(params[t].dtype))
         yield
     finally:
         with torch.no_grad():

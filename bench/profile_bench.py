@@ -64,7 +64,7 @@ sp.load_model = timed("load_s", sp.load_model)
 sp._run = timed("gen_s", sp._run)
 t0 = time.perf_counter()
 stats = sp.profile(model, workload, out, max_new_tokens=int(new), batch_size=int(batch),
-                   max_memory=budget or None, progress=False)
+                   max_memory=budget or None, progress=False, overwrite=True)
 timing["call_s"] = time.perf_counter() - t0
 print("BENCH " + json.dumps({**timing, "steps": stats.steps.tolist(), "threads": torch.get_num_threads()}))
 """
@@ -426,7 +426,7 @@ class Row:
 def profile_cli(model: Path, workload: str, new: int, batch: int, scratch: Path, budget: str | None) -> Run:
     out = fresh(scratch / "cli") / "stats.safetensors"
     cmd = [*surgery_cmd(), "profile", str(model), "-w", workload, "--max-new-tokens", str(new)]
-    cmd += ["--batch-size", str(batch), "-o", str(out), "-q"]
+    cmd += ["--batch-size", str(batch), "-o", str(out), "--overwrite", "-q"]
     return measure([*cmd, *(["--max-memory", budget] if budget else [])], scratch)
 
 
@@ -490,7 +490,7 @@ def analyze_row(smol: Path, target: Path, args: argparse.Namespace, scratch: Pat
     # A fresh folder: analyze reuses stats cached beside the manifest and would skip profiling.
     out = fresh(scratch / "analyze") / "manifest.json"
     cmd = [*surgery_cmd(), "analyze", "-s", str(smol), "-t", str(target), *common]
-    run = measure([*cmd, "--batch-size", str(args.batch_size), "-o", str(out), "-q"], scratch)
+    run = measure([*cmd, "--batch-size", str(args.batch_size), "-o", str(out), "--overwrite", "-q"], scratch)
     return Row("surgery analyze CLI (source SmolLM2, target = perturbed copy)", "SmolLM2 + copy", run)
 
 

@@ -86,7 +86,7 @@ def rankings(source: Path, target: Path, folder: Path, args: argparse.Namespace,
     for method in ACTIVATION_METHODS:
         if not paths[method].is_file():
             analyze(source, target, args.workload, stats, method=method, max_new_tokens=args.analysis_tokens,
-                    batch_size=args.batch_size, dtype=options.dtype, progress=False)  # fmt: skip
+                    batch_size=args.batch_size, dtype=options.dtype, progress=False, overwrite=True)  # fmt: skip
             shutil.copyfile(stats, paths[method])
     common = {"source": source, "target": target, "batch_size": args.batch_size, "options": options}
     if not paths["taylor"].is_file():
@@ -197,7 +197,8 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:.0f} s] select, {method}", flush=True)
         try:
             sel = select(manifest, source, target, validation, study / "selected" / f"{method}.json", ks=own_ks[method],
-                         batch_size=args.batch_size, options=options, log=lambda _: None).selection  # fmt: skip
+                         batch_size=args.batch_size, options=options, log=lambda _: None,
+                         overwrite=True).selection  # fmt: skip
             assert sel is not None
             chosen[method] = str(sel.k)
         except SurgeryError as e:

@@ -49,14 +49,15 @@ def main() -> None:
     scratch = args.out / "runs"
     taylor_out = args.out / "taylor.json"
     commands = {
-        "profile": [*cli, "profile", str(base), "-w", workload, "--batch-size", "8", "-q", "-o", str(scratch / "s.st")],
+        "profile": [*cli, "profile", str(base), "-w", workload, "--batch-size", "8", "-q", "--overwrite",
+                    "-o", str(scratch / "s.st")],
         "taylor": [*cli, "manifest", "--method", "taylor", "-s", str(source), "-t", str(base), "-w", workload,
-                   "--batch-size", "8", "-q", "-o", str(taylor_out)],
+                   "--batch-size", "8", "-q", "--overwrite", "-o", str(taylor_out)],
     }  # fmt: skip
     for n in (few, many):
         commands[f"swap-nll top {n}"] = [
             *cli, "manifest", "--method", "swap-nll", "-s", str(source), "-t", str(base), "-w", workload,
-            "--batch-size", "8", "--candidates-from", str(taylor_out), "--max-candidates", str(n), "-q",
+            "--batch-size", "8", "--candidates-from", str(taylor_out), "--max-candidates", str(n), "-q", "--overwrite",
             "-o", str(args.out / f"swap{n}.json"),
         ]  # fmt: skip
     runs: dict[str, list[Run]] = {k: [] for k in commands}

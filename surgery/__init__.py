@@ -8,6 +8,8 @@ from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest, load_manifest, save_manifest, select_modules
+from surgery.transplants.apply import AppliedPatch, apply, apply_patch
+from surgery.transplants.patch import Patch, PatchResult, open_patch, write_patch
 from surgery.transplants.verify import VerificationError, verify
 from surgery.transplants.write import TransplantResult, transplant
 from surgery.version import __version__
@@ -36,16 +38,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AppliedPatch",
     "Candidate",
     "Checkpoint",
     "Compatibility",
     "Manifest",
     "ModelOptions",
+    "Patch",
+    "PatchResult",
     "SurgeryError",
     "TransplantResult",
     "VerificationError",
     "__version__",
     "analyze",
+    "apply",
+    "apply_patch",
     "build_manifest",
     "find_candidates",
     "import_gguf",
@@ -53,10 +60,12 @@ __all__ = [
     "load_stats",
     "load_workload",
     "open_checkpoint",
+    "open_patch",
     "profile",
     "rank",
     "save_manifest",
     "select_modules",
     "transplant",
     "verify",
+    "write_patch",
 ]

@@ -73,3 +73,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 def write_json_atomic(path: Path, obj: object) -> None:
     """`write_atomic` of indented JSON with a final newline."""
     write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def check_new_file(path: Path, overwrite: bool) -> None:
+    """Refuse an output file that exists (unless `overwrite`) or is a folder: the rule of every `-o`."""
+    if path.is_dir():
+        raise SurgeryError(f"output {path} is a folder; pass a file path")
+    if path.exists() and not overwrite:
+        raise SurgeryError(f"output {path} already exists; choose a new path or pass --overwrite")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-from surgery.checkpoints.candidates import find_candidates
+from surgery.checkpoints.candidates import CACHE_ENV, find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.manifest import SCHEMA_VERSION
 
@@ -92,6 +92,14 @@ def write_manifest(path: Path, source: Path, target: Path, *, reverse: bool = Fa
     }
     path.write_text(json.dumps(obj, indent=2))
     return path
+
+
+@pytest.fixture(autouse=True)
+def candidate_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own empty candidate cache (never the user's ~/.cache), subprocesses included."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,20 @@ def test_analyze_transplant_verify_chain(tmp_path: Path, pair) -> None:
 
     # Another method reuses the cached stats instead of generating again.
     again = cli(
-        "analyze", "-s", src, "-t", tgt, "-w", w, "--max-new-tokens", 3, "--method", "consistency", "-o", manifest
+        "analyze",
+        "-s",
+        src,
+        "-t",
+        tgt,
+        "-w",
+        w,
+        "--max-new-tokens",
+        3,
+        "--method",
+        "consistency",
+        "-o",
+        manifest,
+        "--overwrite",
     )
     assert again.exit_code == 0 and again.stderr.count("reusing") == 2
     assert json.loads(manifest.read_text())["method"]["name"] == "consistency"

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from surgery.checkpoints.staging import output_lock
+from surgery.transplants.patch import write_patch
 from tests.conftest import make_model, write_manifest
 from tests.test_bad_input import BROKEN, refused
 
 DOC = Path(__file__).parent.parent / "docs" / "errors.md"
 COMMANDS = {
     "inspect", "compat", "transplant", "verify", "profile", "manifest", "analyze",
-    "eval", "report", "sweep", "select", "push", "import-gguf", "import-pickle",
+    "eval", "report", "sweep", "select", "push", "import-gguf", "import-pickle", "apply",
 }  # fmt: skip
 
 
@@ -104,6 +105,27 @@ def _gguf_garbage(w: Path) -> None:
     (w / "model.gguf").write_bytes(struct.pack("<4sI", b"NOPE", 3) + bytes(64))
 
 
+def _patch(target: str = "target", source: str = "source") -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        write_patch(w / target, w / source, w / "p", modules=["model.layers.1.mlp.*"], progress=False)
+
+    return apply
+
+
+def _damaged_patch(damage: Callable[[Path], None]) -> Callable[[Path], None]:
+    def apply(w: Path) -> None:
+        _patch()(w)
+        damage(w / "p")
+
+    return apply
+
+
+def _flip_last_byte(patch: Path) -> None:
+    data = bytearray((patch / "patch.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (patch / "patch.safetensors").write_bytes(bytes(data))
+
+
 # Held for the whole row by the `held_lock` fixture: a second writer of {w}/out must be refused.
 LOCKED = "another run writing the output"
 
@@ -133,6 +155,11 @@ SETUPS: dict[str, Callable[[Path], None]] = {
     "stats file that is not stats": _write("junk.safetensors", bytes(16)),
     "benchmark without answers": _write("b.jsonl", '{"question": "1+1?"}\n'),
     "not a GGUF file": _gguf_garbage,
+    "a patch": _patch(),
+    "a patch made for another target": _patch("source", "target"),
+    "a patch and a qwen2 model": lambda w: (_patch()(w), _qwen(w)),
+    "a patch missing its tensors file": _damaged_patch(lambda p: (p / "patch.safetensors").unlink()),
+    "a patch whose tensor bytes changed": _damaged_patch(_flip_last_byte),
 }
 
 

@@ -247,7 +247,7 @@ def test_profile_interrupted_while_writing_keeps_the_old_stats_whole(
 
     monkeypatch.setattr(os, "fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        profile(model, str(workload), out, max_new_tokens=3, progress=False)
+        profile(model, str(workload), out, max_new_tokens=3, progress=False, overwrite=True)
     monkeypatch.undo()
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
     assert load_stats(out).meta.settings.max_new_tokens == 2

@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
 import surgery.hub.publish
-from surgery import SurgeryError, transplant
+from surgery import SurgeryError, transplant, write_patch
 from surgery.cli import main
 from surgery.evaluation.metrics import wilson_interval
 from surgery.hub.publish import push
@@ -363,3 +363,22 @@ def test_a_push_without_network_is_one_line(output: Path, monkeypatch: pytest.Mo
     result = cli("push", output, "--repo-id", "me/x")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert result.stderr.startswith("error: pushing to me/x failed (ConnectError: [Errno -3]"), result.stderr
+
+
+def test_push_uploads_a_patch_folder_with_a_card_naming_its_base(hub: dict, tmp_path: Path) -> None:
+    patch = tmp_path / "patch"
+    write_patch("org/target", "org/source", patch, manifest=hub["manifest"], top_k=2, progress=False)
+    api = fake_api()
+    push(patch, "org/my-patch", api=api)
+    assert api.upload_folder.call_args.kwargs["commit_message"].startswith("Upload patch: 2 modules")
+    folder, files = uploaded(api)
+    assert folder == patch and files == {"README.md", "patch.json", "patch.safetensors"}
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == ["org/target"] and "surgery-patch" in card.data.tags
+    assert "surgery apply patch --target org/target" in card.text
+    # A tampered patch is refused before anything is sent.
+    (patch / "patch.json").write_text((patch / "patch.json").read_text().replace('"sha256": "', '"sha256": "0'))
+    api = fake_api()
+    with pytest.raises(SurgeryError, match="differs from its sha256"):
+        push(patch, "org/my-patch", api=api)
+    assert not api.method_calls

@@ -115,3 +115,31 @@ def test_unknown_model_type_names_trust_remote_code(tmp_path: Path) -> None:
 )
 def test_kind_and_layer_from_name(name: str, kind: str, layer: int | None) -> None:
     assert (module_kind(name), module_layer(name)) == (kind, layer)
+
+
+def test_candidates_are_cached_by_config_and_layout(
+    tmp_path: Path, pair: tuple[Path, Path], candidate_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second match of the same layout skips building the model; another layout or a broken entry does not."""
+    import surgery.checkpoints.candidates as candidates
+
+    src, tgt = open_checkpoint(pair[0]), open_checkpoint(pair[1])
+    first = find_candidates(src, tgt)
+    assert len(list(candidate_cache.rglob("*.json"))) == 1
+
+    def no_build(*_: object) -> None:
+        raise AssertionError("the model was built although the match is cached")
+
+    monkeypatch.setattr(candidates, "meta_model", no_build)
+    assert find_candidates(src, tgt) == first
+    # Another layout (a wider MLP) is another key: built, not read from the cache.
+    wide = make_model(tmp_path / "wide", 1, intermediate_size=96)
+    with pytest.raises(AssertionError, match="was built"):
+        find_candidates(open_checkpoint(wide), open_checkpoint(wide))
+    # An unreadable entry is recomputed and rewritten.
+    monkeypatch.undo()
+    monkeypatch.setenv(candidates.CACHE_ENV, str(candidate_cache))
+    (entry,) = candidate_cache.rglob("*.json")
+    entry.write_text("{not json")
+    assert find_candidates(src, tgt) == first
+    assert json.loads(entry.read_text())["candidates"][0]["name"] == first.candidates[0].name

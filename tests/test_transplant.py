@@ -100,7 +100,8 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
     assert not torch.equal(logits(model=patched), logits(tgt))
 
     ok = cli("verify", out, "-t", tgt, "-s", src)
-    assert ok.exit_code == 0 and ok.stdout.startswith(f"ok: {len(got)} tensors ({len(moved)} from the source")
+    assert ok.exit_code == 0 and ok.stdout.startswith(f"ok: {len(got)} tensors, ")
+    assert f"({len(moved)} from the source), and" in ok.stdout
 
     # Flip one byte inside a transplanted tensor: verify must name it.
     name = "model.layers.1.mlp.up_proj.weight"

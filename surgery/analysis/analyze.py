@@ -21,6 +21,7 @@ from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.loading import check_generation_options
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
+from surgery.fileio import check_new_file
 from surgery.manifest import Manifest, save_manifest
 
 
@@ -66,6 +67,7 @@ def analyze(
     max_memory: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Manifest:
     """Profile both models one at a time on `workload` and write a ranked manifest to `out`.
 
@@ -77,11 +79,13 @@ def analyze(
         method: ranking method (see `surgery.analysis.ranking`).
         seed: for the `random` method.
         max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress: as in `profile`.
+        overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
 
     Returns:
         The manifest written.
     """
     out = Path(out)
+    check_new_file(out, overwrite)
     # Validate everything before the (slow) profiling starts.
     spec = get_method(method)
     uses_stats = "stats" in spec.needs
@@ -116,6 +120,7 @@ def analyze(
                 max_memory=max_memory,
                 trust_remote_code=trust_remote_code,
                 progress=progress,
+                overwrite=True,  # a cache entry of ours, stale or from an interrupted run
             )
     manifest = build_manifest(
         method,

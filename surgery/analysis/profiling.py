@@ -26,6 +26,7 @@ from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import chat_text, check_generation_options, input_device, load_model, load_tokenizer
 from surgery.distributed import all_sum, barrier, dist_info, init, mine
+from surgery.fileio import check_new_file
 from surgery.version import library_versions
 
 
@@ -164,6 +165,7 @@ def profile(
     max_memory: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Stats:
     """Record the activation statistics of every candidate module of one model.
 
@@ -178,6 +180,7 @@ def profile(
         max_memory: RAM budget such as `2GiB`; larger models are offloaded to disk.
         trust_remote_code: allow custom model code.
         progress: show a progress bar over prompts (only on a terminal).
+        overwrite: replace an existing `out`.
 
     Returns:
         The statistics (also written to `out`).
@@ -185,6 +188,8 @@ def profile(
     Raises:
         SurgeryError: bad settings, workload, or checkpoint.
     """
+    if out is not None:
+        check_new_file(Path(out), overwrite)
     check_generation_options(max_new_tokens, batch_size, max_memory)
     prompt_set = load_workload(workload) if isinstance(workload, str) else workload
     ckpt = open_checkpoint(model)

@@ -12,6 +12,7 @@ from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
+from surgery.fileio import check_new_file
 from surgery.manifest import Manifest, load_manifest, save_manifest
 
 
@@ -29,6 +30,7 @@ def rank(
     max_candidates: int | None = None,
     batch_size: int = 8,
     options: ModelOptions | None = None,
+    overwrite: bool = False,
 ) -> Manifest:
     """Rank the candidate modules of a pair into a manifest written to `out`.
 
@@ -43,6 +45,7 @@ def rank(
         max_candidates: ... and of those only its top N.
         batch_size: problems per forward pass (`taylor`, `swap-nll`).
         options: how the target is loaded and prompted (`taylor`, `swap-nll`), and trust_remote_code.
+        overwrite: replace an existing `out`.
 
     Returns:
         The manifest written.
@@ -52,6 +55,7 @@ def rank(
             `build_manifest` refuses the request.
     """
     options = options or ModelOptions()
+    check_new_file(Path(out), overwrite)
     if max_candidates is not None and (candidates_from is None or max_candidates < 1):
         raise SurgeryError("--max-candidates N takes N >= 1 and needs --candidates-from MANIFEST to take them from")
     prompts = load_workload(workload) if workload is not None else None

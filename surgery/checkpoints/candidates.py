@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgery.checkpoints.folder import Checkpoint
 from surgery.errors import SurgeryError, one_line
+from surgery.fileio import write_json_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -15,6 +21,8 @@ if TYPE_CHECKING:
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 _ATTN_HINTS = ("attn", "attention")
 _MLP_HINTS = ("mlp", "feed_forward", "ffn")
+# Where candidate lists are cached (see `find_candidates`); SURGERY_CACHE overrides it.
+CACHE_ENV = "SURGERY_CACHE"
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,55 @@ def find_candidates(source: Checkpoint, target: Checkpoint, trust_remote_code: b
     # The config decides what is built: refuse one the tensors do not back before building anything.
     source.check_config()
     target.check_config()
+    cache = None if trust_remote_code or target.config.get("auto_map") else _cache_file(source, target)
+    cached = _read_cache(cache) if cache is not None else None
+    if cached is not None:
+        return cached
+    result = _match(source, target, trust_remote_code)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(cache, asdict(result))
+        except OSError:
+            pass  # a cache that cannot be written only costs the next run its start-up
+    return result
+
+
+def _cache_file(source: Checkpoint, target: Checkpoint) -> Path:
+    """The cache entry for this pair: keyed by everything the match depends on.
+
+    Building the model on the meta device costs seconds (transformers' auto registry and the modeling
+    code), while the result depends only on the target's config, both checkpoints' tensor names and
+    shapes, and the transformers version; weights play no part. So repeated transplants of one
+    architecture start in well under a second.
+    """
+    h = hashlib.sha256(json.dumps(target.config, sort_keys=True).encode())
+    h.update(version("transformers").encode())
+    for ckpt in (source, target):
+        h.update(b"\0" + "\n".join(f"{n}\t{list(r.info.shape)}" for n, r in sorted(ckpt.tensors.items())).encode())
+    root = Path(
+        os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
+    )
+    return root / "candidates" / f"{h.hexdigest()}.json"
+
+
+def _read_cache(path: Path) -> Compatibility | None:
+    """A cached match, or None when absent or unreadable (it is then recomputed and rewritten)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return Compatibility(
+            tuple(
+                Candidate(c["name"], c["kind"], c["layer"], tuple(c["tensors"]), tuple(c["shape"]))
+                for c in obj["candidates"]
+            ),
+            tuple(Exclusion(e["name"], e["reason"]) for e in obj["excluded"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _match(source: Checkpoint, target: Checkpoint, trust_remote_code: bool) -> Compatibility:
+    """Build the target's module tree on the meta device and match its leaf modules against both checkpoints."""
     model = meta_model(load_config(target, trust_remote_code), target)
     head = model.get_output_embeddings()
 

@@ -12,9 +12,11 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # The provenance record `surgery transplant` writes into its output.
 RECORD_FILE = "transplant.json"
+# The model card of an output (and of a Hub repo).
+CARD_FILE = "README.md"
 # Files of the target that are not copied: weights (rewritten or stale) and the model card.
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", *PICKLE_SUFFIXES)
-_SKIPPED_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "README.md", RECORD_FILE}
+_SKIPPED_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", CARD_FILE, RECORD_FILE}
 _SKIPPED_DIRS = {".git", ".cache", ".huggingface"}
 
 

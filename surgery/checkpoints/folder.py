@@ -55,18 +55,31 @@ class Checkpoint:
         few bytes from the start, middle and end of every tensor are mixed in: any real
         weight change shows, at the cost of three small reads per tensor, not a full hash.
         """
+        return self.fingerprint_with({})
+
+    def fingerprint_with(self, replaced: dict[str, tuple[Path, int]]) -> str:
+        """The fingerprint this checkpoint would have with some tensors' bytes replaced.
+
+        `replaced` maps a tensor name to the file and absolute offset of its new bytes (same dtype and
+        shape): what a patched model evaluated in memory is fingerprinted by, equal to the fingerprint
+        of the checkpoint `apply` or `transplant` would write for it.
+        """
         h = hashlib.sha256()
         h.update(json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode())
         for name in sorted(self.tensors):
             t = self.tensors[name].info
             h.update(f"\n{name}\t{t.dtype}\t{list(t.shape)}".encode())
-        for shard in self.shards:
-            fd = os.open(shard.path, os.O_RDONLY)
-            try:
+        fds: dict[Path, int] = {}
+        try:
+            for shard in self.shards:
                 for t in shard.tensors:
+                    path, start = replaced.get(t.name, (shard.path, shard.data_start + t.begin))
+                    if path not in fds:
+                        fds[path] = os.open(path, os.O_RDONLY)
                     for at in sorted({t.begin, (t.begin + t.end) // 2, max(t.begin, t.end - _SAMPLE_BYTES)}):
-                        h.update(os.pread(fd, min(_SAMPLE_BYTES, t.end - at), shard.data_start + at))
-            finally:
+                        h.update(os.pread(fds[path], min(_SAMPLE_BYTES, t.end - at), start + at - t.begin))
+        finally:
+            for fd in fds.values():
                 os.close(fd)
         return "sha256:" + h.hexdigest()
 

@@ -40,6 +40,7 @@ for command in (
     importers.import_pickle_cmd,
     checkpoints.compat,
     transplants.transplant,
+    transplants.apply_cmd,
     transplants.verify,
     transplants.push_cmd,
     analysis.profile_cmd,

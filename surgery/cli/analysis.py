@@ -8,7 +8,7 @@ import click
 
 from surgery.analysis.ranking import METHODS
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.options import MAX_MEMORY, model_options, stack
+from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
 
@@ -40,6 +40,7 @@ def _summarize(manifest: Manifest, out: str, top: int = 5) -> None:
 @click.argument("model")
 @_profile_options
 @click.option("--out", "-o", required=True, help="Stats file to write (.safetensors).")
+@OVERWRITE
 def profile_cmd(model: str, workload: str, out: str, options: ModelOptions, **settings: Any) -> None:
     """Record activation statistics of every candidate module of MODEL on a workload."""
     # Imported here, not at the top: torch costs ~2 s and ~200 MiB that `transplant` does not need.
@@ -68,6 +69,7 @@ def profile_cmd(model: str, workload: str, out: str, options: ModelOptions, **se
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
 @model_options
 @click.option("--out", "-o", required=True, help="Manifest to write (.json).")
+@OVERWRITE
 def manifest_cmd(out: str, **request: Any) -> None:
     """Rank the candidate modules of a source/target pair into a manifest."""
     from surgery.analysis.rank import rank
@@ -84,6 +86,7 @@ def manifest_cmd(out: str, **request: Any) -> None:
 @click.option("--auto-k", is_flag=True, help="Then choose K on --validation, as `surgery select` does.")
 @click.option("--validation", help="With --auto-k: held-out problems with gold solutions, e.g. gsm8k-train:64:1.")
 @click.option("--out", "-o", required=True, help="Manifest to write (.json); stats are cached beside it.")
+@OVERWRITE
 def analyze_cmd(
     source: str,
     target: str,
@@ -112,4 +115,5 @@ def analyze_cmd(
     if validation is not None:
         from surgery.evaluation.select import select
 
-        select(out, source, target, validation, out, options=options, batch_size=settings["batch_size"], log=click.echo)
+        batch = settings["batch_size"]
+        select(out, source, target, validation, out, options=options, batch_size=batch, log=click.echo, overwrite=True)

@@ -32,12 +32,24 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("source", type=click.Path(path_type=str))
-@click.argument("target", type=click.Path(path_type=str))
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str), metavar="[SOURCE TARGET]")
+@click.option("--source", "-s", help="Checkpoint modules are taken from (as in every other command).")
+@click.option("--target", "-t", help="Checkpoint they are written into.")
 @AS_JSON
 @TRUST_REMOTE_CODE
-def compat(source: str, target: str, as_json: bool, trust_remote_code: bool) -> None:
-    """List the modules that can move from SOURCE to TARGET (folders or Hub repo ids), and why others cannot."""
+def compat(
+    checkpoints: tuple[str, ...], source: str | None, target: str | None, as_json: bool, trust_remote_code: bool
+) -> None:
+    """List the modules that can move from the source to the target (folders or Hub repo ids), and why others
+    cannot. Name them with -s/-t, as every other command does, or as SOURCE TARGET."""
+    if checkpoints and (source or target):
+        raise SurgeryError("name the checkpoints either as SOURCE TARGET or with -s/-t, not both")
+    if checkpoints:
+        if len(checkpoints) != 2:
+            raise SurgeryError(f"compat takes two checkpoints, SOURCE TARGET, not {len(checkpoints)}; or use -s/-t")
+        source, target = checkpoints
+    if not source or not target:
+        raise SurgeryError("compat needs both checkpoints: surgery compat -s SOURCE -t TARGET")
     result = find_candidates(open_checkpoint(source), open_checkpoint(target), trust_remote_code)
     if as_json:
         obj = {

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.options import MAX_MEMORY, model_options, stack
+from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
 
 _eval_options = stack(
     click.option("--benchmark", "-b", required=True, help="gsm8k, math500, or a JSONL with question/answer."),
@@ -25,6 +25,7 @@ _eval_options = stack(
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Greedy decoding budget.")
 @MAX_MEMORY
 @click.option("--out", "-o", required=True, help="Results folder; a rerun with the same settings resumes.")
+@click.option("--patch", help="A patch folder (`transplant --patch`) to apply in memory first; nothing is written.")
 def eval_cmd(model: str, benchmark: str, out: str, options: ModelOptions, **settings: Any) -> None:
     """Score MODEL on a math benchmark with greedy decoding."""
     from surgery.evaluation.runner import evaluate
@@ -100,6 +101,7 @@ def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
 )
 @model_options
 @click.option("--out", "-o", required=True, help="Manifest to write, with the chosen K (.json); a PNG goes beside it.")
+@OVERWRITE
 def select_cmd(manifest: str, out: str, options: ModelOptions, **settings: Any) -> None:
     """Choose K for MANIFEST on held-out problems: swap the top K in memory for each K and measure Recovery."""
     from surgery.evaluation.select import select

@@ -59,3 +59,13 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, options=options, **kwargs)
 
     return stack(NO_CHAT, DTYPE, TRUST_REMOTE_CODE, QUIET)(wrapper)
+
+
+def size(nbytes: int) -> str:
+    """A byte count for people: `512 B`, `24.0 KiB`, `3.4 MiB`, `2.10 GiB`."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    for unit, scale in (("KiB", 2**10), ("MiB", 2**20)):
+        if nbytes < 1024 * scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 2**30:.2f} GiB"

@@ -1,4 +1,5 @@
-"""`transplant`, `verify` and `push`: write a patched checkpoint, check it byte for byte, publish it."""
+"""`transplant`, `apply`, `verify` and `push`: write a patched checkpoint (or a patch), apply a patch, check
+an output byte for byte, publish it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import click
 
-from surgery.cli.options import OUT_FOLDER, OVERWRITE, QUIET, TRUST_REMOTE_CODE
+from surgery.cli.options import OUT_FOLDER, OVERWRITE, QUIET, TRUST_REMOTE_CODE, size
 from surgery.errors import SurgeryError
 from surgery.manifest import parse_layer_range
 from surgery.transplants.verify import verify as run_verify
@@ -32,13 +33,22 @@ from surgery.transplants.write import transplant as run_transplant
 @click.option(
     "--link", is_flag=True, help="Hard-link the target's shards that no selected module touches (same file, no copy)."
 )
+@click.option(
+    "--patch",
+    is_flag=True,
+    help="Write only the selected tensors (a patch folder for `surgery apply`), not a checkpoint.",
+)
+@click.option("--reversible", is_flag=True, help="With --patch: also keep the target's originals, for apply --revert.")
 @click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def transplant(layers: str | None, quiet: bool, push_to: str | None, private: bool, **selection: Any) -> None:
+def transplant(
+    layers: str | None, quiet: bool, patch: bool, reversible: bool, push_to: str | None, private: bool, **selection: Any
+) -> None:
     """Write a copy of the target with the selected modules taken from the source.
 
     Select with --manifest M --top-k K (filters: --only, --layers, --module), or by
-    name alone with --module PATTERN. The output gets a model card (README.md).
+    name alone with --module PATTERN. The output gets a model card (README.md). With
+    --patch, write only the selected tensors, to apply later with `surgery apply`.
     """
     if push_to is not None:
         from surgery.hub import check_push_options
@@ -46,33 +56,70 @@ def transplant(layers: str | None, quiet: bool, push_to: str | None, private: bo
         check_push_options(push_to)  # a bad repo id is refused before the output is written
     elif private:
         raise SurgeryError("--private only applies with --push-to-hub ORG/NAME")
+    if reversible and not patch:
+        raise SurgeryError("--reversible only applies with --patch")
+    if patch and (selection["link"] or selection["eval_results"]):
+        raise SurgeryError("--link and --eval-results apply to full checkpoints, not to --patch")
     # The remaining flags are named as `surgery.transplant`'s arguments and go to it unchanged.
-    result = run_transplant(layers=parse_layer_range(layers) if layers else None, progress=not quiet, **selection)
-    click.echo(
-        f"wrote {result.out}: {len(result.modules)} modules ({len(result.tensors)} tensors) from the source, "
-        f"{result.bytes_written / 2**20:.1f} MiB"
-    )
+    layer_range = parse_layer_range(layers) if layers else None
+    if patch:
+        from surgery.transplants.patch import write_patch
+
+        del selection["link"], selection["eval_results"]
+        made = write_patch(layers=layer_range, progress=not quiet, reversible=reversible, **selection)
+        out = made.out
+        click.echo(
+            f"wrote patch {out}: {len(made.modules)} modules ({len(made.tensors)} tensors, "
+            f"{size(made.bytes_written)}) from the source"
+        )
+    else:
+        result = run_transplant(layers=layer_range, progress=not quiet, **selection)
+        out = result.out
+        click.echo(
+            f"wrote {out}: {len(result.modules)} modules ({len(result.tensors)} tensors, "
+            f"{size(result.source_bytes)}) from the source; {size(result.total_bytes)} in all"
+        )
     if push_to is not None:
         from surgery.hub import push
 
         try:
-            url = push(result.out, push_to, private=private)
+            url = push(out, push_to, private=private)
         except SurgeryError as e:
-            retry = f"surgery push {result.out} --repo-id {push_to}" + (" --private" if private else "")
-            raise SurgeryError(f"{e} (the output is at {result.out}; retry with `{retry}`)") from None
+            retry = f"surgery push {out} --repo-id {push_to}" + (" --private" if private else "")
+            raise SurgeryError(f"{e} (the output is at {out}; retry with `{retry}`)") from None
         click.echo(f"pushed to {url}")
+
+
+@click.command("apply")
+@click.argument("patch", type=click.Path(path_type=str))
+@click.option("--target", "-t", required=True, help="The checkpoint the patch was made for (never modified).")
+@OUT_FOLDER
+@click.option("--link", is_flag=True, help="Hard-link the target's shards the patch does not touch (no copy).")
+@click.option("--revert", is_flag=True, help="TARGET is a patched checkpoint: write the original back (reversible).")
+@OVERWRITE
+@QUIET
+def apply_cmd(patch: str, target: str, out: str, link: bool, revert: bool, overwrite: bool, quiet: bool) -> None:
+    """Write TARGET with the patch PATCH (from `transplant --patch`) applied, or taken back with --revert."""
+    from surgery.transplants.apply import apply
+
+    result = apply(patch, target, out, link=link, revert=revert, overwrite=overwrite, progress=not quiet)
+    done = "reverted" if revert else "patched"
+    click.echo(
+        f"wrote {result.out}: {done} {len(result.modules)} modules ({len(result.tensors)} tensors, "
+        f"{size(result.source_bytes)}); {size(result.total_bytes)} in all"
+    )
 
 
 @click.command()
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--target", "-t", required=True, help="The target the output was made from.")
-@click.option("--source", "-s", required=True, help="The source the output was made from.")
-def verify(out: str, target: str, source: str) -> None:
+@click.option("--target", "-t", help="The target the output was made from [default: the one transplant.json names].")
+@click.option("--source", "-s", help="The source the output was made from [default: the one transplant.json names].")
+def verify(out: str, target: str | None, source: str | None) -> None:
     """Check every byte of the transplant output OUT against its target and source."""
     report = run_verify(out, target, source)
     click.echo(
-        f"ok: {report.tensors_checked} tensors ({report.from_source} from the source, "
-        f"{report.bytes_checked / 2**20:.1f} MiB) and {report.files_checked} files match"
+        f"ok: {report.tensors_checked} tensors, {size(report.bytes_checked)} ({report.from_source} from "
+        f"the source), and {report.files_checked} files match"
     )
 
 

@@ -189,6 +189,7 @@ def run_demo(
         max_new_tokens=s.analysis_tokens,
         dtype=s.dtype,
         progress=True,
+        overwrite=True,  # the demo's own file: a rerun rewrites it from the (cached) stats
     )
     top = ", ".join(m.name for m in sorted(manifest.modules, key=lambda m: m.rank)[:5])
     log(f"wrote {manifest_path}; top 5: {top}")

@@ -39,6 +39,8 @@ from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.metrics import wilson_interval
 from surgery.evaluation.summary import EvalSettings, EvalSummary
 from surgery.fileio import write_atomic, write_json_atomic
+from surgery.transplants.apply import apply_patch
+from surgery.transplants.patch import open_patch
 from surgery.version import library_versions
 
 RECORDS = "records.jsonl"
@@ -117,6 +119,7 @@ def evaluate(
     max_memory: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    patch: str | Path | None = None,
 ) -> EvalSummary:
     """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
 
@@ -130,6 +133,9 @@ def evaluate(
         max_new_tokens, batch_size: greedy decoding budget and batch size.
         dtype, max_memory, trust_remote_code: as in `profile`.
         progress: progress bar (only on a terminal).
+        patch: a patch folder (`transplant --patch`) to apply to the model in memory first; the summary
+            then carries the fingerprint of the checkpoint `surgery apply` would write, so `report`
+            treats the two alike.
 
     Returns:
         The summary (also in `out/summary.json`, as `summary.to_dict()`).
@@ -138,9 +144,15 @@ def evaluate(
     bench, problems = prepare(benchmark, limit, seed, shots)
     ckpt = open_checkpoint(model)
     ckpt.check_config()  # before transformers builds anything from it
+    patched = open_patch(patch) if patch is not None else None
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
         lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload))
+        fingerprint, label = ckpt.fingerprint, str(ckpt.path)
+        if patched is not None:
+            apply_patch(lm, patched)
+            fingerprint = ckpt.fingerprint_with({n: (t.data.path, t.data.offset) for n, t in patched.tensors.items()})
+            label = f"{ckpt.path} + patch {patched.path}"
         settings = EvalSettings(
             benchmark=bench.name,
             benchmark_sha256=bench.sha256,
@@ -151,11 +163,9 @@ def evaluate(
             chat=chat,
             max_new_tokens=max_new_tokens,
             dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
-            model_fingerprint=ckpt.fingerprint,
+            model_fingerprint=fingerprint,
         )
-        return evaluate_loaded(
-            lm, tokenizer, bench, problems, settings, Path(out), str(ckpt.path), batch_size, progress
-        )
+        return evaluate_loaded(lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, progress)
 
 
 def evaluate_loaded(

@@ -34,6 +34,7 @@ from surgery.evaluation.benchmarks import (
 from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
 from surgery.evaluation.sweep import clip_grid
+from surgery.fileio import check_new_file
 from surgery.manifest import CurvePoint, Manifest, Selection, load_manifest, save_manifest, select_modules
 
 METRICS = ("nll", "accuracy")
@@ -71,6 +72,7 @@ def select(
     max_new_tokens: int = 256,
     options: ModelOptions | None = None,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> Manifest:
     """Measure the top K of `manifest` for each K on `validation`, choose K, and write the manifest with it.
 
@@ -86,6 +88,7 @@ def select(
         max_new_tokens: the decoding budget for `accuracy`.
         options: how the models are loaded and prompted.
         log: where the table and notes go.
+        overwrite: replace an existing `out` (which may be `manifest` itself).
 
     Returns:
         The manifest written, with `selection`.
@@ -102,6 +105,7 @@ def select(
     out = Path(out)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out} should end in .json")
+    check_new_file(out, overwrite)
     man = load_manifest(manifest)
     if ks is None:
         ks = ",".join(map(str, clip_grid([int(k) for k in DEFAULT_KS.split(",")], len(man.modules))))

@@ -12,6 +12,7 @@ from huggingface_hub import HfApi
 
 from surgery.checkpoints.hub_inputs import LOGIN_HINT, hub_error_line, parse_repo_spec
 from surgery.errors import SurgeryError
+from surgery.transplants.patch import PATCH_RECORD, open_patch
 from surgery.transplants.write import check_output
 from surgery.version import __version__
 
@@ -50,7 +51,8 @@ def push(
     """Upload a complete transplant output to a Hub model repo, creating the repo if needed.
 
     Args:
-        folder: the output folder of `surgery transplant` (with `transplant.json`).
+        folder: the output folder of `surgery transplant` (with `transplant.json`), or a patch folder
+            of `surgery transplant --patch` (with `patch.json`).
         repo_id: `org/name`.
         private: create the repo private (an existing repo keeps its visibility).
         create_pr: open a pull request instead of committing to the branch.
@@ -66,9 +68,13 @@ def push(
     """
     check_push_options(repo_id, create_pr=create_pr, revision=revision)
     out = Path(folder)
-    record = check_output(out)
+    if (out / PATCH_RECORD).is_file():
+        # A patch folder (`transplant --patch`): checked whole, sha256 included, before anything is sent.
+        modules, what = open_patch(out).modules, "patch"
+    else:
+        modules, what = check_output(out).get("modules", []), "transplant"
     api = api if api is not None else make_api()
-    message = f"Upload transplant: {len(record.get('modules', []))} modules (surgery {__version__})"
+    message = f"Upload {what}: {len(modules)} modules (surgery {__version__})"
     try:
         # private=None keeps the account's default visibility (some organizations default to private).
         url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")

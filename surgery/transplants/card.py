@@ -31,7 +31,6 @@ from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry
 from surgery.version import __version__
 
-CARD_FILE = "README.md"
 TAGS = ["model-transplant", "surgery"]
 PAPER_URL = "https://arxiv.org/abs/2602.16189"
 # Built-in benchmarks of `surgery eval` -> (Hub dataset id, display name, config), for `model-index`.
@@ -149,6 +148,74 @@ def model_card(
     ]
     if eval_summaries:
         body += ["", "## Evaluation", "", *_eval_table(eval_summaries)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def patch_card(
+    name: str,
+    target: Checkpoint,
+    source: Checkpoint,
+    modules: Sequence[Candidate | ModuleEntry],
+    *,
+    manifest: Manifest | None = None,
+    selection: dict | None = None,
+    reversible: bool = False,
+) -> ModelCard:
+    """Build the model card of a patch folder (`transplant --patch`): what it needs and how to apply it.
+
+    `base_model` is the target alone (a patch is applied to it, as a LoRA adapter is to its base), when
+    the target has a Hub id; a local target is named by folder and fingerprint in the body.
+    """
+    data = ModelCardData(
+        base_model=[target.hub.repo_id] if target.hub is not None else None,
+        library_name="surgery",
+        tags=[*TAGS, "surgery-patch"],
+    )
+    base = target.hub.repo_id if target.hub is not None else f"path/to/{target.path.name}"
+    body = [
+        f"# {name}",
+        "",
+        f"A patch for {_label(target)}: the weights of {len(modules)} module{'s' if len(modules) != 1 else ''} "
+        f"taken from {_label(source)} ([model transplantation]({PAPER_URL})), and nothing else. It is to a "
+        "transplant what a LoRA adapter is to a fine-tune: one base, many patches. `patch.json` records the "
+        "sha256 of every tensor, before and after, so a patch refuses any other base. Made with "
+        f"`surgery transplant --patch` (surgery {__version__}){'; reversible' if reversible else ''}.",
+        "",
+        "| role | model | revision | fingerprint |",
+        "|---|---|---|---|",
+        *(
+            f"| {role} | {_label(c)} | {_revision(c)} | `{c.fingerprint}` |"
+            for role, c in (("base (target)", target), ("source", source))
+        ),
+        "",
+        "## How to apply",
+        "",
+        "A ready-to-serve checkpoint (tensor for tensor what `surgery transplant` writes):",
+        "",
+        "```bash",
+        f"surgery apply {name} --target {base} -o {name}-applied   # --link shares untouched shards",
+        *([f"surgery apply {name} --target {name}-applied -o original --revert"] if reversible else []),
+        "```",
+        "",
+        "In memory, on a loaded model (`undo()` restores it bit for bit):",
+        "",
+        "```python",
+        "import surgery",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")',
+        f'handle = surgery.apply_patch(model, "{name}")',
+        "handle.undo()",
+        "```",
+        "",
+        "## Selection",
+        "",
+        *_selection_lines(manifest, selection or {}),
+        "",
+        "## Transplanted modules",
+        "",
+        *_module_table(modules, manifest is not None),
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 

@@ -25,7 +25,7 @@ class VerifyReport:
     files_checked: int
 
 
-def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyReport:
+def verify(out: str | Path, target: str | Path | None = None, source: str | Path | None = None) -> VerifyReport:
     """Check a transplant output against its target and source, byte by byte.
 
     Every tensor must have the target's name, dtype and shape; tensors recorded in
@@ -34,8 +34,8 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
 
     Args:
         out: the patched checkpoint folder.
-        target: the target checkpoint it was made from.
-        source: the source checkpoint it was made from.
+        target: the target checkpoint it was made from; default: the one `transplant.json` records.
+        source: the source checkpoint it was made from; default: the one `transplant.json` records.
 
     Returns:
         Counts of what was checked.
@@ -44,10 +44,13 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
         VerificationError: naming the first mismatch.
         SurgeryError: an input is missing or malformed.
     """
-    patched, tgt, src = open_checkpoint(out), open_checkpoint(target), open_checkpoint(source)
+    # What the caller named is checked first; an input left out is then taken from the record.
+    patched = open_checkpoint(out)
+    given = {what: open_checkpoint(path) for what, path in (("target", target), ("source", source)) if path is not None}
     record = read_json_object(
         patched.path / RECORD_FILE, "transplant record", "pass a folder written by `surgery transplant`"
     )
+    tgt, src = (given.get(what) or open_checkpoint(_recorded(record, what)) for what in ("target", "source"))
     for what, ckpt in (("source", src), ("target", tgt)):
         if record.get(what, {}).get("fingerprint") != ckpt.fingerprint:
             raise VerificationError(f"{out} was not made from {what} {ckpt.path} (fingerprint differs)")
@@ -86,6 +89,19 @@ def verify(out: str | Path, target: str | Path, source: str | Path) -> VerifyRep
         if not (patched.path / rel).is_file() or not _same_file(patched.path / rel, tgt.path / rel):
             raise VerificationError(f"file {rel}: missing from the output or different from the target's")
     return VerifyReport(len(patched.tensors), len(expected), bytes_checked, len(files))
+
+
+def _recorded(record: dict, what: str) -> str:
+    """The input `transplant.json` records as `what`: its folder, or its Hub repo at the recorded commit."""
+    origin = record.get(what)
+    if not isinstance(origin, dict) or not isinstance(origin.get("path"), str):
+        raise SurgeryError(f"{RECORD_FILE} records no {what}; pass it with --{what}")
+    hub = origin.get("hub")
+    if not Path(origin["path"]).is_dir() and isinstance(hub, dict) and hub.get("repo_id") and hub.get("commit"):
+        return f"{hub['repo_id']}@{hub['commit']}"
+    if not Path(origin["path"]).is_dir():
+        raise SurgeryError(f"the {what} recorded in {RECORD_FILE}, {origin['path']}, is gone; pass it with --{what}")
+    return origin["path"]
 
 
 def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, files: ReadOnlyFiles) -> str:

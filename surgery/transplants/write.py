@@ -23,9 +23,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
-from surgery.checkpoints.files import INDEX_FILE, RECORD_FILE, copied_files
-from surgery.checkpoints.folder import Checkpoint, open_checkpoint
-from surgery.checkpoints.header import encode_header
+from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
+from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
+from surgery.checkpoints.header import ShardHeader, encode_header
 from surgery.checkpoints.staging import TMP_PREFIX, check_out, staged_folder
 from surgery.checkpoints.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
 from surgery.errors import SurgeryError
@@ -73,13 +73,133 @@ class TransplantResult:
         out: the output folder.
         modules: the transplanted module names, in selection order.
         tensors: tensor name -> sha256 of its bytes in the output, for tensors from the source.
-        bytes_written: tensor data bytes written.
+        source_bytes: the output bytes of those tensors.
+        total_bytes: the output's tensor bytes in all.
     """
 
     out: Path
     modules: tuple[str, ...]
     tensors: dict[str, str]
-    bytes_written: int
+    source_bytes: int
+    total_bytes: int
+
+    @classmethod
+    def made(cls, out: Path, modules: Sequence[str], hashes: dict[str, str], tgt: Checkpoint) -> TransplantResult:
+        """The result of writing `tgt` with the tensors in `hashes` replaced."""
+        return cls(out, tuple(modules), hashes, sum(tgt.tensors[n].info.nbytes for n in hashes), tgt.total_bytes)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a tensor's bytes lie: a file, the absolute offset, the byte count and the dtype."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: str
+
+
+def stored(ref: TensorRef) -> Stored:
+    """Where a checkpoint's tensor lies."""
+    return Stored(ref.shard.path, ref.shard.data_start + ref.info.begin, ref.info.nbytes, ref.info.dtype)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """What a transplant (or a patch) takes from the source, known before a byte is written.
+
+    Attributes:
+        target, source: the opened, config-checked inputs.
+        manifest: the manifest the modules were chosen from, if any.
+        modules: the selected modules, in selection order.
+        provenance: tool, source, target and manifest, as recorded in `transplant.json` and every shard header.
+        selection: the selection options, as recorded.
+    """
+
+    target: Checkpoint
+    source: Checkpoint
+    manifest: Manifest | None
+    modules: list[Candidate | ModuleEntry]
+    provenance: dict
+    selection: dict
+
+    @property
+    def tensors(self) -> list[str]:
+        """The selected modules' tensors, sorted by name."""
+        return sorted(t for c in self.modules for t in c.tensors)
+
+    def shard_header(self, shard: ShardHeader) -> bytes:
+        return provenance_header(self.provenance, shard)
+
+
+def provenance_header(provenance: dict, shard: ShardHeader) -> bytes:
+    """An output shard's header: the target's tensors and metadata, plus `format: pt` and the provenance."""
+    metadata = {**shard.metadata, "format": "pt", "surgery.provenance": json.dumps(provenance, sort_keys=True)}
+    return encode_header(list(shard.tensors), metadata)
+
+
+def select(
+    target: str | Path,
+    source: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    top_k: int | None = None,
+    only: str | None = None,
+    layers: tuple[int, int] | None = None,
+    modules: Sequence[str] = (),
+    force: bool = False,
+    trust_remote_code: bool = False,
+    out: Path | None = None,
+    overwrite: bool = False,
+) -> Selected:
+    """Open and check the inputs and apply the selection options (see `transplant` for their meaning).
+
+    `out`, when given, is checked (it must not exist unless `overwrite`, nor be an input) before the
+    manifest is read. Raises SurgeryError on any invalid input.
+    """
+    tgt, src = open_checkpoint(target), open_checkpoint(source)
+    # A config that disagrees with the tensors would be copied into an output `from_pretrained` cannot load.
+    tgt.check_config()
+    src.check_config()
+    if out is not None:
+        check_out(out, {"target": tgt.path, "source": src.path}, overwrite)
+    man = load_manifest(manifest) if manifest is not None else None
+    if man is not None and _fingerprints_match(man, src, tgt):
+        # The manifest was ranked on these exact checkpoints (the fingerprints cover the config and
+        # every tensor's name, dtype and shape), so its candidate list stands in for rebuilding the
+        # model on the meta device. That keeps torch and transformers out of this process: they
+        # cost ~340 MiB RSS and seconds of start-up for a job that only moves bytes.
+        compat = None
+    else:
+        if man is not None:
+            _check_fingerprints(man, src, tgt, force)
+        compat = find_candidates(src, tgt, trust_remote_code)
+    k_from = None  # set when K comes from the manifest, not from --top-k
+    if man is not None and top_k is None and not modules and man.selection is not None:
+        # The K that `surgery select` chose on held-out problems; said here, in the record and in the card.
+        top_k, k_from = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
+        print(f"top-k {top_k} from the manifest's selection ({man.selection.rule})", file=sys.stderr)
+    chosen = _select(man, compat, src, tgt, top_k, only, layers, modules)
+    for name in sorted(t for c in chosen for t in c.tensors):
+        check_convertible(src.tensors[name].info.dtype, tgt.tensors[name].info.dtype, f"tensor {name}")
+    for line in warnings(src, tgt, sorted(t for c in chosen for t in c.tensors)):
+        print(line, file=sys.stderr)
+    provenance = {
+        "tool": f"surgery {__version__}",
+        "source": _origin(src),
+        "target": _origin(tgt),
+        "manifest": None
+        if man is None
+        else {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
+    }
+    selection = {
+        "top_k": top_k,
+        **({"top_k_from": k_from} if k_from else {}),
+        "only": only,
+        "layers": list(layers) if layers else None,
+        "patterns": list(modules),
+    }
+    return Selected(tgt, src, man, chosen, provenance, selection)
 
 
 def transplant(
@@ -131,72 +251,115 @@ def transplant(
     # Imported here: huggingface_hub's card classes cost ~0.3 s and ~13 MiB that `import surgery` should not pay.
     from surgery.transplants import card as cards
 
-    tgt, src = open_checkpoint(target), open_checkpoint(source)
-    # A config that disagrees with the tensors would be copied into an output `from_pretrained` cannot load.
-    tgt.check_config()
-    src.check_config()
-    out = check_out(Path(out), {"target": tgt.path, "source": src.path}, overwrite)
-    man = load_manifest(manifest) if manifest is not None else None
+    out = Path(out)
+    sel = select(
+        target,
+        source,
+        manifest=manifest,
+        top_k=top_k,
+        only=only,
+        layers=layers,
+        modules=modules,
+        force=force,
+        trust_remote_code=trust_remote_code,
+        out=out,
+        overwrite=overwrite,
+    )
+    out = out.resolve()
     summaries = [cards.load_eval_summary(p) for p in eval_results]
-    if man is not None and _fingerprints_match(man, src, tgt):
-        # The manifest was ranked on these exact checkpoints (the fingerprints cover the config and
-        # every tensor's name, dtype and shape), so its candidate list stands in for rebuilding the
-        # model on the meta device. That keeps torch and transformers out of this process: they
-        # cost ~340 MiB RSS and seconds of start-up for a job that only moves bytes.
-        compat = None
-    else:
-        if man is not None:
-            _check_fingerprints(man, src, tgt, force)
-        compat = find_candidates(src, tgt, trust_remote_code)
-    k_from = None  # set when K comes from the manifest, not from --top-k
-    if man is not None and top_k is None and not modules and man.selection is not None:
-        # The K that `surgery select` chose on held-out problems; said here, in the record and in the card.
-        top_k, k_from = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
-        print(f"top-k {top_k} from the manifest's selection ({man.selection.rule})", file=sys.stderr)
-    selected = _select(man, compat, src, tgt, top_k, only, layers, modules)
-    from_source = {t for c in selected for t in c.tensors}
-    provenance = {
-        "tool": f"surgery {__version__}",
-        "source": _origin(src),
-        "target": _origin(tgt),
-        "manifest": None
-        if man is None
-        else {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
-    }
-    selection = {
-        "top_k": top_k,
-        **({"top_k_from": k_from} if k_from else {}),
-        "only": only,
-        "layers": list(layers) if layers else None,
-        "patterns": list(modules),
-    }
-    plans = _plan(tgt, src, from_source, provenance)
+    tgt, src = sel.target, sel.source
     # Built before anything is written, so that a problem with it leaves nothing behind.
-    card = cards.model_card(out.name, tgt, src, selected, manifest=man, selection=selection, eval_summaries=summaries)
+    card = cards.model_card(
+        out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, eval_summaries=summaries
+    )
+    replacements = {name: stored(src.tensors[name]) for name in sel.tensors}
+    record = {**sel.provenance, "selection": sel.selection, "modules": [c.name for c in sel.modules]}
+    hashes = write_checkpoint(out, tgt, replacements, sel.shard_header, record, card.content, overwrite, link, progress)
+    return TransplantResult.made(out, [c.name for c in sel.modules], hashes, tgt)
+
+
+def write_checkpoint(
+    out: Path,
+    tgt: Checkpoint,
+    replacements: dict[str, Stored],
+    shard_header: Callable[[ShardHeader], bytes],
+    record: dict | None,
+    card: str | None,
+    overwrite: bool,
+    link: bool,
+    progress: bool,
+    *,
+    index_text: str | None = None,
+    source_dtypes: dict[str, str] | None = None,
+    link_same_header: bool = False,
+) -> dict[str, str]:
+    """Write `tgt` with the `replacements` tensors (cast to the target's dtypes) into `out`, atomically.
+
+    Every shard gets the header `shard_header` makes (its tensors' offsets must be the target's); the
+    target's other files are copied, the index is written (`index_text` as is, else the target's
+    index), `card` becomes README.md and `record` (with the copied tensors and their sha256 added)
+    becomes transplant.json, where `source_dtypes` (default: the replacements' dtypes) gives each
+    tensor's dtype in the source. With `link`, shards holding no replaced tensor are hard-linked from
+    the target; with `link_same_header` too, only those whose header is already the one to write.
+    Returns each replaced tensor's sha256 as written.
+    """
+    plans = _plan(tgt, replacements, shard_header)
     with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
-        linked = _link_untouched(tmp, plans, tgt) if link else set()
-        hashes = _write_shards(tmp, [p for p in plans if p.name not in linked], progress)
+        linked = _link_untouched(tmp, plans, tgt, link_same_header) if link else set()
+        hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress)
         _copy_extra_files(tgt.path, tmp)
-        card.save(tmp / cards.CARD_FILE)
-        if tgt.index is not None:
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        if index_text is not None:
+            (tmp / INDEX_FILE).write_text(index_text, encoding="utf-8")
+        elif tgt.index is not None:
             _write_json(tmp / INDEX_FILE, tgt.index)
-        record = {
-            **provenance,
-            "selection": selection,
-            **({"linked_shards": sorted(linked)} if link else {}),
-            "modules": [c.name for c in selected],
-            "tensors": [
+        if record is not None:
+            tensors = [
                 {
                     "name": name,
                     "dtype": tgt.tensors[name].info.dtype,
-                    "source_dtype": src.tensors[name].info.dtype,
+                    "source_dtype": (source_dtypes or {}).get(name, replacements[name].dtype),
                     "sha256": hashes[name],
                 }
                 for name in sorted(hashes)
-            ],
-        }
-        _write_json(tmp / RECORD_FILE, record)
-    return TransplantResult(out, tuple(c.name for c in selected), hashes, tgt.total_bytes)
+            ]
+            _write_json(
+                tmp / RECORD_FILE, {**record, **({"linked_shards": sorted(linked)} if link else {}), "tensors": tensors}
+            )
+    return hashes
+
+
+# Config keys that say how a checkpoint was saved, not what the model is.
+_COSMETIC_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def warnings(src: Checkpoint, tgt: Checkpoint, tensors: list[str]) -> list[str]:
+    """What a user would want to hear before a transplant that is allowed but suspicious.
+
+    The same checkpoint on both sides (the output equals the target), configs that differ beyond how
+    they were saved (the models may be unrelated), and tensors cast from the source's dtype.
+    """
+    lines = []
+    if src.fingerprint == tgt.fingerprint:
+        lines.append(
+            f"warning: source and target are the same checkpoint ({tgt.fingerprint[:19]}…): the output will equal "
+            "the target"
+        )
+    keys = sorted(k for k in src.config.keys() | tgt.config.keys() if k not in _COSMETIC_KEYS)
+    differ = [k for k in keys if src.config.get(k) != tgt.config.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} ({src.config.get(k)!r} vs {tgt.config.get(k)!r})" for k in differ[:5])
+        more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+        lines.append(f"warning: the configs differ (source vs target): {shown}{more}; are these models related?")
+    casts: dict[tuple[str, str], int] = {}
+    for name in tensors:
+        pair = (src.tensors[name].info.dtype, tgt.tensors[name].info.dtype)
+        if pair[0] != pair[1]:
+            casts[pair] = casts.get(pair, 0) + 1
+    for (frm, to), n in sorted(casts.items()):
+        lines.append(f"note: {n} tensor{'s' if n != 1 else ''} cast from the source's {frm} to the target's {to}")
+    return lines
 
 
 def _origin(ckpt: Checkpoint) -> dict:
@@ -312,31 +475,19 @@ def _check_fingerprints(man: Manifest, src: Checkpoint, tgt: Checkpoint, force: 
             print(f"warning: {msg}; continuing because of --force", file=sys.stderr)
 
 
-def _plan(tgt: Checkpoint, src: Checkpoint, from_source: set[str], provenance: dict) -> list[ShardPlan]:
-    """Compute every output header and every byte's origin, validating dtypes first."""
-    for name in sorted(from_source):
-        check_convertible(src.tensors[name].info.dtype, tgt.tensors[name].info.dtype, f"tensor {name}")
-    provenance_json = json.dumps(provenance, sort_keys=True)
+def _plan(
+    tgt: Checkpoint, replacements: dict[str, Stored], shard_header: Callable[[ShardHeader], bytes]
+) -> list[ShardPlan]:
+    """Compute every output header and every byte's origin."""
     plans = []
     for shard in tgt.shards:
-        metadata = {**shard.metadata, "format": "pt", "surgery.provenance": provenance_json}
-        header = encode_header(list(shard.tensors), metadata)
+        header = shard_header(shard)
         pieces = []
         for info in shard.tensors:
             dst_off = len(header) + info.begin
-            if info.name in from_source:
-                ref = src.tensors[info.name]
-                start = ref.shard.data_start + ref.info.begin
-                piece = Piece(
-                    ref.shard.path,
-                    start,
-                    ref.info.nbytes,
-                    dst_off,
-                    info.nbytes,
-                    ref.info.dtype,
-                    info.dtype,
-                    tensor=info.name,
-                )
+            if info.name in replacements:
+                r = replacements[info.name]
+                piece = Piece(r.path, r.offset, r.nbytes, dst_off, info.nbytes, r.dtype, info.dtype, tensor=info.name)
             else:
                 start = shard.data_start + info.begin
                 piece = Piece(shard.path, start, info.nbytes, dst_off, info.nbytes, info.dtype, info.dtype)
@@ -365,7 +516,7 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
-def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str, str]:
+def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str, str]:
     """Write every shard; return the sha256 of each source tensor as written."""
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
@@ -395,16 +546,19 @@ def _write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str
     return hashes
 
 
-def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint) -> set[str]:
+def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint, same_header: bool) -> set[str]:
     """Hard-link into `tmp` the target shards no selected tensor lives in; return their names.
 
     A shard is linked only if its header already says `format: pt` (transformers needs it; other shards
     are rewritten with it). Linked shards keep the target's header, without `surgery.provenance`:
-    the provenance is in transplant.json. Where the output is on another filesystem, nothing is linked.
+    the provenance is in transplant.json. With `same_header`, only a shard whose header is already the
+    planned one is linked. Where the output is on another filesystem, nothing is linked.
     """
     linked: set[str] = set()
     for plan, shard in zip(plans, tgt.shards, strict=True):
         if any(p.tensor is not None for p in plan.pieces) or shard.metadata.get("format") != "pt":
+            continue
+        if same_header and not _has_header(shard.path, plan.header):
             continue
         try:
             os.link(shard.path, tmp / plan.name)
@@ -419,6 +573,12 @@ def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint) -> set[s
             return linked
         linked.add(plan.name)
     return linked
+
+
+def _has_header(path: Path, header: bytes) -> bool:
+    """Whether the file starts with `header` (its length prefix makes a prefix match exact)."""
+    with open(path, "rb") as f:
+        return f.read(len(header)) == header
 
 
 def _test_pause() -> Callable[[], None] | None:

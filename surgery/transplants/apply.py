@@ -1,0 +1,230 @@
+"""Apply a patch (`transplant --patch`): to its target as a ready-to-serve checkpoint, or in memory.
+
+- `apply(P, T, OUT)` writes what `transplant` would have written for the patch's selection: the same
+  tensor bytes, headers and record, with the same guarantees (streaming, atomic, locked).
+- `apply(P, PATCHED, OUT, revert=True)` gives the original target back, byte for byte (reversible
+  patches only).
+- `apply_patch(model, P)` patches a loaded model in place; `.undo()` restores it bit for bit.
+
+Every tensor's sha256 is checked first, so a patch refuses any model but the one it was made for.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.header import parse_header
+from surgery.checkpoints.staging import check_out
+from surgery.checkpoints.streaming import ReadOnlyFiles, read_tensor, torch_dtype
+from surgery.errors import SurgeryError
+from surgery.manifest import file_sha256
+from surgery.transplants.patch import PATCH_RECORD, Patch, architecture, open_patch, sha256_of
+from surgery.transplants.write import TransplantResult, provenance_header, stored, write_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+
+def apply(
+    patch: str | Path,
+    target: str | Path,
+    out: str | Path,
+    *,
+    link: bool = False,
+    revert: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TransplantResult:
+    """Write `target` with `patch` applied (or, with `revert`, a patched checkpoint with it taken back).
+
+    Args:
+        patch: a patch folder written by `transplant --patch`.
+        target: the checkpoint the patch was made for (never modified); with `revert`, the patched one.
+        out: the output folder; must not exist unless `overwrite`.
+        link: hard-link the shards the patch does not touch instead of copying them.
+        revert: restore the original target (the patch must be reversible).
+        overwrite: replace an existing `out`, only once the new output is complete.
+        progress: show a progress bar of bytes (only when stderr is a terminal).
+
+    Returns:
+        What was written (as `transplant` returns it).
+
+    Raises:
+        SurgeryError: the patch is incomplete or tampered, the target is not the one it was made for, or
+            another input is invalid; nothing is written in that case.
+    """
+    p = open_patch(patch)
+    tgt = open_checkpoint(target)
+    tgt.check_config()
+    out = check_out(Path(out), {"target": tgt.path, "patch": p.path}, overwrite)
+    modules = tuple(p.modules)
+    if revert:
+        if not p.reversible:
+            raise SurgeryError(f"{p.path} is not reversible; write it with `surgery transplant --patch --reversible`")
+        _check_tensors(p, tgt, revert=True)
+        headers = _original_headers(p, tgt)
+        original = p.record["original"]
+        replacements = {n: t.original for n, t in p.tensors.items() if t.original is not None}
+        hashes = write_checkpoint(
+            out,
+            tgt,
+            replacements,
+            lambda shard: headers[shard.path.name],
+            None,
+            original["card"],
+            overwrite,
+            link,
+            progress,
+            index_text=original["index"],
+            link_same_header=True,
+        )
+        return TransplantResult.made(out, modules, hashes, tgt)
+    _check_tensors(p, tgt, revert=False)
+    provenance = {k: p.record[k] for k in ("tool", "source", "target", "manifest")}
+    record = {
+        **provenance,
+        "selection": p.record["selection"],
+        "modules": list(modules),
+        "patch": {"path": str(p.path), "sha256": file_sha256(p.path / PATCH_RECORD)},
+    }
+    hashes = write_checkpoint(
+        out,
+        tgt,
+        {n: t.data for n, t in p.tensors.items()},
+        partial(provenance_header, provenance),
+        record,
+        p.record["card"],
+        overwrite,
+        link,
+        progress,
+        source_dtypes={t["name"]: t["source_dtype"] for t in p.record["tensors"]},
+    )
+    return TransplantResult.made(out, modules, hashes, tgt)
+
+
+def _check_tensors(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
+    """Refuse a checkpoint whose patched tensors are not the ones the patch expects, naming the first."""
+    made_for = f"{p.record['target']['path']} ({p.record['target']['fingerprint'][:19]}…)"
+    check_architecture(p, ckpt.config, str(ckpt.path))
+    # Layout first: a model of another architecture or size is named as such, not by a digest.
+    for t in p.tensors.values():
+        ref = ckpt.tensors.get(t.name)
+        if ref is None or (ref.info.dtype, ref.info.shape) != (t.dtype, t.shape):
+            have = "missing" if ref is None else f"{ref.info.dtype} {list(ref.info.shape)}"
+            raise SurgeryError(
+                f"{ckpt.path} is not the model this patch is for: tensor {t.name} is {have}, the patch's is "
+                f"{t.dtype} {list(t.shape)}; the patch was made for {made_for}"
+            )
+    with ReadOnlyFiles() as files:
+        for t in p.tensors.values():
+            digest = sha256_of(files, stored(ckpt.tensors[t.name]))
+            want, other = (t.sha256, t.target_sha256) if revert else (t.target_sha256, t.sha256)
+            if digest == want:
+                continue
+            if revert:
+                why = "it is the unpatched target already" if digest == other else "it is not this patch applied"
+                raise SurgeryError(
+                    f"{ckpt.path}: tensor {t.name} differs from the patch's (sha256): {why}; "
+                    "pass the checkpoint `surgery apply` wrote with this patch"
+                )
+            why = "the patch is applied there already" if digest == other else "another model or version"
+            raise SurgeryError(
+                f"{ckpt.path}: tensor {t.name} differs from the target this patch was made for (sha256; {why}); "
+                f"pass {made_for}"
+            )
+
+
+def check_architecture(p: Patch, config: dict, what: str) -> None:
+    """Refuse a model whose config names another architecture than the patch's target."""
+    want, have = p.record["architecture"], architecture(config)
+    # `architectures` is compared where both name it: a model built from a config may leave it empty.
+    if have["model_type"] != want["model_type"] or (
+        have["architectures"] and want["architectures"] and have["architectures"] != want["architectures"]
+    ):
+        raise SurgeryError(
+            f"{what} is {have['model_type']} {have['architectures']}, but this patch is for "
+            f"{want['model_type']} {want['architectures']}; apply it to {p.record['target']['path']}"
+        )
+
+
+def _original_headers(p: Patch, ckpt: Checkpoint) -> dict[str, bytes]:
+    """The original target's shard headers (length prefix included), checked against the patched layout."""
+    stored_headers = p.record["original"]["shard_headers"]
+    if sorted(stored_headers) != sorted(s.path.name for s in ckpt.shards):
+        raise SurgeryError(f"{ckpt.path}: its shard files differ from the target's this patch recorded")
+    headers = {}
+    for shard in ckpt.shards:
+        raw = stored_headers[shard.path.name].encode("utf-8")
+        data_len = shard.tensors[-1].end if shard.tensors else 0
+        original = parse_header(shard.path, raw, 8 + len(raw) + data_len)
+        if original.tensors != shard.tensors:
+            raise SurgeryError(f"{shard.path}: its tensors are laid out unlike the target's this patch recorded")
+        headers[shard.path.name] = struct.pack("<Q", len(raw)) + raw
+    return headers
+
+
+@dataclass
+class AppliedPatch:
+    """A patch applied in memory by `apply_patch`; `undo()` puts the original tensors back, bit for bit."""
+
+    patch: Patch
+    model: torch.nn.Module
+    _saved: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def undo(self) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, original in self._saved.items():
+                params[name].copy_(original)
+        self._saved.clear()
+
+
+def apply_patch(model: torch.nn.Module, patch: str | Path | Patch) -> AppliedPatch:
+    """Patch a loaded `PreTrainedModel` in place; return a handle whose `.undo()` restores it exactly.
+
+    Where a parameter has the patch's dtype, its bytes must have the sha256 the patch recorded for the
+    target (else SurgeryError, and the model is left as it was). A model loaded in another dtype (say
+    bfloat16 from a float32 checkpoint) is checked by shape only, and gets the patch cast to its dtype.
+
+    Raises:
+        SurgeryError: the patch is invalid, or the model is not the one it was made for.
+    """
+    import hashlib
+
+    import torch
+
+    p = patch if isinstance(patch, Patch) else open_patch(patch)
+    check_architecture(p, model.config.to_dict(), "the model")
+    params = dict(model.named_parameters())
+    for t in p.tensors.values():
+        param = params.get(t.name)
+        if param is None or tuple(param.shape) != t.shape:
+            have = "missing" if param is None else f"of shape {list(param.shape)}"
+            raise SurgeryError(
+                f"the model is not the one this patch is for: parameter {t.name} is {have}, the patch's is "
+                f"{list(t.shape)}; load {p.record['target']['path']}"
+            )
+    for t in p.tensors.values():
+        param = params[t.name]
+        if param.dtype == torch_dtype(t.dtype):
+            data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            if hashlib.sha256(data).hexdigest() != t.target_sha256:
+                raise SurgeryError(
+                    f"the model's parameter {t.name} differs from the target this patch was made for (sha256); "
+                    f"load {p.record['target']['path']} (or undo the patch applied before)"
+                )
+    handle = AppliedPatch(p, model)
+    with ReadOnlyFiles() as files, torch.no_grad():
+        for t in p.tensors.values():
+            param = params[t.name]
+            new = read_tensor(files.fd(t.data.path), t.data.offset, t.data.nbytes, t.dtype, t.shape)
+            handle._saved[t.name] = param.detach().clone()
+            param.copy_(new.to(param.dtype))
+    return handle

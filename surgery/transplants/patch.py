@@ -1,0 +1,297 @@
+"""Patches: a folder with only the selected modules' tensors, applied to the target later.
+
+`transplant --patch` writes, atomically and streaming, as `transplant` does:
+- `patch.safetensors` (sharded as `patch-0000i-of-0000N.safetensors` past 5 GB, as `save_pretrained`
+  does): the selected tensors, cast to the target's dtypes: the exact bytes `transplant` would write;
+- with `--reversible`, `original.safetensors`: the target's own bytes of those tensors, and the
+  target's shard headers, index and model card, so that `apply --revert` restores it byte for byte;
+- `patch.json`: the target, source and manifest provenance, the selection, and per tensor the sha256
+  of the target's bytes and of the patch's bytes;
+- `README.md`: a model card whose `base_model` is the target, saying how to apply the patch.
+
+`open_patch` reads a patch folder back and refuses one that is incomplete or tampered with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.checkpoints.files import CARD_FILE, INDEX_FILE
+from surgery.checkpoints.folder import Checkpoint
+from surgery.checkpoints.header import DTYPE_SIZES, TensorInfo, encode_header, read_header
+from surgery.checkpoints.staging import staged_folder
+from surgery.checkpoints.streaming import ReadOnlyFiles, read_chunks
+from surgery.errors import SurgeryError
+from surgery.fileio import read_json_object
+from surgery.transplants.write import Piece, ShardPlan, Stored, select, stored, write_shards
+
+PATCH_RECORD = "patch.json"
+PATCH_FORMAT = "surgery-patch"
+PATCH_VERSION = 1
+# save_pretrained's default max_shard_size ("5GB").
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class PatchTensor:
+    """One tensor of a patch: its name, dtype and shape (the target's), where its bytes lie, and two digests."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: Stored
+    sha256: str
+    target_sha256: str
+    original: Stored | None
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A validated patch folder.
+
+    Attributes:
+        path: the folder, resolved.
+        record: the parsed `patch.json`.
+        tensors: name -> the tensor, in name order.
+    """
+
+    path: Path
+    record: dict
+    tensors: dict[str, PatchTensor]
+
+    @property
+    def reversible(self) -> bool:
+        return all(t.original is not None for t in self.tensors.values())
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.record["modules"])
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What `write_patch` wrote: the folder, the modules, the tensors with their sha256, the patch's bytes."""
+
+    out: Path
+    modules: tuple[str, ...]
+    tensors: dict[str, str]
+    bytes_written: int
+
+
+def write_patch(
+    target: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    manifest: str | Path | None = None,
+    top_k: int | None = None,
+    only: str | None = None,
+    layers: tuple[int, int] | None = None,
+    modules: Sequence[str] = (),
+    force: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    reversible: bool = False,
+) -> PatchResult:
+    """Write a patch folder holding only the selected modules' tensors (see the module docstring).
+
+    Selection and refusals are `transplant`'s (same arguments). `reversible` also stores the target's
+    original tensors, shard headers, index and card.
+
+    Raises:
+        SurgeryError: any input is invalid; nothing is written in that case.
+    """
+    from surgery.transplants import card as cards
+
+    out = Path(out)
+    sel = select(
+        target,
+        source,
+        manifest=manifest,
+        top_k=top_k,
+        only=only,
+        layers=layers,
+        modules=modules,
+        force=force,
+        trust_remote_code=trust_remote_code,
+        out=out,
+        overwrite=overwrite,
+    )
+    out = out.resolve()
+    tgt, src = sel.target, sel.source
+    infos = {n: tgt.tensors[n].info for n in sel.tensors}
+    applied_card = cards.model_card(out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection)
+    card = cards.patch_card(
+        out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, reversible=reversible
+    )
+    patch_plans = _pack("patch", [(infos[n], stored(src.tensors[n])) for n in sel.tensors])
+    original_plans = _pack("original", [(infos[n], stored(tgt.tensors[n])) for n in sel.tensors]) if reversible else []
+    plans = patch_plans + original_plans
+    with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
+        hashes = write_shards(tmp, patch_plans, progress)
+        originals = write_shards(tmp, original_plans, progress) if reversible else _digests(tgt, sel.tensors)
+        record = {
+            "format": PATCH_FORMAT,
+            "version": PATCH_VERSION,
+            **sel.provenance,
+            "selection": sel.selection,
+            "modules": [c.name for c in sel.modules],
+            "architecture": architecture(tgt.config),
+            "files": [p.name for p in patch_plans],
+            "original_files": [p.name for p in original_plans] if reversible else None,
+            "tensors": [
+                {
+                    "name": n,
+                    "dtype": infos[n].dtype,
+                    "shape": list(infos[n].shape),
+                    "source_dtype": src.tensors[n].info.dtype,
+                    "sha256": hashes[n],
+                    "target_sha256": originals[n],
+                }
+                for n in sel.tensors
+            ],
+            "card": applied_card.content,
+            "original": _originals(tgt) if reversible else None,
+        }
+        card.save(tmp / CARD_FILE)
+        with open(tmp / PATCH_RECORD, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+    return PatchResult(out, tuple(c.name for c in sel.modules), hashes, sum(i.nbytes for i in infos.values()))
+
+
+def architecture(config: dict) -> dict:
+    """What a patch records of its target's config to refuse another architecture by name."""
+    return {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
+
+
+def _pack(stem: str, tensors: list[tuple[TensorInfo, Stored]]) -> list[ShardPlan]:
+    """Plans for files holding `tensors` (each in its target dtype), split past MAX_SHARD_BYTES.
+
+    Within a file, tensors are laid out by element size, largest first, then by name, as safetensors
+    does, so every tensor stays aligned to its element size.
+    """
+    order = sorted(tensors, key=lambda t: (-DTYPE_SIZES[t[0].dtype], t[0].name))
+    groups: list[list[tuple[TensorInfo, Stored]]] = [[]]
+    size = 0
+    for t in order:
+        if groups[-1] and size + t[0].nbytes > MAX_SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t[0].nbytes
+    plans = []
+    for i, group in enumerate(groups, 1):
+        name = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+        entries, begin = [], 0
+        for info, _ in group:
+            entries.append(TensorInfo(info.name, info.dtype, info.shape, begin, begin + info.nbytes))
+            begin += info.nbytes
+        header = encode_header(entries, {"format": "pt"})
+        pieces = tuple(
+            Piece(s.path, s.offset, s.nbytes, len(header) + e.begin, e.nbytes, s.dtype, e.dtype, tensor=e.name)
+            for e, (_, s) in zip(entries, group, strict=True)
+        )
+        plans.append(ShardPlan(name, header, pieces))
+    return plans
+
+
+def _digests(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
+    """sha256 of each named tensor's bytes in `ckpt`."""
+    out = {}
+    with ReadOnlyFiles() as files:
+        for n in names:
+            out[n] = sha256_of(files, stored(ckpt.tensors[n]))
+    return out
+
+
+def sha256_of(files: ReadOnlyFiles, where: Stored) -> str:
+    """sha256 of the bytes at `where`."""
+    h = hashlib.sha256()
+    for chunk in read_chunks(files.fd(where.path), where.offset, where.nbytes):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _originals(tgt: Checkpoint) -> dict:
+    """What `apply --revert` needs besides the tensors to give the target back byte for byte."""
+    headers = {}
+    for shard in tgt.shards:
+        with open(shard.path, "rb") as f:
+            f.seek(8)
+            headers[shard.path.name] = f.read(shard.data_start - 8).decode("utf-8")
+    index = tgt.path / INDEX_FILE
+    card = tgt.path / CARD_FILE
+    return {
+        "shard_headers": headers,
+        "index": index.read_text(encoding="utf-8") if tgt.index is not None else None,
+        "card": card.read_text(encoding="utf-8") if card.is_file() else None,
+    }
+
+
+def open_patch(folder: str | Path) -> Patch:
+    """Read and check a patch folder: its record, its files, and the sha256 of every tensor it holds.
+
+    Raises:
+        SurgeryError: not a patch folder, a file missing, or a tensor that differs from its record.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise SurgeryError(f"{folder}: no such folder; pass the output of `surgery transplant --patch`")
+    if not (path / PATCH_RECORD).is_file():
+        raise SurgeryError(
+            f"{folder}: no {PATCH_RECORD}, so not a patch; pass the output of `surgery transplant --patch`"
+        )
+    path = path.resolve()
+    fix = "rewrite it with `surgery transplant --patch`"
+    record = read_json_object(path / PATCH_RECORD, "patch record", fix)
+    if record.get("format") != PATCH_FORMAT or record.get("version") != PATCH_VERSION:
+        raise SurgeryError(
+            f"{path / PATCH_RECORD}: not a {PATCH_FORMAT} version {PATCH_VERSION} record; {fix} with this surgery"
+        )
+    try:
+        where = _locate(path, record["files"], fix)
+        originals = _locate(path, record["original_files"], fix) if record.get("original_files") else {}
+        tensors = {}
+        for t in record["tensors"]:
+            name, dtype, shape = t["name"], t["dtype"], tuple(t["shape"])
+            for kind, found in (("patch", where), ("original", originals)):
+                if found and name not in found:
+                    raise SurgeryError(f"{path}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {fix}")
+                if found and (found[name][1].dtype, found[name][1].shape) != (dtype, shape):
+                    raise SurgeryError(f"{path}: {kind} tensor {name} is not {dtype} {list(shape)}; {fix}")
+            original = originals[name][0] if originals else None
+            tensors[name] = PatchTensor(name, dtype, shape, where[name][0], t["sha256"], t["target_sha256"], original)
+        _ = record["modules"], record["target"]["fingerprint"], record["card"], record["selection"]
+        _ = record["architecture"]["model_type"], record["architecture"]["architectures"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SurgeryError(f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {fix}") from None
+    if set(where) != set(tensors) or (originals and set(originals) != set(tensors)):
+        raise SurgeryError(f"{path}: the patch files hold tensors {PATCH_RECORD} does not list; {fix}")
+    with ReadOnlyFiles() as files:
+        for t in tensors.values():
+            for kind, data, digest in (("tensor", t.data, t.sha256), ("original tensor", t.original, t.target_sha256)):
+                if data is not None and sha256_of(files, data) != digest:
+                    raise SurgeryError(
+                        f"{path}: {kind} {t.name} differs from its sha256 in {PATCH_RECORD}: the patch was modified "
+                        f"or is corrupt; {fix}"
+                    )
+    return Patch(path, record, tensors)
+
+
+def _locate(folder: Path, names: list[str], fix: str) -> dict[str, tuple[Stored, TensorInfo]]:
+    """Every tensor of the named files in `folder`: where its bytes lie and its header entry."""
+    out = {}
+    for name in names:
+        file = folder / name
+        if Path(name).name != name or not file.is_file():
+            raise SurgeryError(f"{folder}: {name} is missing; the patch is incomplete; {fix}")
+        header = read_header(file)
+        for info in header.tensors:
+            out[info.name] = (Stored(file, header.data_start + info.begin, info.nbytes, info.dtype), info)
+    return out

@@ -1,0 +1,270 @@
+"""Patches: `transplant --patch`, `apply` (and `--revert`, `--link`), `apply_patch`, and their refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from surgery import SurgeryError, apply, apply_patch, open_checkpoint, open_patch, transplant, verify, write_patch
+from surgery.checkpoints.staging import TMP_PREFIX
+from surgery.cli import main
+from surgery.transplants.patch import MAX_SHARD_BYTES, PATCH_RECORD
+from surgery.transplants.write import HOLD_ENV
+from tests.conftest import make_model, tree_digest
+
+MODULES = ["model.layers.1.mlp.*", "model.layers.0.self_attn.q_proj"]
+
+
+def cli(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    """A sharded float32 target with a README and a bfloat16 source (so the patch casts)."""
+    tgt = make_model(tmp_path / "target", 1, shard="20KB")
+    (tgt / "README.md").write_text("# the target's own card\n")
+    src = make_model(tmp_path / "source", 2, shard="30KB", dtype=torch.bfloat16)
+    return {"target": tgt, "source": src}
+
+
+def patch_of(models: dict[str, Path], out: Path, *extra: str) -> Result:
+    args = ["transplant", "-t", models["target"], "-s", models["source"], "-o", out, "--patch", "-q"]
+    return cli(*args, *[a for m in MODULES for a in ("--module", m)], *extra)
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_patch_then_apply_equals_a_direct_transplant_byte_for_byte(tmp_path: Path, models: dict) -> None:
+    before = {k: tree_digest(v) for k, v in models.items()}
+    direct = transplant(models["target"], models["source"], tmp_path / "direct", modules=MODULES, progress=False)
+    made = patch_of(models, tmp_path / "p")
+    assert made.exit_code == 0, made.output
+    assert "wrote patch" in made.output
+    files = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert files == ["README.md", "patch.json", "patch.safetensors"]
+    # Only the selected tensors, already cast to the target's dtype.
+    held = load_file(tmp_path / "p" / "patch.safetensors")
+    assert set(held) == set(direct.tensors)
+    assert all(t.dtype == torch.float32 for t in held.values())
+
+    applied = cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "applied", "-q")
+    assert applied.exit_code == 0, applied.output
+    # Same shards, byte for byte (headers included: the provenance is the transplant's).
+    assert shard_bytes(tmp_path / "applied") == shard_bytes(tmp_path / "direct")
+    record = json.loads((tmp_path / "applied" / "transplant.json").read_text())
+    direct_record = json.loads((tmp_path / "direct" / "transplant.json").read_text())
+    assert record["tensors"] == direct_record["tensors"]
+    assert record["patch"]["path"] == str((tmp_path / "p").resolve())
+    verify(tmp_path / "applied", models["target"], models["source"])
+    assert {k: tree_digest(v) for k, v in models.items()} == before
+
+
+def test_patch_card_names_the_target_as_base_and_says_how_to_apply(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "surgery-patch" in card and "surgery apply p --target" in card and "apply_patch(model" in card
+    assert open_checkpoint(models["target"]).fingerprint in card
+
+
+def test_a_target_with_other_weights_is_refused_naming_the_first_tensor(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    other = make_model(tmp_path / "other", 7, shard="20KB")
+    result = cli("apply", tmp_path / "p", "-t", other, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert "tensor model.layers.0.self_attn.q_proj.weight differs from the target this patch was made for" in (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_patch_applied_twice_is_refused_with_the_reason(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    assert cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "a", "-q").exit_code == 0
+    result = cli("apply", tmp_path / "p", "-t", tmp_path / "a", "-o", tmp_path / "b", "-q")
+    assert result.exit_code == 2 and "the patch is applied there already" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_reversible_patch_reverts_to_the_original_byte_for_byte(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p", "--reversible").exit_code == 0
+    assert (tmp_path / "p" / "original.safetensors").is_file()
+    assert cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "a", "-q").exit_code == 0
+    result = cli("apply", tmp_path / "p", "-t", tmp_path / "a", "-o", tmp_path / "back", "--revert", "-q")
+    assert result.exit_code == 0, result.output
+    # Every file of the original target comes back identical (shard headers, index and card included).
+    assert tree_digest(tmp_path / "back") == tree_digest(models["target"])
+    # --revert on the unpatched target is refused, and so is a revert with a patch that is not reversible.
+    again = cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "x", "--revert", "-q")
+    assert again.exit_code == 2 and "unpatched target already" in again.stderr
+    assert patch_of(models, tmp_path / "plain").exit_code == 0
+    plain = cli("apply", tmp_path / "plain", "-t", tmp_path / "a", "-o", tmp_path / "x", "--revert", "-q")
+    assert plain.exit_code == 2 and "not reversible" in plain.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_apply_link_shares_inodes_only_for_untouched_shards(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p", "--reversible").exit_code == 0
+    out = tmp_path / "a"
+    assert cli("apply", tmp_path / "p", "-t", models["target"], "-o", out, "--link", "-q").exit_code == 0
+    tgt = open_checkpoint(models["target"])
+    touched = {tgt.tensors[t].shard.path.name for t in open_patch(tmp_path / "p").tensors}
+    shards = sorted(p.name for p in models["target"].glob("*.safetensors"))
+    assert touched and set(shards) - touched
+    for name in shards:
+        assert ((out / name).stat().st_ino == (models["target"] / name).stat().st_ino) == (name not in touched), name
+    verify(out, models["target"], models["source"])
+    # A linked revert still gives the original back exactly, linking the shards the patch left alone.
+    back = tmp_path / "back"
+    assert cli("apply", tmp_path / "p", "-t", out, "-o", back, "--revert", "--link", "-q").exit_code == 0
+    assert tree_digest(back) == tree_digest(models["target"])
+    assert {n for n in shards if (back / n).stat().st_ino == (models["target"] / n).stat().st_ino} == set(
+        shards
+    ) - touched
+
+
+def test_apply_patch_in_memory_then_undo_is_exact(tmp_path: Path, models: dict) -> None:
+    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    direct = transplant(models["target"], models["source"], tmp_path / "direct", modules=MODULES, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(models["target"])
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = apply_patch(model, tmp_path / "p")
+    applied = AutoModelForCausalLM.from_pretrained(direct.out).state_dict()
+    assert all(torch.equal(v, applied[k]) for k, v in model.state_dict().items())
+    with pytest.raises(SurgeryError, match="differs from the target this patch was made for"):
+        apply_patch(model, tmp_path / "p")  # applied already: the sha256 check refuses it
+    handle.undo()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_eval_with_patch_equals_evaluating_the_applied_checkpoint(tmp_path: Path, models: dict) -> None:
+    from tests.conftest import save_tokenizer
+
+    for m in models.values():
+        save_tokenizer(m)
+    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    apply(tmp_path / "p", models["target"], tmp_path / "a", progress=False)
+    rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(3)]
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--benchmark", bench, "--max-new-tokens", "4", "--dtype", "float32", "-q"]
+    with_patch = cli("eval", models["target"], "--patch", tmp_path / "p", "-o", tmp_path / "r1", *common)
+    assert with_patch.exit_code == 0, with_patch.output
+    assert cli("eval", tmp_path / "a", "-o", tmp_path / "r2", *common).exit_code == 0
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("r1", "r2"))
+    assert one["settings"]["model_fingerprint"] == two["settings"]["model_fingerprint"]
+    assert one["settings"]["model_fingerprint"] != open_checkpoint(models["target"]).fingerprint
+    records = [[json.loads(x) for x in (tmp_path / r / "records.jsonl").read_text().splitlines()] for r in ("r1", "r2")]
+    assert [(r["output"], r["nll"]) for r in records[0]] == [(r["output"], r["nll"]) for r in records[1]]
+
+
+def test_a_kill_inside_apply_leaves_no_output(tmp_path: Path, models: dict) -> None:
+    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.touch()
+    args = [sys.executable, "-m", "surgery", "apply", str(tmp_path / "p"), "-t", str(models["target"]), "-o", str(out)]
+    proc = subprocess.Popen([*args, "-q"], env={**os.environ, HOLD_ENV: str(hold)}, stderr=subprocess.PIPE)
+    staging = tmp_path  # the temp folder is made beside OUT
+    for _ in range(6000):
+        if any(p.name.startswith(TMP_PREFIX) for p in staging.iterdir()) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "apply ended before it was held inside the copy"
+    proc.kill()
+    proc.communicate()
+    assert not out.exists()
+    hold.unlink()
+    rerun = cli("apply", tmp_path / "p", "-t", models["target"], "-o", out, "-q")
+    assert rerun.exit_code == 0, rerun.output
+    assert "left unfinished by an interrupted run" in rerun.stderr
+    verify(out, models["target"], models["source"])
+
+
+def corrupt(patch: Path, how: str) -> None:
+    if how == "incomplete":
+        (patch / "patch.safetensors").unlink()
+    elif how == "tampered":
+        tensors = load_file(patch / "patch.safetensors")
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] + 1
+        save_file(tensors, patch / "patch.safetensors", metadata={"format": "pt"})
+    elif how == "no record":
+        (patch / PATCH_RECORD).unlink()
+    elif how == "malformed record":
+        record = json.loads((patch / PATCH_RECORD).read_text())
+        del record["tensors"][0]["sha256"]
+        (patch / PATCH_RECORD).write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("incomplete", "patch.safetensors is missing; the patch is incomplete"),
+        ("tampered", "differs from its sha256 in patch.json: the patch was modified or is corrupt"),
+        ("no record", "no patch.json, so not a patch"),
+        ("malformed record", "malformed record"),
+    ],
+)
+def test_a_broken_patch_is_refused_with_one_line_and_nothing_written(
+    tmp_path: Path, models: dict, how: str, message: str
+) -> None:
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    corrupt(tmp_path / "p", how)
+    result = cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "source", "target"]
+
+
+def test_a_patch_for_another_architecture_is_refused(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    wider = make_model(tmp_path / "wider", 1, intermediate_size=96)
+    result = cli("apply", tmp_path / "p", "-t", wider, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "is not the model this patch is for" in result.stderr
+    assert not (tmp_path / "out").exists()
+    model = AutoModelForCausalLM.from_pretrained(wider)
+    with pytest.raises(SurgeryError, match="is not the one this patch is for"):
+        apply_patch(model, tmp_path / "p")
+
+
+def test_patch_options_that_do_not_apply_are_refused(tmp_path: Path, models: dict) -> None:
+    assert (
+        "only applies with --patch"
+        in cli(
+            "transplant",
+            "-t",
+            models["target"],
+            "-s",
+            models["source"],
+            "-o",
+            tmp_path / "x",
+            "--module",
+            "*",
+            "--reversible",
+        ).stderr
+    )
+    assert "not to --patch" in patch_of(models, tmp_path / "y", "--link").stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_large_patches_are_sharded(tmp_path: Path, models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("surgery.transplants.patch.MAX_SHARD_BYTES", 5000)
+    assert MAX_SHARD_BYTES == 5 * 10**9
+    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    files = sorted(p.name for p in (tmp_path / "p").glob("patch*.safetensors"))
+    assert len(files) > 1 and files[0] == f"patch-00001-of-{len(files):05d}.safetensors"
+    apply(tmp_path / "p", models["target"], tmp_path / "a", progress=False)
+    verify(tmp_path / "a", models["target"], models["source"])

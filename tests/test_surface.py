@@ -1,0 +1,101 @@
+"""One consistent command surface: the same flags, defaults and output rules across commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from surgery import open_checkpoint
+from surgery.cli import main
+from surgery.cli.options import size
+from tests.conftest import make_model, tree_digest, write_manifest
+
+
+def cli(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_compat_takes_s_and_t_like_every_other_command(pair: tuple[Path, Path]) -> None:
+    source, target = pair
+    flags = cli("compat", "-s", source, "-t", target)
+    positional = cli("compat", source, target)
+    assert flags.exit_code == 0 and flags.output == positional.output
+    assert "candidate model.layers.0.self_attn.q_proj" in flags.output
+    both = cli("compat", source, target, "-s", source)
+    assert both.exit_code == 2 and "either as SOURCE TARGET or with -s/-t" in both.stderr
+    one = cli("compat", "-s", source)
+    assert one.exit_code == 2 and "needs both checkpoints" in one.stderr
+
+
+def test_verify_takes_its_inputs_from_transplant_json(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    source, target = pair
+    out = tmp_path / "out"
+    assert (
+        cli("transplant", "-t", target, "-s", source, "-o", out, "--module", "model.layers.1.mlp.*", "-q").exit_code
+        == 0
+    )
+    result = cli("verify", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: ")
+    # A recorded input that is gone is named, with the flag that replaces it.
+    record = json.loads((out / "transplant.json").read_text())
+    record["source"]["path"] = str(tmp_path / "gone")
+    (out / "transplant.json").write_text(json.dumps(record))
+    gone = cli("verify", out)
+    assert (
+        gone.exit_code == 2 and f"the source recorded in transplant.json, {tmp_path / 'gone'}, is gone" in gone.stderr
+    )
+    assert cli("verify", out, "-s", source).exit_code == 0
+
+
+def test_transplant_reports_the_bytes_from_the_source_and_in_all(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    source, target = pair
+    out = tmp_path / "out"
+    result = cli("transplant", "-t", target, "-s", source, "-o", out, "--module", "model.layers.1.mlp.down_proj", "-q")
+    assert result.exit_code == 0, result.output
+    moved = open_checkpoint(target).tensors["model.layers.1.mlp.down_proj.weight"].info.nbytes
+    total = open_checkpoint(target).total_bytes
+    assert f"1 modules (1 tensors, {size(moved)}) from the source; {size(total)} in all" in result.output
+    assert size(moved) == "8.0 KiB" and size(3 * 2**20) == "3.0 MiB" and size(100) == "100 B"
+
+
+def test_every_file_output_refuses_to_replace_without_overwrite(tmp_path: Path) -> None:
+    """profile, manifest (and so analyze, through the same check) refuse an existing -o, as transplant does."""
+    source, target = make_model(tmp_path / "s", 1), make_model(tmp_path / "t", 2)
+    manifest = write_manifest(tmp_path / "m.json", source, target)
+    before = manifest.read_text()
+    args = ["manifest", "--method", "weight-delta", "-s", source, "-t", target, "-o", manifest]
+    refused = cli(*args)
+    assert refused.exit_code == 2
+    assert refused.stderr == f"error: output {manifest} already exists; choose a new path or pass --overwrite\n"
+    assert manifest.read_text() == before
+    replaced = cli(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(manifest.read_text())["method"]["name"] == "weight-delta"
+    digest = tree_digest(tmp_path)
+    stats = tmp_path / "m.json"
+    profiled = cli("profile", target, "-w", tmp_path / "absent.jsonl", "-o", stats)
+    assert profiled.exit_code == 2 and "already exists; choose a new path or pass --overwrite" in profiled.stderr
+    analyzed = cli("analyze", "-s", source, "-t", target, "-w", tmp_path / "absent.jsonl", "-o", stats)
+    assert analyzed.exit_code == 2 and "already exists; choose a new path or pass --overwrite" in analyzed.stderr
+    assert tree_digest(tmp_path) == digest
+
+
+def test_transplant_warns_about_unrelated_configs_casts_and_a_no_op(tmp_path: Path, capfd) -> None:
+    import torch
+
+    target = make_model(tmp_path / "t", 1, dtype=torch.bfloat16)
+    other = make_model(tmp_path / "o", 2, vocab_size=256)
+    result = cli("transplant", "-t", target, "-s", other, "-o", tmp_path / "out", "--module", "model.layers.1.mlp.*")
+    assert result.exit_code == 0, result.output
+    assert "warning: the configs differ (source vs target): vocab_size (256 vs 128); are these models related?" in (
+        result.stderr
+    )
+    assert "note: 3 tensors cast from the source's F32 to the target's BF16" in result.stderr
+    same = cli("transplant", "-t", target, "-s", target, "-o", tmp_path / "same", "--module", "model.layers.1.mlp.*")
+    assert same.exit_code == 0 and "source and target are the same checkpoint" in same.stderr
+    quiet = cli("transplant", "-t", target, "-s", make_model(tmp_path / "s", 3, dtype=torch.bfloat16), "-o",
+                tmp_path / "related", "--module", "model.layers.1.mlp.*")  # fmt: skip
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr and "note" not in quiet.stderr

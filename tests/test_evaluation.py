@@ -299,7 +299,14 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
     assert result.exit_code == 0, result.output
     table = json.loads((out / "sweep.json").read_text())
     assert [(r["k"], r["method"]) for r in table["rows"]] == [(2, "lae"), (2, "random"), (4, "lae"), (4, "random")]
-    assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep.md").read_text().count("\n") == 6
+    assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep.md").read_text().count("\n") == 8
+    # The table says what it measured, on what, with which ranking; every value carries its interval.
+    assert (table["benchmark"], table["problems"], table["seed"]) == (Path(setup["bench"]).name, 4, 42)
+    assert table["manifest"]["path"] == str(manifest) and table["target"] == str(Path(setup["target"]).resolve())
+    md = (out / "sweep.md").read_text()
+    assert md.startswith(f"{Path(setup['bench']).name}, 4 problems (seed 42") and f"from {manifest}" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 3 | 4 | lae |"))
+    assert row.count("[") >= 1, row
     assert not list(out.rglob("*.safetensors")), "the sweep must not write checkpoints"
     # Each K's evaluation equals evaluating a checkpoint transplanted on disk.
     patched = tmp_path / "patched"
@@ -316,6 +323,12 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
         r["output"] for r in read_records(tmp_path / "disk" / "records.jsonl")
     ]
     assert in_memory["accuracy"] == disk.accuracy
+    # ... and carries that checkpoint's fingerprint, so its summary can go into the checkpoint's card.
+    assert (
+        in_memory["settings"]["model_fingerprint"]
+        == open_checkpoint(patched).fingerprint
+        == (disk.settings.model_fingerprint)
+    )
 
     # A second manifest (another ranking) swept into the same folder reuses the baselines and the
     # random-K runs, which do not depend on the manifest, and adds only its own rows.

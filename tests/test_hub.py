@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
 import surgery.hub.publish
-from surgery import SurgeryError, transplant, write_patch
+from surgery import SurgeryError, open_checkpoint, transplant, write_patch
 from surgery.cli import main
 from surgery.evaluation.metrics import wilson_interval
 from surgery.hub.publish import push
@@ -51,8 +51,10 @@ def hub(tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
     return {"source": src, "target": tgt, "manifest": write_manifest(tmp_path / "m.json", src, tgt, reverse=True)}
 
 
-def eval_summary(path: Path, benchmark: str = "gsm8k", correct: int = 20, problems: int = 50) -> Path:
-    """A summary.json with the fields `surgery eval` writes."""
+def eval_summary(
+    path: Path, benchmark: str = "gsm8k", correct: int = 20, problems: int = 50, fingerprint: str = "sha256:" + "0" * 64
+) -> Path:
+    """A summary.json with the fields `surgery eval` writes, of the model with `fingerprint`."""
     summary = {
         "model": "/somewhere/llama-chat-patched",
         "benchmark": benchmark,
@@ -64,7 +66,14 @@ def eval_summary(path: Path, benchmark: str = "gsm8k", correct: int = 20, proble
         "nll_mean": 1.25,
         "mean_tokens": 88.0,
         "prompt_format": "chat",
-        "settings": {"benchmark": benchmark, "limit": problems, "seed": 42, "shots": 0, "max_new_tokens": 256},
+        "settings": {
+            "benchmark": benchmark,
+            "limit": problems,
+            "seed": 42,
+            "shots": 0,
+            "max_new_tokens": 256,
+            "model_fingerprint": fingerprint,
+        },
         "versions": {"surgery": "0.1.0"},
     }
     path.write_text(json.dumps(summary))
@@ -72,13 +81,14 @@ def eval_summary(path: Path, benchmark: str = "gsm8k", correct: int = 20, proble
 
 
 def test_card_of_a_transplant_from_repo_ids(hub: dict, tmp_path: Path) -> None:
-    gsm8k = eval_summary(tmp_path / "gsm8k.json")
-    mine = eval_summary(tmp_path / "mine.json", benchmark="mine.jsonl", correct=3, problems=10)
     out = tmp_path / "patched"
-    result = cli(
-        "transplant", "-t", "org/target@v1", "-s", "org/source", "-o", out, "-m", hub["manifest"], "-k", 4,
-        "--eval-results", gsm8k, "--eval-results", mine, "-q",
-    )  # fmt: skip
+    args = ["transplant", "-t", "org/target@v1", "-s", "org/source", "-o", out, "-m", hub["manifest"], "-k", 4, "-q"]
+    # Scores attach only to the model they measured: the fingerprint of this output, known once written once.
+    assert cli(*args).exit_code == 0
+    fingerprint = open_checkpoint(out).fingerprint
+    gsm8k = eval_summary(tmp_path / "gsm8k.json", fingerprint=fingerprint)
+    mine = eval_summary(tmp_path / "mine.json", benchmark="mine.jsonl", correct=3, problems=10, fingerprint=fingerprint)
+    result = cli(*args, "--eval-results", gsm8k, "--eval-results", mine, "--overwrite")
     assert result.exit_code == 0, result.output
 
     card = ModelCard.load(out / "README.md")
@@ -105,6 +115,8 @@ def test_card_of_a_transplant_from_repo_ids(hub: dict, tmp_path: Path) -> None:
     lo, hi = wilson_interval(20, 50)
     assert f"| gsm8k | 50 | 40.0% (20/50) | [{100 * lo:.1f}, {100 * hi:.1f}] | 0 | 256 |" in card.text
     assert f"| target | `org/target` | v1 → `{commit_hash('t')}` |" in card.text
+    command = f"surgery transplant -t org/target@{commit_hash('t')} -s org/source@{commit_hash('s')} -o patched"
+    assert f"{command} -m m.json -k 4" in card.text
     assert FAKE_TOKEN not in (out / "README.md").read_text()
 
     # The generated card is not a file verify expects to equal the target's.
@@ -122,6 +134,10 @@ def test_card_of_local_folders_names_them_without_paths(hub: dict, tmp_path: Pat
     assert "`target` (local folder) with 1 module transplanted from `source` (local folder)" in card.text
     assert "| `model.layers.0.mlp.down_proj` | mlp | 0 |" in card.text and "| rank |" not in card.text
     assert "- module patterns: `*.0.mlp.down_proj`" in card.text
+    # How to load it and the command that makes it again, with local inputs by folder name only.
+    assert 'AutoModelForCausalLM.from_pretrained("out", dtype="auto")' in card.text
+    assert "surgery transplant -t target -s source -o out --module '*.0.mlp.down_proj'" in card.text
+    assert open_checkpoint(hub["target"]).fingerprint in card.text
     assert str(hub["target"].parent) not in (out / "README.md").read_text(), "a local path leaked into the card"
 
 
@@ -382,3 +398,18 @@ def test_push_uploads_a_patch_folder_with_a_card_naming_its_base(hub: dict, tmp_
     with pytest.raises(SurgeryError, match="differs from its sha256"):
         push(patch, "org/my-patch", api=api)
     assert not api.method_calls
+
+
+def test_eval_results_of_another_model_are_refused_or_noted_with_force(hub: dict, tmp_path: Path) -> None:
+    """A summary of the target (or of anything but this output) never lands silently in the card."""
+    target_summary = eval_summary(tmp_path / "t.json", fingerprint=open_checkpoint(hub["target"]).fingerprint)
+    out = tmp_path / "out"
+    args = ["transplant", "-t", hub["target"], "-s", hub["source"], "-o", out, "--module", "*.0.mlp.down_proj", "-q"]
+    refused = cli(*args, "--eval-results", target_summary)
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert f"{target_summary} measured another model" in refused.stderr and "--force" in refused.stderr
+    assert not out.exists()
+    forced = cli(*args, "--eval-results", target_summary, "--force")
+    assert forced.exit_code == 0 and "attached because of --force" in forced.stderr
+    card = (out / "README.md").read_text()
+    assert "**Note:** `t.json` (gsm8k) was measured on another model" in card

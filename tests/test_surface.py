@@ -99,3 +99,58 @@ def test_transplant_warns_about_unrelated_configs_casts_and_a_no_op(tmp_path: Pa
     quiet = cli("transplant", "-t", target, "-s", make_model(tmp_path / "s", 3, dtype=torch.bfloat16), "-o",
                 tmp_path / "related", "--module", "model.layers.1.mlp.*")  # fmt: skip
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr and "note" not in quiet.stderr
+
+
+def test_eval_says_when_it_resumes_or_has_nothing_to_do_and_q_is_quiet(tmp_path: Path) -> None:
+    from tests.conftest import save_tokenizer
+
+    model = make_model(tmp_path / "m", 1)
+    save_tokenizer(model)
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
+    args = ["eval", model, "-b", bench, "--max-new-tokens", 2, "--dtype", "float32", "-o", tmp_path / "r"]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    # Not a terminal: progress comes as whole lines (no carriage returns), transformers' bars included.
+    assert "eval b.jsonl:" in first.stderr and "\r" not in first.stderr
+    records = tmp_path / "r" / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[:1]) + "\n")
+    (tmp_path / "r" / "summary.json").unlink()
+    resumed = cli(*args, "-q")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed: 1 of 4 done" in resumed.stderr
+    # -q: no bar of ours and none of transformers'.
+    assert "Loading weights" not in resumed.stderr and "eval b.jsonl:" not in resumed.stderr
+    again = cli(*args, "-q")
+    assert again.exit_code == 0 and "already complete, nothing recomputed" in again.stderr
+
+
+def test_eval_settings_record_the_prompt_format_used(tmp_path: Path) -> None:
+    """A tokenizer without a chat template gets plain prompts, and settings.json says so, as summary.json does."""
+    from tests.conftest import save_tokenizer
+
+    model = make_model(tmp_path / "m", 1)
+    save_tokenizer(model, chat=False)
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    result = cli("eval", model, "-b", bench, "--max-new-tokens", 2, "-o", tmp_path / "r", "-q")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "r" / "settings.json").read_text())
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert settings["chat"] is False and summary["prompt_format"] == "plain"
+
+
+def test_dtype_fast_is_bfloat16_only_where_it_runs_natively(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import surgery.checkpoints.loading as loading
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(loading, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
+    cpuinfo.write_text("flags\t\t: fpu sse avx avx2 fma\n")
+    assert not loading.native_bf16() and loading.resolve_dtype("fast") == torch.float32
+    cpuinfo.write_text("flags\t\t: fpu sse avx avx2 avx512f avx512_bf16 amx_tile\n")
+    assert loading.native_bf16() and loading.resolve_dtype("fast") == torch.bfloat16
+    assert loading.resolve_dtype("auto") == "auto" and loading.resolve_dtype("float16") == torch.float16

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from surgery.analysis.stats import ModelInfo, ProfileSettings, Requested, Stats, StatsMeta, WorkloadInfo, save_stats
 from surgery.analysis.workloads import PromptSet, load_workload
@@ -27,6 +26,7 @@ from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import chat_text, check_generation_options, input_device, load_model, load_tokenizer
 from surgery.distributed import all_sum, barrier, dist_info, init, mine
 from surgery.fileio import check_new_file
+from surgery.progress import progress_bar
 from surgery.version import library_versions
 
 
@@ -141,7 +141,7 @@ def _run(
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     steps = torch.zeros(len(encoded), dtype=torch.int64)
     try:
-        with tqdm(total=len(encoded), desc=desc, unit="prompt", disable=None if progress else True) as bar:
+        with progress_bar(len(encoded), desc, "prompt", progress) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 enc = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
@@ -204,7 +204,7 @@ def profile(
     share = mine(len(encoded), rank, world)
     recorder = _Recorder(names, len(share))
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload_dir:
-        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir))
+        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir), progress=progress)
         try:
             my_steps = _run(
                 lm,

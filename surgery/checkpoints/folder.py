@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -57,29 +58,27 @@ class Checkpoint:
         """
         return self.fingerprint_with({})
 
-    def fingerprint_with(self, replaced: dict[str, tuple[Path, int]]) -> str:
+    def fingerprint_with(self, replaced: Mapping[str, Callable[[int, int], bytes]]) -> str:
         """The fingerprint this checkpoint would have with some tensors' bytes replaced.
 
-        `replaced` maps a tensor name to the file and absolute offset of its new bytes (same dtype and
-        shape): what a patched model evaluated in memory is fingerprinted by, equal to the fingerprint
-        of the checkpoint `apply` or `transplant` would write for it.
+        `replaced` maps a tensor name to `read(at, n)`, giving `n` bytes from byte `at` of its new bytes
+        (same dtype and shape; see `streaming.cast_reader`): what a model patched in memory is
+        fingerprinted by, equal to the fingerprint of the checkpoint `transplant` or `apply` would write.
         """
         h = hashlib.sha256()
         h.update(json.dumps(self.config, sort_keys=True, separators=(",", ":")).encode())
         for name in sorted(self.tensors):
             t = self.tensors[name].info
             h.update(f"\n{name}\t{t.dtype}\t{list(t.shape)}".encode())
-        fds: dict[Path, int] = {}
-        try:
-            for shard in self.shards:
+        for shard in self.shards:
+            fd = os.open(shard.path, os.O_RDONLY)
+            try:
                 for t in shard.tensors:
-                    path, start = replaced.get(t.name, (shard.path, shard.data_start + t.begin))
-                    if path not in fds:
-                        fds[path] = os.open(path, os.O_RDONLY)
+                    read = replaced.get(t.name)
                     for at in sorted({t.begin, (t.begin + t.end) // 2, max(t.begin, t.end - _SAMPLE_BYTES)}):
-                        h.update(os.pread(fds[path], min(_SAMPLE_BYTES, t.end - at), start + at - t.begin))
-        finally:
-            for fd in fds.values():
+                        n = min(_SAMPLE_BYTES, t.end - at)
+                        h.update(read(at - t.begin, n) if read else os.pread(fd, n, shard.data_start + at))
+            finally:
                 os.close(fd)
         return "sha256:" + h.hexdigest()
 

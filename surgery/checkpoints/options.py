@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+Dtype = Literal["auto", "fast", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = ("auto", "fast", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class ModelOptions:
     offloaded model cannot take, so only `profile`, `analyze` and `eval` accept it.
 
     Attributes:
-        dtype: compute dtype; `auto` keeps the checkpoint's.
+        dtype: compute dtype; `auto` keeps the checkpoint's; `fast` is bfloat16 where the hardware runs it
+            natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else float32.
         chat: apply the tokenizer's chat template when it has one.
         trust_remote_code: allow custom model code (off unless asked for).
         progress: show progress bars (only on a terminal).

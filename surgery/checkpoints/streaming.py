@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from surgery.checkpoints.header import DTYPE_SIZES
 from surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
@@ -131,6 +132,32 @@ def read_tensor(fd: int, offset: int, nbytes: int, dtype: str, shape: tuple[int,
             raise SurgeryError("file ended early while reading; was it modified during the run?")
         done += got
     return torch.frombuffer(buf, dtype=t).reshape(shape)
+
+
+def cast_reader(path: Path, offset: int, src: str, dst: str) -> Callable[[int, int], bytes]:
+    """Random access to a tensor's bytes as they read once cast: `read(at, n)` gives `n` bytes from byte `at`
+    of the tensor stored at `offset` of `path` as dtype `src`, cast to `dst` (what a transplant writes).
+
+    Only the elements covering the range are read and cast, so sampling a few bytes of a large tensor
+    (as `Checkpoint.fingerprint_with` does) costs a few small reads.
+    """
+
+    def read(at: int, n: int) -> bytes:
+        with open(path, "rb") as f:
+            if src == dst:
+                f.seek(offset + at)
+                return f.read(n)
+            s, d = DTYPE_SIZES[src], DTYPE_SIZES[dst]
+            first, last = at // d, -(-(at + n) // d)
+            f.seek(offset + first * s)
+            raw = f.read((last - first) * s)
+        import torch
+
+        elements = torch.frombuffer(bytearray(raw), dtype=torch_dtype(src))
+        cast = elements.to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()
+        return cast[at - first * d : at - first * d + n]
+
+    return read
 
 
 def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:

@@ -238,6 +238,7 @@ def build_pair(base: Path, folder: Path, recipe: Recipe, log: Callable[[str], No
     if stamp.is_file() and {**defaults, **json.loads(stamp.read_text())} == asdict(recipe):
         log(f"pair: reusing {tuned} (recipe unchanged)")
     else:
-        log(f"pair: fine-tuning {base.name} with recipe {asdict(recipe)} -> {tuned}")
+        fields = ", ".join(f"{k} {v}" for k, v in asdict(recipe).items() if k != "name")
+        log(f"pair: fine-tuning {base.name} with recipe {recipe.name} ({fields}) -> {tuned}")
         finetune(base, tuned, recipe, log)
     return (tuned, base) if recipe.tuned_role == "source" else (base, tuned)

@@ -13,13 +13,18 @@ import torch
 from surgery.checkpoints.loading import chat_text, input_device
 
 
+def uses_chat(tokenizer, chat: bool) -> bool:
+    """Whether prompts go through the chat template: asked for, and the tokenizer has one."""
+    return chat and bool(getattr(tokenizer, "chat_template", None))
+
+
 def render(tokenizer, messages: list[dict[str, str]], plain: str, chat: bool) -> tuple[str, list[int], str]:
     """A prompt as text and token ids: the chat template when asked and available, else the plain text.
 
     Returns:
         (text, ids, format) where format is "chat" or "plain".
     """
-    if chat and getattr(tokenizer, "chat_template", None):
+    if uses_chat(tokenizer, chat):
         text = chat_text(tokenizer, messages)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"], "chat"
     return plain, tokenizer(plain)["input_ids"], "plain"

@@ -18,11 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 from surgery.analysis.nll import gold_nll
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import check_generation_options, load_model, load_tokenizer
+from surgery.checkpoints.streaming import cast_reader
 from surgery.distributed import barrier, dist_info, init
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
@@ -35,10 +34,11 @@ from surgery.evaluation.benchmarks import (
     prompt_text,
     select_problems,
 )
-from surgery.evaluation.generate import greedy_generate, render
+from surgery.evaluation.generate import greedy_generate, render, uses_chat
 from surgery.evaluation.metrics import wilson_interval
 from surgery.evaluation.summary import EvalSettings, EvalSummary
 from surgery.fileio import write_atomic, write_json_atomic
+from surgery.progress import progress_bar
 from surgery.transplants.apply import apply_patch
 from surgery.transplants.patch import open_patch
 from surgery.version import library_versions
@@ -147,11 +147,12 @@ def evaluate(
     patched = open_patch(patch) if patch is not None else None
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
-        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload))
+        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload), progress=progress)
         fingerprint, label = ckpt.fingerprint, str(ckpt.path)
         if patched is not None:
             apply_patch(lm, patched)
-            fingerprint = ckpt.fingerprint_with({n: (t.data.path, t.data.offset) for n, t in patched.tensors.items()})
+            readers = {n: cast_reader(t.data.path, t.data.offset, t.dtype, t.dtype) for n, t in patched.tensors.items()}
+            fingerprint = ckpt.fingerprint_with(readers)
             label = f"{ckpt.path} + patch {patched.path}"
         settings = EvalSettings(
             benchmark=bench.name,
@@ -160,7 +161,7 @@ def evaluate(
             limit=limit,
             seed=seed,
             shots=shots,
-            chat=chat,
+            chat=uses_chat(tokenizer, chat),  # what is used: a tokenizer without a template gets plain prompts
             max_new_tokens=max_new_tokens,
             dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
             model_fingerprint=fingerprint,
@@ -199,7 +200,11 @@ def evaluate_loaded(
         prompts.append(ids)
     stops = STOP_STRINGS if fmt == "plain" else ()
 
-    with tqdm(total=len(mine), desc=f"eval {bench.name}", unit="problem", disable=None if progress else True) as bar:
+    if len(mine) < len(problems):
+        done_here = len(problems) - len(mine)
+        what = "already complete, nothing recomputed" if not mine else f"resumed: {done_here} of {len(problems)} done"
+        print(f"eval {bench.name} in {out}: {what}", file=sys.stderr)
+    with progress_bar(len(mine), f"eval {bench.name}", "problem", progress) as bar:
 
         def save(rows: list[int], outputs: list[str], counts: list[int]) -> None:
             sols = [tokenizer(mine[i].solution, add_special_tokens=False)["input_ids"] for i in rows]

@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Everything that determines an evaluation's results (compared on resume)."""
+    """Everything that determines an evaluation's results (compared on resume).
+
+    `chat` is whether the chat template was used: asked for and present in the tokenizer (a model
+    without one gets plain prompts, and `chat` says false, as `prompt_format` says `plain`).
+    """
 
     benchmark: str
     benchmark_sha256: str

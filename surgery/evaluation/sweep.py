@@ -20,11 +20,13 @@ from surgery.checkpoints.loading import load_model, load_tokenizer
 from surgery.checkpoints.swap import swapped
 from surgery.distributed import dist_info
 from surgery.errors import SurgeryError
+from surgery.evaluation.generate import uses_chat
 from surgery.evaluation.report import report
 from surgery.evaluation.runner import evaluate_loaded, prepare, problem_ids_sha256
 from surgery.evaluation.summary import EvalSettings
 from surgery.fileio import write_atomic, write_json_atomic
 from surgery.manifest import file_sha256, load_manifest, select_modules
+from surgery.transplants.write import output_fingerprint
 
 
 def _parse_list(text: str, what: str) -> list[int]:
@@ -97,11 +99,11 @@ def sweep(
     bench, problems = prepare(benchmark, limit, seed, shots)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest_sha = file_sha256(manifest)
 
     def run(lm, tokenizer, label: str, fingerprint: str, budget: int) -> None:
+        used = uses_chat(tokenizer, chat)
         settings = EvalSettings(
-            bench.name, bench.sha256, problem_ids_sha256(problems), limit, seed, shots, chat, budget, dtype, fingerprint
+            bench.name, bench.sha256, problem_ids_sha256(problems), limit, seed, shots, used, budget, dtype, fingerprint
         )
         evaluate_loaded(
             lm, tokenizer, bench, problems, settings, out / f"{label}-m{budget}", label, batch_size, progress
@@ -110,26 +112,33 @@ def sweep(
     for ckpt in (src, tgt):
         tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
         with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
-            lm = load_model(ckpt.path, dtype, None, trust_remote_code, Path(offload))
+            lm = load_model(ckpt.path, dtype, None, trust_remote_code, Path(offload), progress=progress)
             name = "source" if ckpt is src else "target"
             for budget in budgets:
                 run(lm, tokenizer, name, ckpt.fingerprint, budget)
                 if ckpt is src:
                     continue
                 for k in k_values:
-                    # What identifies each patched model: the manifest for the ranking, only the seed for
-                    # random-K, so sweeps of several manifests into one folder share the random baseline.
-                    for method, ranking, origin in (
-                        (man.method.name, man.modules, manifest_sha),
-                        ("random", rand.modules, f"seed {random_seed}"),
-                    ):
+                    for method, ranking in ((man.method.name, man.modules), ("random", rand.modules)):
                         chosen = [t for m in select_modules(ranking, top_k=k) for t in m.tensors]
+                        # The fingerprint of the checkpoint `transplant` would write: its card can carry this.
                         with swapped(lm, src, chosen):
-                            run(lm, tokenizer, f"{method}-k{k}", f"{tgt.fingerprint}+{origin}:{method}:{k}", budget)
+                            run(lm, tokenizer, f"{method}-k{k}", output_fingerprint(tgt, src, chosen), budget)
             del lm
             gc.collect()
 
-    table = _table(out, man.method.name, k_values, budgets)
+    about = {
+        "benchmark": bench.name,
+        "problems": len(problems),
+        "seed": seed,
+        "shots": shots,
+        "dtype": dtype,
+        "source": str(src.path),
+        "target": str(tgt.path),
+        "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
+        "random_seed": random_seed,
+    }
+    table = {**about, **_table(out, man.method.name, k_values, budgets)}
     if dist_info()[0] == 0:  # under torchrun every rank has the table; one writes it
         write_json_atomic(out / "sweep.json", table)
         write_atomic(out / "sweep.md", markdown(table).encode("utf-8"))
@@ -150,12 +159,15 @@ def _table(out: Path, method: str, k_values: list[int], budgets: list[int]) -> d
                         "k": k,
                         "method": m,
                         "source": r["source"]["accuracy"],
+                        "source_ci95": r["source"]["accuracy_ci95"],
                         "target": r["target"]["accuracy"],
+                        "target_ci95": r["target"]["accuracy_ci95"],
                         **{
                             x: row[x]
                             for x in (
                                 *("accuracy", "accuracy_ci95", "tir", "tir_ci95", "recovery_pct", "recovery_ci95"),
                                 *("nll", "nll_recovery_pct", "nll_recovery_ci95"),
+                                *("tir_undefined", "recovery_undefined", "nll_undefined"),
                             )
                         },
                     }
@@ -164,47 +176,76 @@ def _table(out: Path, method: str, k_values: list[int], budgets: list[int]) -> d
 
 
 def markdown(table: dict) -> str:
-    def num(x: float | None, fmt: str) -> str:
-        return "undefined" if x is None else format(x, fmt)
+    """The sweep as a table that stands on its own: what was measured, on what, and every value's interval."""
 
-    head = "| max_new_tokens | K | method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |"
-    lines = [head, "|---" * 10 + "|"]
+    def num(x: float | None, ci: list[float] | None, fmt: str, scale: float = 1) -> str:
+        if x is None:
+            return "undefined"
+        band = f" [{format(scale * ci[0], fmt)}, {format(scale * ci[1], fmt)}]" if ci else ""
+        return format(scale * x, fmt) + band
+
+    m = table["manifest"]
+    lines = [
+        f"{table['benchmark']}, {table['problems']} problems (seed {table['seed']}, {table['shots']}-shot, "
+        f"{table['dtype']}); source {table['source']}, target {table['target']}; ranking `{m['method']}` from "
+        f"{m['path']} (sha256 {m['sha256'][:12]}…), random-K seed {table['random_seed']}. 95% intervals: "
+        "Wilson for accuracy, paired bootstrap for TIR and Recovery.",
+        "",
+        "| max_new_tokens | K | method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |",
+        "|---" * 10 + "|",
+    ]
     for r in table["rows"]:
         lines.append(
             f"| {r['max_new_tokens']} | {r['k']} | {r['method']} | {100 * r['source']:.1f}% | {100 * r['target']:.1f}% "
-            f"| {100 * r['accuracy']:.1f}% | {num(r['tir'], '.2f')} | {num(r['recovery_pct'], '.1f')} "
-            f"| {num(r['nll'], '.4f')} | {num(r['nll_recovery_pct'], '.1f')} |"
+            f"| {num(r['accuracy'], r['accuracy_ci95'], '.1f', 100)}% | {num(r['tir'], r['tir_ci95'], '.2f')} "
+            f"| {num(r['recovery_pct'], r['recovery_ci95'], '.1f')} | {num(r['nll'], None, '.4f')} "
+            f"| {num(r['nll_recovery_pct'], r['nll_recovery_ci95'], '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _plot(table: dict, path: Path) -> None:
-    """Accuracy, TIR, Recovery and gold-NLL Recovery against K: a line per max_new_tokens, random-K dashed."""
+    """Accuracy, TIR, Recovery and gold-NLL Recovery against K, with 95% bands: a line per max_new_tokens,
+    random-K dashed; the x-axis at the swept K; a panel with no defined value says why."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
+    panels = (("accuracy", "accuracy_ci95", 100), ("tir", "tir_ci95", 1))
+    panels += (("recovery_pct", "recovery_ci95", 1), ("nll_recovery_pct", "nll_recovery_ci95", 1))
+    reasons = {"tir": "tir_undefined", "recovery_pct": "recovery_undefined", "nll_recovery_pct": "nll_undefined"}
     for budget in table["max_new_tokens"]:
         for method, style in ((table["method"], "-o"), ("random", "--x")):
             rows = [r for r in table["rows"] if r["max_new_tokens"] == budget and r["method"] == method]
-            ks = [r["k"] for r in rows]
-            axes[0].plot(ks, [100 * r["accuracy"] for r in rows], style, label=f"{method}, {budget} tok")
-            for ax, key in ((axes[1], "tir"), (axes[2], "recovery_pct"), (axes[3], "nll_recovery_pct")):
-                pts = [(r["k"], r[key]) for r in rows if r[key] is not None]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), style, label=f"{method}, {budget} tok")
+            label = f"{method}, {budget} tok"
+            for ax, (key, ci, scale) in zip(axes, panels, strict=True):
+                pts = [(r["k"], scale * r[key], r[ci]) for r in rows if r[key] is not None]
+                if not pts:
+                    continue
+                (line,) = ax.plot([k for k, _, _ in pts], [v for _, v, _ in pts], style, label=label)
+                band = [(k, scale * c[0], scale * c[1]) for k, _, c in pts if c]
+                if band:
+                    ks, lo, hi = zip(*band, strict=True)
+                    ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
         first = next(r for r in table["rows"] if r["max_new_tokens"] == budget)
         axes[0].axhline(100 * first["source"], color="green", lw=0.8, ls=":", label=f"source, {budget} tok")
         axes[0].axhline(100 * first["target"], color="red", lw=0.8, ls=":", label=f"target, {budget} tok")
     titles = ("accuracy %", "TIR (patched / target)", "Recovery %", "gold-NLL Recovery %")
-    for ax, title in zip(axes, titles, strict=True):
+    for ax, title, (key, _, _) in zip(axes, titles, panels, strict=True):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(table["k"], [str(k) for k in table["k"]])
+        ax.minorticks_off()
         ax.set_xlabel("K (modules transplanted)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        if key in reasons and all(r[key] is None for r in table["rows"]):
+            why = table["rows"][0][reasons[key]]
+            ax.text(0.5, 0.5, f"undefined\n({why})", ha="center", va="center", transform=ax.transAxes, color="gray")
+    axes[0].set_ylim(bottom=0, top=max(5.0, axes[0].get_ylim()[1]))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

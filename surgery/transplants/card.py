@@ -101,6 +101,8 @@ def model_card(
     manifest: Manifest | None = None,
     selection: dict | None = None,
     eval_summaries: Sequence[dict] = (),
+    notes: Sequence[str] = (),
+    manifest_file: str | None = None,
 ) -> ModelCard:
     """Build the model card of a transplant output.
 
@@ -111,6 +113,8 @@ def model_card(
         manifest: the manifest they were selected from, if any (its method and workload are shown).
         selection: the selection options (`top_k`, `only`, `layers`, `patterns`), as in `transplant.json`.
         eval_summaries: evaluation summaries (see `load_eval_summary`) to report.
+        notes: lines shown under the evaluation table (e.g. a summary of another model, attached with --force).
+        manifest_file: the manifest's file name, for the command that reproduces the output.
 
     Returns:
         The card; `card.save(path)` writes it.
@@ -145,9 +149,22 @@ def model_card(
         "## Transplanted modules",
         "",
         *_module_table(modules, manifest is not None),
+        "",
+        "## Use and reproduce",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto")  # this folder, or its Hub repo id',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        "```",
+        "",
+        "```bash",
+        _command(name, target, source, manifest_file, selection or {}),
+        "```",
     ]
     if eval_summaries:
-        body += ["", "## Evaluation", "", *_eval_table(eval_summaries)]
+        body += ["", "## Evaluation", "", *_eval_table(eval_summaries), *(f"\n> **Note:** {n}" for n in notes)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
@@ -217,6 +234,26 @@ def patch_card(
         *_module_table(modules, manifest is not None),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _command(name: str, target: Checkpoint, source: Checkpoint, manifest_file: str | None, selection: dict) -> str:
+    """The `surgery transplant` command that writes this output again (local inputs by folder name)."""
+    parts = ["surgery transplant", f"-t {_ref(target)}", f"-s {_ref(source)}", f"-o {name}"]
+    if manifest_file is not None:
+        parts.append(f"-m {manifest_file}")
+    if selection.get("top_k") is not None and not selection.get("top_k_from"):
+        parts.append(f"-k {selection['top_k']}")
+    if selection.get("only"):
+        parts.append(f"--only {selection['only']}")
+    if selection.get("layers"):
+        parts.append(f"--layers {'-'.join(map(str, selection['layers']))}")
+    parts += [f"--module '{p}'" for p in selection.get("patterns") or ()]
+    return " ".join(parts)
+
+
+def _ref(c: Checkpoint) -> str:
+    """An input as a command names it: a Hub repo at its commit, or a local folder by name."""
+    return f"{c.hub.repo_id}@{c.hub.commit}" if c.hub is not None else c.path.name
 
 
 def _label(c: Checkpoint) -> str:

@@ -125,7 +125,15 @@ def write_patch(
     out = out.resolve()
     tgt, src = sel.target, sel.source
     infos = {n: tgt.tensors[n].info for n in sel.tensors}
-    applied_card = cards.model_card(out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection)
+    applied_card = cards.model_card(
+        out.name,
+        tgt,
+        src,
+        sel.modules,
+        manifest=sel.manifest,
+        selection=sel.selection,
+        manifest_file=Path(manifest).name if manifest is not None else None,
+    )
     card = cards.patch_card(
         out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, reversible=reversible
     )

@@ -20,17 +20,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
 from surgery.checkpoints.header import ShardHeader, encode_header
 from surgery.checkpoints.staging import TMP_PREFIX, check_out, staged_folder
-from surgery.checkpoints.streaming import ReadOnlyFiles, check_convertible, converted_chunks, copy_range, write_all
+from surgery.checkpoints.streaming import (
+    ReadOnlyFiles,
+    cast_reader,
+    check_convertible,
+    converted_chunks,
+    copy_range,
+    write_all,
+)
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
+from surgery.progress import progress_bar
 from surgery.version import __version__
 
 # Test hooks, not an API: after each piece is written, sleep this many seconds, and wait while the
@@ -130,6 +136,46 @@ class Selected:
 
     def shard_header(self, shard: ShardHeader) -> bytes:
         return provenance_header(self.provenance, shard)
+
+
+def _foreign_summaries(paths: Sequence[str | Path], summaries: list[dict], expected: str, force: bool) -> list[str]:
+    """Refuse eval summaries of another model than the output (unless `force`: then notes for the card).
+
+    A summary records the fingerprint of the model it measured (`eval` of a folder, `eval --patch`, or a
+    `sweep` of this selection all record the output's); the card's scores must be this output's.
+    """
+    notes = []
+    for path, s in zip(paths, summaries, strict=True):
+        measured = str(s.get("settings", {}).get("model_fingerprint"))
+        if measured == expected:
+            continue
+        msg = f"{path} measured another model (fingerprint {measured[:19]}…) than this output ({expected[:19]}…)"
+        if not force:
+            raise SurgeryError(
+                f"{msg}; pass the summary of an eval of this output (or of a sweep of this selection), "
+                "or --force to attach it with a note in the card"
+            )
+        print(f"warning: {msg}; attached because of --force, with a note in the card", file=sys.stderr)
+        notes.append(
+            f"`{Path(path).name}` ({s['benchmark']}) was measured on another model (fingerprint `{measured}`), "
+            "not this one; it was attached with --force."
+        )
+    return notes
+
+
+def output_fingerprint(tgt: Checkpoint, src: Checkpoint, tensors: Sequence[str]) -> str:
+    """The fingerprint of the checkpoint `transplant` writes with `tensors` from `src`, without writing it.
+
+    What an in-memory evaluation of that model (`sweep`) records, so that its summary can go into the
+    card of the checkpoint written later.
+    """
+    return tgt.fingerprint_with(
+        {n: cast_reader(*_location(src.tensors[n]), tgt.tensors[n].info.dtype) for n in tensors}
+    )
+
+
+def _location(ref: TensorRef) -> tuple[Path, int, str]:
+    return ref.shard.path, ref.shard.data_start + ref.info.begin, ref.info.dtype
 
 
 def provenance_header(provenance: dict, shard: ShardHeader) -> bytes:
@@ -234,7 +280,8 @@ def transplant(
         only: restrict to one kind: `attn`, `mlp` or `other`.
         layers: restrict to an inclusive layer range.
         modules: module names or glob patterns.
-        force: accept a manifest whose fingerprints do not match (with a warning).
+        force: accept a manifest whose fingerprints do not match, or eval results of another model (with a
+            warning, and a note in the card).
         overwrite: replace an existing `out`, only once the new output is complete.
         progress: show a progress bar of bytes (only when stderr is a terminal).
         trust_remote_code: allow configs that need custom model code.
@@ -268,9 +315,18 @@ def transplant(
     out = out.resolve()
     summaries = [cards.load_eval_summary(p) for p in eval_results]
     tgt, src = sel.target, sel.source
+    notes = _foreign_summaries(eval_results, summaries, output_fingerprint(tgt, src, sel.tensors), force)
     # Built before anything is written, so that a problem with it leaves nothing behind.
     card = cards.model_card(
-        out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, eval_summaries=summaries
+        out.name,
+        tgt,
+        src,
+        sel.modules,
+        manifest=sel.manifest,
+        selection=sel.selection,
+        eval_summaries=summaries,
+        notes=notes,
+        manifest_file=Path(manifest).name if manifest is not None else None,
     )
     replacements = {name: stored(src.tensors[name]) for name in sel.tensors}
     record = {**sel.provenance, "selection": sel.selection, "modules": [c.name for c in sel.modules]}
@@ -520,7 +576,7 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
     """Write every shard; return the sha256 of each source tensor as written."""
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="transplant", disable=None if progress else True)
+    bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
     with ReadOnlyFiles() as files, bar:
         for plan in plans:

@@ -42,11 +42,15 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path: Path, tiny_gguf: Pa
     assert not src["model.layers.0.mlp.up_proj.weight"].equal(base["model.layers.0.mlp.up_proj.weight"])
     assert src["model.embed_tokens.weight"].equal(base["model.embed_tokens.weight"])
     assert any("verify: OK" in line for line in lines)
+    # What it prints reads as text: no Python dict or repr anywhere (the recipe and the result paths).
+    assert not any("{'" in line or "'}" in line for line in lines), [x for x in lines if "{'" in x]
+    assert any(line.startswith("  results patched") for line in lines)
 
     again: list[str] = []
     rep2 = demo.run_demo(tmp_path / "work", TINY, log=again.append)
     assert any(line.startswith("reusing") for line in again) and any("recipe unchanged" in line for line in again)
     assert not any("step 1/" in line for line in again), "the cached pair was fine-tuned again"
+    assert any("manifest.json (same pair, method and workload)" in line for line in again), "ranked again"
     assert rep2["rows"][0]["accuracy"] == rep["rows"][0]["accuracy"]
     assert rep2["rows"][0]["nll"] == rep["rows"][0]["nll"]
 

@@ -124,6 +124,11 @@ def test_eval_says_when_it_resumes_or_has_nothing_to_do_and_q_is_quiet(tmp_path:
     assert "Loading weights" not in resumed.stderr and "eval b.jsonl:" not in resumed.stderr
     again = cli(*args, "-q")
     assert again.exit_code == 0 and "already complete, nothing recomputed" in again.stderr
+    # A folder written before the prompt style was recorded still resumes (the default was the only style).
+    settings = tmp_path / "r" / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "prompt"}))
+    old = cli(*args, "-q")
+    assert old.exit_code == 0 and "already complete" in old.stderr, old.stderr
 
 
 def test_eval_settings_record_the_prompt_format_used(tmp_path: Path) -> None:
@@ -154,3 +159,27 @@ def test_dtype_fast_is_bfloat16_only_where_it_runs_natively(tmp_path: Path, monk
     cpuinfo.write_text("flags\t\t: fpu sse avx avx2 avx512f avx512_bf16 amx_tile\n")
     assert loading.native_bf16() and loading.resolve_dtype("fast") == torch.bfloat16
     assert loading.resolve_dtype("auto") == "auto" and loading.resolve_dtype("float16") == torch.float16
+
+
+def test_eval_prompt_lm_eval_is_lm_evals_gsm8k_format(tmp_path: Path) -> None:
+    from surgery.evaluation.benchmarks import Problem, prompt_text
+    from tests.conftest import save_tokenizer
+
+    problem = Problem("p1", "Tom has 3 apples and buys 2. How many?", "5", "")
+    assert prompt_text(problem, "gsm8k", 0, "lm-eval") == "Question: Tom has 3 apples and buys 2. How many?\nAnswer:"
+    assert "Please reason step by step" in prompt_text(problem, "gsm8k", 0)
+    model = make_model(tmp_path / "m", 1)
+    save_tokenizer(model)  # it has a chat template: lm-eval's prompt is plain anyway
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    args = ["eval", model, "-b", bench, "--max-new-tokens", 2, "-q"]
+    assert cli(*args, "--prompt", "lm-eval", "-o", tmp_path / "lm").exit_code == 0
+    settings = json.loads((tmp_path / "lm" / "settings.json").read_text())
+    summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
+    (record,) = [json.loads(x) for x in (tmp_path / "lm" / "records.jsonl").read_text().splitlines()]
+    assert settings["prompt"] == "lm-eval" and settings["chat"] is False and summary["prompt_format"] == "plain"
+    assert record["prompt"] == "Question: 1+1?\nAnswer:"
+    # Results of the two prompt styles are not compared with each other.
+    assert cli(*args, "-o", tmp_path / "ours").exit_code == 0
+    mixed = cli("report", "-s", tmp_path / "ours", "-t", tmp_path / "lm", "-p", tmp_path / "ours")
+    assert mixed.exit_code == 2 and "chat=True but the target with False" in mixed.stderr

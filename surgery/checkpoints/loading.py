@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,19 +130,30 @@ def load_model(
         }
     elif torch.cuda.is_available():
         kwargs["device_map"] = "cuda"
+    try:
+        with transformers_bars(progress):
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    except MemoryError:
+        raise
+    except Exception as e:  # a config or weights transformers refuses (validated configs raise many types)
+        raise SurgeryError(f"{path}: transformers cannot load this model ({one_line(e)}); check config.json") from None
+
+
+@contextmanager
+def transformers_bars(progress: bool) -> Iterator[None]:
+    """transformers' own bars ("Loading weights", "Writing model shards") only where they belong.
+
+    They redraw with carriage returns: fine on a terminal, noise in a log. So they are on only when
+    `progress` (no `-q`) and stderr is a terminal, and as they were afterwards.
+    """
     from transformers.utils import logging as hf_logging
 
-    # transformers' bars redraw with carriage returns: fine on a terminal, noise in a log.
     quiet = not progress or not sys.stderr.isatty()
     bars = hf_logging.is_progress_bar_enabled()
     if quiet:
         hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    except MemoryError:
-        raise
-    except Exception as e:  # a config or weights transformers refuses (validated configs raise many types)
-        raise SurgeryError(f"{path}: transformers cannot load this model ({one_line(e)}); check config.json") from None
+        yield
     finally:
         if bars and quiet:
             hf_logging.enable_progress_bar()

@@ -26,6 +26,13 @@ _eval_options = stack(
 @MAX_MEMORY
 @click.option("--out", "-o", required=True, help="Results folder; a rerun with the same settings resumes.")
 @click.option("--patch", help="A patch folder (`transplant --patch`) to apply in memory first; nothing is written.")
+@click.option(
+    "--prompt",
+    type=click.Choice(["surgery", "lm-eval"]),
+    default="surgery",
+    show_default=True,
+    help="surgery: answer-format instruction, chat template; lm-eval: lm-eval-harness's gsm8k prompt (comparable).",
+)
 def eval_cmd(model: str, benchmark: str, out: str, options: ModelOptions, **settings: Any) -> None:
     """Score MODEL on a math benchmark with greedy decoding."""
     from surgery.evaluation.runner import evaluate

@@ -45,6 +45,7 @@ from typing import Literal
 
 import torch
 
+from surgery.checkpoints.loading import transformers_bars
 from surgery.checkpoints.staging import staged_folder
 from surgery.data import addition_rows, read_jsonl_gz, strip_calculator
 from surgery.evaluation.benchmarks import Problem, prompt_messages
@@ -186,7 +187,8 @@ def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] =
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, recipe.dtype), local_files_only=True)
+    with transformers_bars(progress=True):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, recipe.dtype), local_files_only=True)
     model.train()
     # Embeddings (tied to the head in SmolLM2) stay frozen: they are not transplant candidates, so
     # the update lands in the modules a transplant can move, and their 28 M-parameter gradient
@@ -213,7 +215,7 @@ def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] =
         if step == 1 or step % 10 == 0 or step == recipe.steps:
             log(f"  {recipe.name} step {step}/{recipe.steps}  loss {loss.item():.3f}  {time.perf_counter() - t0:.0f} s")
     model.eval()
-    with staged_folder(out, overwrite=True) as tmp:
+    with staged_folder(out, overwrite=True) as tmp, transformers_bars(progress=True):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")

@@ -125,6 +125,30 @@ def qwen_gguf(cache: Path) -> Path:
     return path
 
 
+def _cached_manifest(path: Path, source: Path, target: Path, s: DemoSettings):
+    """The manifest a previous run wrote, if it ranks this very pair with this method on this workload."""
+    from surgery.analysis.workloads import load_workload
+    from surgery.checkpoints.folder import open_checkpoint
+    from surgery.manifest import load_manifest
+
+    if not path.is_file():
+        return None
+    try:
+        man = load_manifest(path)
+    except SurgeryError:
+        return None
+    same = (
+        man.method.name == s.method
+        and man.workload is not None
+        and man.workload.sha256 == load_workload(s.workload).sha256
+        and man.workload.max_new_tokens in (0, s.analysis_tokens)  # 0: a taylor/swap-nll ranking generates nothing
+        and man.method.params.get("dtype", s.dtype) == s.dtype
+        and man.source.fingerprint == open_checkpoint(source).fingerprint
+        and man.target.fingerprint == open_checkpoint(target).fingerprint
+    )
+    return man if same else None
+
+
 def run_demo(
     work: str | Path = ".demo", settings: DemoSettings | None = None, log: Callable[[str], None] = print
 ) -> dict:
@@ -188,19 +212,24 @@ def run_demo(
 
     step(f"3/7 analyze on {s.workload} ({s.analysis_tokens} new tokens), method {s.method}")
     manifest_path = run / "manifest.json"  # stats are cached beside it, shared by every --method
-    manifest = analyze(
-        source,
-        target,
-        s.workload,
-        manifest_path,
-        method=s.method,
-        max_new_tokens=s.analysis_tokens,
-        dtype=s.dtype,
-        progress=True,
-        overwrite=True,  # the demo's own file: a rerun rewrites it from the (cached) stats
-    )
+    manifest = _cached_manifest(manifest_path, source, target, s)
+    if manifest is not None:
+        log(f"reusing {manifest_path} (same pair, method and workload)")
+    else:
+        log(f"writing {manifest_path}")
+        manifest = analyze(
+            source,
+            target,
+            s.workload,
+            manifest_path,
+            method=s.method,
+            max_new_tokens=s.analysis_tokens,
+            dtype=s.dtype,
+            progress=True,
+            overwrite=True,  # the demo's own file: a stale one is replaced
+        )
     top = ", ".join(m.name for m in sorted(manifest.modules, key=lambda m: m.rank)[:5])
-    log(f"wrote {manifest_path}; top 5: {top}")
+    log(f"top 5: {top}")
 
     step(f"4/7 transplant the top {s.top_k} modules into the target")
     patched = run / f"patched-k{s.top_k}"
@@ -249,5 +278,9 @@ def run_demo(
     (run / "paths.json").write_text(json.dumps(rep["paths"], indent=2) + "\n")
     log(f"\ndone in {time.perf_counter() - start:.0f} s; everything is under {work}")
     for key, value in rep["paths"].items():
-        log(f"  {key:9} {value}")
+        if isinstance(value, dict):  # the three results folders, one line each
+            for role, folder in value.items():
+                log(f"  {key + ' ' + role:17} {folder}")
+        else:
+            log(f"  {key:17} {value}")
     return rep

@@ -29,6 +29,11 @@ MAX_SHOTS = 8
 # Ends a completion in the plain "Question: ... Answer:" format: the model starting the next
 # question, or rambling into blank lines.
 STOP_STRINGS: tuple[str, ...] = ("Question:", "\n\n\n")
+# Prompt styles: surgery's (the instruction asking for the answer format, the chat template when the
+# tokenizer has one) and lm-eval-harness's gsm8k task ("Question: ...\nAnswer:", no chat template,
+# its stop strings), whose numbers are comparable with lm-eval's zero-shot gsm8k.
+PROMPT_STYLES = ("surgery", "lm-eval")
+LM_EVAL_STOP_STRINGS: tuple[str, ...] = ("Question:", "</s>", "<|im_end|>")
 
 _INSTRUCTIONS = {
     "gsm8k": 'Please reason step by step, and finish with a final line of the form "#### <number>".',
@@ -270,8 +275,8 @@ def _check_prompt_args(grader: str, shots: int) -> None:
         raise SurgeryError(f"--shots must be an integer from 0 to {MAX_SHOTS}, got {shots!r}")
 
 
-def _user_turn(question: str, grader: str) -> str:
-    return f"{question.strip()}\n{_INSTRUCTIONS[grader]}"
+def _user_turn(question: str, grader: str, style: str = "surgery") -> str:
+    return question.strip() if style == "lm-eval" else f"{question.strip()}\n{_INSTRUCTIONS[grader]}"
 
 
 def prompt_messages(problem: Problem, grader: str, shots: int) -> list[dict[str, str]]:
@@ -297,13 +302,15 @@ def prompt_messages(problem: Problem, grader: str, shots: int) -> list[dict[str,
     return messages
 
 
-def prompt_text(problem: Problem, grader: str, shots: int) -> str:
+def prompt_text(problem: Problem, grader: str, shots: int, style: str = "surgery") -> str:
     """The same prompt as `prompt_messages`, for models without a chat template.
 
     Args:
         problem: the problem to ask.
         grader: `gsm8k` or `math`.
         shots: 0 to 8 fixed exemplars from the train split.
+        style: `surgery` (each question followed by the answer-format instruction) or `lm-eval`
+            (lm-eval-harness's gsm8k `doc_to_text`, "Question: {question}\nAnswer:", no instruction).
 
     Returns:
         "Question: ...\\nAnswer: ..." blocks separated by blank lines, ending with "Answer:".
@@ -313,10 +320,10 @@ def prompt_text(problem: Problem, grader: str, shots: int) -> str:
     """
     _check_prompt_args(grader, shots)
     blocks = [
-        f"Question: {_user_turn(q, grader)}\nAnswer: {s.strip()}"
+        f"Question: {_user_turn(q, grader, style)}\nAnswer: {s.strip()}"
         for q, s in _exemplars(problem.question, grader, shots)
     ]
-    blocks.append(f"Question: {_user_turn(problem.question, grader)}\nAnswer:")
+    blocks.append(f"Question: {_user_turn(problem.question, grader, style)}\nAnswer:")
     return "\n\n".join(blocks)
 
 

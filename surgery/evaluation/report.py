@@ -57,16 +57,21 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
     """
     (s_sum, s_rec, s_nll), (t_sum, t_rec, t_nll) = _load(source), _load(target)
     ids = list(t_rec)
-    key = ("benchmark", "benchmark_sha256", "problem_ids_sha256", "shots", "chat", "max_new_tokens")
+    key = ("benchmark", "benchmark_sha256", "problem_ids_sha256", "shots", "chat", "max_new_tokens", "prompt")
+
+    def setting(summary: dict, k: str) -> object:
+        # Summaries written before the prompt style was recorded used surgery's.
+        return summary["settings"].get(k, "surgery" if k == "prompt" else None)
+
     rows = []
     for folder in patched:
         p_sum, p_rec, p_nll = _load(folder)
         for name, other in (("source", s_sum), ("patched " + str(folder), p_sum)):
             for k in key:
-                if other["settings"][k] != t_sum["settings"][k]:
+                if setting(other, k) != setting(t_sum, k):
                     raise SurgeryError(
-                        f"{name} was evaluated with {k}={other['settings'][k]!r} but the target with "
-                        f"{t_sum['settings'][k]!r}; compare results of the same benchmark, subset and settings"
+                        f"{name} was evaluated with {k}={setting(other, k)!r} but the target with "
+                        f"{setting(t_sum, k)!r}; compare results of the same benchmark, subset and settings"
                     )
         if set(p_rec) != set(ids) or set(s_rec) != set(ids):
             raise SurgeryError("the results cover different problems; evaluate all three on the same subset")

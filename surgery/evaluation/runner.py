@@ -25,6 +25,8 @@ from surgery.checkpoints.streaming import cast_reader
 from surgery.distributed import barrier, dist_info, init
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
+    LM_EVAL_STOP_STRINGS,
+    PROMPT_STYLES,
     STOP_STRINGS,
     Benchmark,
     Problem,
@@ -74,7 +76,13 @@ def _append(path: Path, records: list[dict]) -> None:
 def _check_or_write_settings(out: Path, settings: EvalSettings, rank: int, world: int) -> None:
     path = out / SETTINGS
     if path.is_file():
-        old = json.loads(path.read_text())
+        # Through EvalSettings, so that a field added since (with its default) reads as it was then.
+        try:
+            old = EvalSettings.from_dict(json.loads(path.read_text())).to_dict()
+        except (TypeError, ValueError):
+            raise SurgeryError(
+                f"{path} is not the settings file of a `surgery eval`; use a new -o, or delete that folder"
+            ) from None
         new = settings.to_dict()
         if old != new:
             key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
@@ -120,6 +128,7 @@ def evaluate(
     trust_remote_code: bool = False,
     progress: bool = True,
     patch: str | Path | None = None,
+    prompt: str = "surgery",
 ) -> EvalSummary:
     """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
 
@@ -136,11 +145,15 @@ def evaluate(
         patch: a patch folder (`transplant --patch`) to apply to the model in memory first; the summary
             then carries the fingerprint of the checkpoint `surgery apply` would write, so `report`
             treats the two alike.
+        prompt: `surgery` (the answer-format instruction; the chat template when `chat` and present) or
+            `lm-eval` (lm-eval-harness's gsm8k prompt and stop strings, never a chat template).
 
     Returns:
         The summary (also in `out/summary.json`, as `summary.to_dict()`).
     """
     check_generation_options(max_new_tokens, batch_size, max_memory)
+    if prompt not in PROMPT_STYLES:
+        raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
     bench, problems = prepare(benchmark, limit, seed, shots)
     ckpt = open_checkpoint(model)
     ckpt.check_config()  # before transformers builds anything from it
@@ -161,10 +174,12 @@ def evaluate(
             limit=limit,
             seed=seed,
             shots=shots,
-            chat=uses_chat(tokenizer, chat),  # what is used: a tokenizer without a template gets plain prompts
+            # What is used: a tokenizer without a template gets plain prompts, and lm-eval's prompt is plain.
+            chat=uses_chat(tokenizer, chat and prompt != "lm-eval"),
             max_new_tokens=max_new_tokens,
             dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
             model_fingerprint=fingerprint,
+            prompt=prompt,
         )
         return evaluate_loaded(lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, progress)
 
@@ -193,12 +208,12 @@ def evaluate_loaded(
         text, ids, fmt = render(
             tokenizer,
             prompt_messages(p, bench.grader, settings.shots),
-            prompt_text(p, bench.grader, settings.shots),
+            prompt_text(p, bench.grader, settings.shots, settings.prompt),
             settings.chat,
         )
         prompt_texts.append(text)
         prompts.append(ids)
-    stops = STOP_STRINGS if fmt == "plain" else ()
+    stops = () if fmt == "chat" else LM_EVAL_STOP_STRINGS if settings.prompt == "lm-eval" else STOP_STRINGS
 
     if len(mine) < len(problems):
         done_here = len(problems) - len(mine)

@@ -23,6 +23,7 @@ class EvalSettings:
     max_new_tokens: int
     dtype: str
     model_fingerprint: str
+    prompt: str = "surgery"  # the prompt style (benchmarks.PROMPT_STYLES); settings written before it had it
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

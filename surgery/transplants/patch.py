@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE
 from surgery.checkpoints.folder import Checkpoint
@@ -87,21 +87,18 @@ def write_patch(
     source: str | Path,
     out: str | Path,
     *,
-    manifest: str | Path | None = None,
-    top_k: int | None = None,
-    only: str | None = None,
-    layers: tuple[int, int] | None = None,
-    modules: Sequence[str] = (),
-    force: bool = False,
+    reversible: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    trust_remote_code: bool = False,
-    reversible: bool = False,
+    **selection: Any,
 ) -> PatchResult:
     """Write a patch folder holding only the selected modules' tensors (see the module docstring).
 
-    Selection and refusals are `transplant`'s (same arguments). `reversible` also stores the target's
-    original tensors, shard headers, index and card.
+    Args:
+        target, source, out, overwrite, progress: as in `transplant`.
+        reversible: also store the target's original tensors, shard headers, index and card.
+        selection: `transplant`'s selection arguments (`manifest`, `top_k`, `only`, `layers`,
+            `modules`, `force`, `trust_remote_code`), with the same refusals.
 
     Raises:
         SurgeryError: any input is invalid; nothing is written in that case.
@@ -109,31 +106,11 @@ def write_patch(
     from surgery.transplants import card as cards
 
     out = Path(out)
-    sel = select(
-        target,
-        source,
-        manifest=manifest,
-        top_k=top_k,
-        only=only,
-        layers=layers,
-        modules=modules,
-        force=force,
-        trust_remote_code=trust_remote_code,
-        out=out,
-        overwrite=overwrite,
-    )
+    sel = select(target, source, out=out, overwrite=overwrite, **selection)
     out = out.resolve()
     tgt, src = sel.target, sel.source
     infos = {n: tgt.tensors[n].info for n in sel.tensors}
-    applied_card = cards.model_card(
-        out.name,
-        tgt,
-        src,
-        sel.modules,
-        manifest=sel.manifest,
-        selection=sel.selection,
-        manifest_file=Path(manifest).name if manifest is not None else None,
-    )
+    applied_card = sel.card(out.name)
     card = cards.patch_card(
         out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, reversible=reversible
     )

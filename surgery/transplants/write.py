@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
@@ -128,6 +129,7 @@ class Selected:
     modules: list[Candidate | ModuleEntry]
     provenance: dict
     selection: dict
+    manifest_path: Path | None = None
 
     @property
     def tensors(self) -> list[str]:
@@ -136,6 +138,22 @@ class Selected:
 
     def shard_header(self, shard: ShardHeader) -> bytes:
         return provenance_header(self.provenance, shard)
+
+    def card(self, name: str, **extra: Any):
+        """The model card of the checkpoint this selection makes (`card.model_card`; `extra`: its options)."""
+        from surgery.transplants import card as cards
+
+        manifest_file = self.manifest_path.name if self.manifest_path is not None else None
+        return cards.model_card(
+            name,
+            self.target,
+            self.source,
+            self.modules,
+            manifest=self.manifest,
+            selection=self.selection,
+            manifest_file=manifest_file,
+            **extra,
+        )
 
 
 def _foreign_summaries(paths: Sequence[str | Path], summaries: list[dict], expected: str, force: bool) -> list[str]:
@@ -245,7 +263,7 @@ def select(
         "layers": list(layers) if layers else None,
         "patterns": list(modules),
     }
-    return Selected(tgt, src, man, chosen, provenance, selection)
+    return Selected(tgt, src, man, chosen, provenance, selection, Path(manifest) if manifest is not None else None)
 
 
 def transplant(
@@ -317,17 +335,7 @@ def transplant(
     tgt, src = sel.target, sel.source
     notes = _foreign_summaries(eval_results, summaries, output_fingerprint(tgt, src, sel.tensors), force)
     # Built before anything is written, so that a problem with it leaves nothing behind.
-    card = cards.model_card(
-        out.name,
-        tgt,
-        src,
-        sel.modules,
-        manifest=sel.manifest,
-        selection=sel.selection,
-        eval_summaries=summaries,
-        notes=notes,
-        manifest_file=Path(manifest).name if manifest is not None else None,
-    )
+    card = sel.card(out.name, eval_summaries=summaries, notes=notes)
     replacements = {name: stored(src.tensors[name]) for name in sel.tensors}
     record = {**sel.provenance, "selection": sel.selection, "modules": [c.name for c in sel.modules]}
     hashes = write_checkpoint(out, tgt, replacements, sel.shard_header, record, card.content, overwrite, link, progress)

@@ -183,3 +183,33 @@ def test_eval_prompt_lm_eval_is_lm_evals_gsm8k_format(tmp_path: Path) -> None:
     assert cli(*args, "-o", tmp_path / "ours").exit_code == 0
     mixed = cli("report", "-s", tmp_path / "ours", "-t", tmp_path / "lm", "-p", tmp_path / "ours")
     assert mixed.exit_code == 2 and "chat=True but the target with False" in mixed.stderr
+
+
+def test_device_decides_where_the_model_goes(tmp_path: Path, monkeypatch) -> None:
+    """auto: the GPU when torch sees one; cpu: never the GPU; cuda: refused without one (before any loading)."""
+    import torch
+    import transformers
+
+    import surgery.checkpoints.loading as loading
+
+    seen: list[dict] = []
+
+    class Fake:
+        def eval(self) -> Fake:
+            return self
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: seen.append(kw) or Fake()
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    loading.load_model(tmp_path, device="auto")
+    loading.load_model(tmp_path, device="cpu")
+    loading.load_model(tmp_path, device="cpu", max_memory="1GiB")
+    loading.load_model(tmp_path, device="auto", max_memory="1GiB")
+    assert seen[0]["device_map"] == "cuda" and "device_map" not in seen[1]
+    assert seen[2]["max_memory"] == {"cpu": 2**30} and seen[3]["max_memory"] == {0: 2**30, 1: 2**30, "cpu": 2**30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = make_model(tmp_path / "m", 1)
+    refused = cli("eval", model, "-b", "gsm8k", "--device", "cuda", "-o", tmp_path / "r")
+    assert refused.exit_code == 2 and "torch sees no CUDA GPU" in refused.stderr and not (tmp_path / "r").exists()

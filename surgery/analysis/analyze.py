@@ -68,6 +68,7 @@ def analyze(
     trust_remote_code: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> Manifest:
     """Profile both models one at a time on `workload` and write a ranked manifest to `out`.
 
@@ -78,7 +79,7 @@ def analyze(
         out: manifest path; stats are cached beside it.
         method: ranking method (see `surgery.analysis.ranking`).
         seed: for the `random` method.
-        max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress: as in `profile`.
+        max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress, device: as in `profile`.
         overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
 
     Returns:
@@ -91,7 +92,7 @@ def analyze(
     uses_stats = "stats" in spec.needs
     # Stats come from the profiles below; every other need is checked now.
     check_needs(spec, have_stats=True, seed=seed, have_gold=True)
-    check_generation_options(max_new_tokens, batch_size, max_memory)
+    check_generation_options(max_new_tokens, batch_size, max_memory, device)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out} should end in .json")
     src, tgt = open_checkpoint(source), open_checkpoint(target)
@@ -121,6 +122,7 @@ def analyze(
                 trust_remote_code=trust_remote_code,
                 progress=progress,
                 overwrite=True,  # a cache entry of ours, stale or from an interrupted run
+                device=device,
             )
     manifest = build_manifest(
         method,
@@ -133,7 +135,9 @@ def analyze(
         source_label=str(source),
         target_label=str(target),
         workload=prompts,
-        options=ModelOptions(dtype=dtype, chat=chat, trust_remote_code=trust_remote_code, progress=progress),  # type: ignore[arg-type]
+        options=ModelOptions(
+            dtype=dtype, chat=chat, trust_remote_code=trust_remote_code, progress=progress, device=device
+        ),  # type: ignore[arg-type]
         batch_size=batch_size,
     )
     save_manifest(manifest, out)

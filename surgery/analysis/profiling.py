@@ -166,6 +166,7 @@ def profile(
     trust_remote_code: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> Stats:
     """Record the activation statistics of every candidate module of one model.
 
@@ -181,6 +182,7 @@ def profile(
         trust_remote_code: allow custom model code.
         progress: show a progress bar over prompts (only on a terminal).
         overwrite: replace an existing `out`.
+        device: `auto`, `cpu` or `cuda` (see `load_model`).
 
     Returns:
         The statistics (also written to `out`).
@@ -190,7 +192,7 @@ def profile(
     """
     if out is not None:
         check_new_file(Path(out), overwrite)
-    check_generation_options(max_new_tokens, batch_size, max_memory)
+    check_generation_options(max_new_tokens, batch_size, max_memory, device)
     prompt_set = load_workload(workload) if isinstance(workload, str) else workload
     ckpt = open_checkpoint(model)
     # The candidates of a model against itself: every leaf Linear it could give or receive.
@@ -204,7 +206,9 @@ def profile(
     share = mine(len(encoded), rank, world)
     recorder = _Recorder(names, len(share))
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload_dir:
-        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir), progress=progress)
+        lm = load_model(
+            ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir), progress=progress, device=device
+        )
         try:
             my_steps = _run(
                 lm,

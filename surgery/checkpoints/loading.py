@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from surgery.checkpoints.options import DEVICES
 from surgery.errors import SurgeryError, one_line
 
 _DTYPES = {"auto": "auto", "fast": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,14 +64,25 @@ def parse_memory(text: str) -> int:
     return size
 
 
-def check_generation_options(max_new_tokens: int, batch_size: int, max_memory: str | None) -> None:
+def check_generation_options(
+    max_new_tokens: int, batch_size: int, max_memory: str | None, device: str = "auto"
+) -> None:
     """Refuse bad decoding options before anything slow starts (shared by profile, analyze, eval)."""
+    check_device(device)
     if max_new_tokens <= 0:
         raise SurgeryError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
     if batch_size <= 0:
         raise SurgeryError(f"--batch-size must be a positive integer, got {batch_size}")
     if max_memory is not None:
         parse_memory(max_memory)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that is unknown, or `cuda` where torch sees no GPU."""
+    if device not in DEVICES:
+        raise SurgeryError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError("--device cuda, but torch sees no CUDA GPU here; use --device cpu (or auto)")
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -99,8 +111,9 @@ def load_model(
     offload_dir: Path | None = None,
     *,
     progress: bool = True,
+    device: str = "auto",
 ):
-    """Load a causal LM for inference, on the GPU if there is one.
+    """Load a causal LM for inference, on the GPU if there is one (unless `device` says otherwise).
 
     Args:
         path: a validated checkpoint folder.
@@ -110,6 +123,9 @@ def load_model(
         trust_remote_code: allow custom model code.
         offload_dir: where accelerate may re-save weights it cannot read in place (safetensors
             weights are read in place and need none).
+        device: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu` or `cuda` (refused
+            when torch sees no GPU). With `max_memory`, `auto`/`cuda` spread the model over the GPUs,
+            the CPU and the disk (accelerate's `device_map="auto"`); `cpu` over the CPU and the disk.
         progress: False silences transformers' own bars ("Loading weights") for this load (`-q`); they
             are silent in a log (stderr not a terminal) too.
 
@@ -118,17 +134,18 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    check_device(device)
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
     kwargs: dict = {"dtype": resolve_dtype(dtype), "local_files_only": True, "trust_remote_code": trust_remote_code}
     if max_memory is not None:
         _return_large_frees_to_os()
         budget = parse_memory(max_memory)
-        devices: dict = {i: budget for i in range(torch.cuda.device_count())}
         kwargs |= {
             "device_map": "auto",
-            "max_memory": {**devices, "cpu": budget},
+            "max_memory": {**dict.fromkeys(range(gpus), budget), "cpu": budget},
             "offload_folder": str(offload_dir) if offload_dir else None,
         }
-    elif torch.cuda.is_available():
+    elif gpus:
         kwargs["device_map"] = "cuda"
     try:
         with transformers_bars(progress):

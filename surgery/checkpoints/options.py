@@ -7,6 +7,8 @@ from typing import Literal
 
 Dtype = Literal["auto", "fast", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = ("auto", "fast", "float32", "bfloat16", "float16")
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,14 @@ class ModelOptions:
         chat: apply the tokenizer's chat template when it has one.
         trust_remote_code: allow custom model code (off unless asked for).
         progress: show progress bars (only on a terminal).
+        device: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu` or `cuda`.
     """
 
     dtype: Dtype = "auto"
     chat: bool = True
     trust_remote_code: bool = False
     progress: bool = True
+    device: Device = "auto"
 
     def kwargs(self) -> dict[str, object]:
         """As keyword arguments of `profile`, `analyze`, `evaluate` and `sweep`."""

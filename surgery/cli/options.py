@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from surgery.checkpoints.options import DTYPES, ModelOptions
+from surgery.checkpoints.options import DEVICES, DTYPES, ModelOptions
 
 OUT_FOLDER = click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
 OVERWRITE = click.option(
@@ -45,20 +45,32 @@ def stack(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return decorate
 
 
+DEVICE = click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="auto: the first CUDA GPU when torch sees one, else the CPU.",
+)
+
+
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --no-chat, --dtype, --trust-remote-code and --quiet; the command receives `options: ModelOptions`."""
+    """Add --no-chat, --dtype, --device, --trust-remote-code and -q; the command receives `options: ModelOptions`."""
 
     @functools.wraps(f)
-    def wrapper(*args: Any, no_chat: bool, dtype: str, trust_remote_code: bool, quiet: bool, **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any, no_chat: bool, dtype: str, device: str, trust_remote_code: bool, quiet: bool, **kwargs: Any
+    ) -> Any:
         options = ModelOptions(
             dtype=dtype,  # type: ignore[arg-type]  (click.Choice keeps it to DTYPES)
             chat=not no_chat,
             trust_remote_code=trust_remote_code,
             progress=not quiet,
+            device=device,  # type: ignore[arg-type]  (click.Choice keeps it to DEVICES)
         )
         return f(*args, options=options, **kwargs)
 
-    return stack(NO_CHAT, DTYPE, TRUST_REMOTE_CODE, QUIET)(wrapper)
+    return stack(NO_CHAT, DTYPE, DEVICE, TRUST_REMOTE_CODE, QUIET)(wrapper)
 
 
 def size(nbytes: int) -> str:

@@ -129,6 +129,7 @@ def evaluate(
     progress: bool = True,
     patch: str | Path | None = None,
     prompt: str = "surgery",
+    device: str = "auto",
 ) -> EvalSummary:
     """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
 
@@ -145,13 +146,14 @@ def evaluate(
         patch: a patch folder (`transplant --patch`) to apply to the model in memory first; the summary
             then carries the fingerprint of the checkpoint `surgery apply` would write, so `report`
             treats the two alike.
+        device: `auto`, `cpu` or `cuda` (see `load_model`).
         prompt: `surgery` (the answer-format instruction; the chat template when `chat` and present) or
             `lm-eval` (lm-eval-harness's gsm8k prompt and stop strings, never a chat template).
 
     Returns:
         The summary (also in `out/summary.json`, as `summary.to_dict()`).
     """
-    check_generation_options(max_new_tokens, batch_size, max_memory)
+    check_generation_options(max_new_tokens, batch_size, max_memory, device)
     if prompt not in PROMPT_STYLES:
         raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
     bench, problems = prepare(benchmark, limit, seed, shots)
@@ -160,7 +162,9 @@ def evaluate(
     patched = open_patch(patch) if patch is not None else None
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
-        lm = load_model(ckpt.path, dtype, max_memory, trust_remote_code, Path(offload), progress=progress)
+        lm = load_model(
+            ckpt.path, dtype, max_memory, trust_remote_code, Path(offload), progress=progress, device=device
+        )
         fingerprint, label = ckpt.fingerprint, str(ckpt.path)
         if patched is not None:
             apply_patch(lm, patched)

@@ -195,7 +195,9 @@ def _with_model(ckpt: Checkpoint, options: ModelOptions, work: Callable[..., dic
     """Run `work(model, tokenizer)` on `ckpt`, then free the model: one model in memory at a time."""
     ckpt.check_config()
     tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
-    lm = load_model(ckpt.path, options.dtype, None, options.trust_remote_code, progress=options.progress)
+    lm = load_model(
+        ckpt.path, options.dtype, None, options.trust_remote_code, progress=options.progress, device=options.device
+    )
     try:
         return work(lm, tokenizer)
     finally:

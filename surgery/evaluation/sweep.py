@@ -66,6 +66,7 @@ def sweep(
     force: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Evaluate source, target, and the target patched with the top-K (and random-K) modules.
 
@@ -112,7 +113,7 @@ def sweep(
     for ckpt in (src, tgt):
         tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
         with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
-            lm = load_model(ckpt.path, dtype, None, trust_remote_code, Path(offload), progress=progress)
+            lm = load_model(ckpt.path, dtype, None, trust_remote_code, Path(offload), progress=progress, device=device)
             name = "source" if ckpt is src else "target"
             for budget in budgets:
                 run(lm, tokenizer, name, ckpt.fingerprint, budget)

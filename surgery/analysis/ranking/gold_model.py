@@ -20,7 +20,12 @@ def target_and_gold(ctx: RankContext) -> Iterator[tuple[object, GoldSet]]:
     tokenizer = load_tokenizer(ctx.target.path, ctx.options.trust_remote_code)
     gold = encode_gold(tokenizer, ctx.workload.prompts, solutions, ctx.options.chat)
     model = load_model(
-        ctx.target.path, ctx.options.dtype, None, ctx.options.trust_remote_code, progress=ctx.options.progress
+        ctx.target.path,
+        ctx.options.dtype,
+        None,
+        ctx.options.trust_remote_code,
+        progress=ctx.options.progress,
+        device=ctx.options.device,
     )
     try:
         yield model, gold

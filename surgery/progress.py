@@ -1,4 +1,8 @@
-"""Progress bars that show where people look: a bar on a terminal, a line every half minute in a log."""
+"""Progress bars that show where people look: a bar on a terminal, a line every half minute in a log.
+
+In a log, a job that ends within the first half minute prints no progress line at all (its result
+line says enough), so a short command's stderr stays its one line of result or error.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-# In a log (stderr not a terminal), a progress line at most this often, plus the first and the last.
+# In a log (stderr not a terminal): the first progress line after this long, then one at most this often,
+# and the last.
 LOG_INTERVAL_S = 30.0
 
 
@@ -42,6 +47,7 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, **kwarg
         file=_Lines(sys.stderr),
         mininterval=LOG_INTERVAL_S,
         maxinterval=LOG_INTERVAL_S,
+        delay=LOG_INTERVAL_S,
         ncols=100,
         **kwargs,
     )

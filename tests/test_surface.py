@@ -101,8 +101,11 @@ def test_transplant_warns_about_unrelated_configs_casts_and_a_no_op(tmp_path: Pa
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr and "note" not in quiet.stderr
 
 
-def test_eval_says_when_it_resumes_or_has_nothing_to_do_and_q_is_quiet(tmp_path: Path) -> None:
+def test_eval_says_when_it_resumes_or_has_nothing_to_do_and_q_is_quiet(tmp_path: Path, monkeypatch) -> None:
+    import surgery.progress
     from tests.conftest import save_tokenizer
+
+    monkeypatch.setattr(surgery.progress, "LOG_INTERVAL_S", 0.0)  # a line at once, not after 30 s
 
     model = make_model(tmp_path / "m", 1)
     save_tokenizer(model)

@@ -120,6 +120,21 @@ def _damaged_patch(damage: Callable[[Path], None]) -> Callable[[Path], None]:
     return apply
 
 
+def _target_summary(w: Path) -> None:
+    """An eval summary of the target itself, to be refused in a transplant output's card."""
+    from surgery import open_checkpoint
+
+    summary = {
+        "benchmark": "gsm8k",
+        "problems": 10,
+        "correct": 2,
+        "accuracy": 0.2,
+        "accuracy_ci95": [0.05, 0.5],
+        "settings": {"model_fingerprint": open_checkpoint(w / "target").fingerprint},
+    }
+    (w / "t.json").write_text(json.dumps(summary))
+
+
 def _flip_last_byte(patch: Path) -> None:
     data = bytearray((patch / "patch.safetensors").read_bytes())
     data[-1] ^= 0xFF
@@ -156,6 +171,7 @@ SETUPS: dict[str, Callable[[Path], None]] = {
     "benchmark without answers": _write("b.jsonl", '{"question": "1+1?"}\n'),
     "not a GGUF file": _gguf_garbage,
     "a patch": _patch(),
+    "an eval summary of the target": _target_summary,
     "a patch made for another target": _patch("source", "target"),
     "a patch and a qwen2 model": lambda w: (_patch()(w), _qwen(w)),
     "a patch missing its tensors file": _damaged_patch(lambda p: (p / "patch.safetensors").unlink()),

@@ -35,7 +35,10 @@ def test_analyze_transplant_verify_chain(tmp_path: Path, pair) -> None:
     src, tgt, w = pair
     before = {p: tree_digest(p) for p in (src, tgt)}
     manifest = tmp_path / "manifests" / "pair.json"
-    result = cli("analyze", "-s", src, "-t", tgt, "-w", w, "--max-new-tokens", 3, "--batch-size", 3, "-o", manifest)
+    result = cli(
+        "analyze", "-s", src, "-t", tgt, "-w", w, "--max-new-tokens", 3, "--batch-size", 3, "--method", "lae",
+        "-o", manifest,
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {manifest}: 14 modules ranked by lae")
     obj = json.loads(manifest.read_text())
@@ -146,7 +149,7 @@ def test_bad_analysis_input(tmp_path: Path, pair, command: str, workload_text, e
         w.write_text(workload_text)
     args = ["-w", str(w), *extra] if "-w" not in extra else extra
     out = tmp_path / ("stats.safetensors" if command == "profile" else "m.json")
-    cmd = ["profile", src] if command == "profile" else ["analyze", "-s", src, "-t", tgt]
+    cmd = ["profile", src] if command == "profile" else ["analyze", "-s", src, "-t", tgt, "--method", "lae"]
     refused([*cmd, *args, "-o", out], message, tmp_path)
 
 

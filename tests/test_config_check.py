@@ -70,7 +70,7 @@ def test_200000_layers_are_refused_by_every_command_that_builds(models, tmp_path
         ("transplant", "-t", bad, "-s", good, "-o", tmp_path / "o1", "--module", "*.mlp.*"),
         ("transplant", "-t", good, "-s", bad, "-o", tmp_path / "o2", "--module", "*.mlp.*"),
         ("profile", bad, "-w", w, "-o", tmp_path / "s.safetensors"),
-        ("analyze", "-s", good, "-t", bad, "-w", w, "-o", tmp_path / "m.json"),
+        ("analyze", "-s", good, "-t", bad, "-w", w, "--method", "lae", "-o", tmp_path / "m.json"),
         ("eval", bad, "-b", bench, "-o", tmp_path / "r"),
     ):
         refused(*cli(*args), LAYERS)

@@ -58,7 +58,7 @@ def analyze(
     workload: str,
     out: str | Path,
     *,
-    method: str = "lae",
+    method: str = "taylor",
     seed: int | None = None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
@@ -77,7 +77,8 @@ def analyze(
         target: checkpoint to be patched.
         workload: workload spec (see `surgery.analysis.workloads.load_workload`).
         out: manifest path; stats are cached beside it.
-        method: ranking method (see `surgery.analysis.ranking`).
+        method: ranking method (see `surgery.analysis.ranking`); `taylor` by default (it needs a workload with
+            gold solutions), `lae` for the paper's activation ranking.
         seed: for the `random` method.
         max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress, device: as in `profile`.
         overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
@@ -99,7 +100,8 @@ def analyze(
     compat = find_candidates(src, tgt, trust_remote_code)
     prompts = load_workload(workload)
     if "gold" in spec.needs:  # refused now, not after the target is loaded
-        require_solutions(prompts, f"method {method}")
+        hint = " (the default; --method lae ranks by activations, with any prompts)" if method == "taylor" else ""
+        require_solutions(prompts, f"method {method}{hint}")
 
     stats: dict[str, Stats | None] = {"source": None, "target": None}
     if uses_stats:

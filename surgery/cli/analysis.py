@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -24,10 +25,14 @@ _profile_options = stack(
     MAX_MEMORY,
     model_options,
 )
-_method_options = stack(
-    click.option("--method", type=click.Choice(METHODS), default="lae", show_default=True, help="Scoring method."),
-    click.option("--seed", type=int, help="Seed for --method random."),
-)
+SEED = click.option("--seed", type=int, help="Seed for --method random.")
+
+
+def _method(default: str, why: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--method", type=click.Choice(METHODS), default=default, show_default=True, help=f"Scoring method; {why}."
+    )
+
 
 
 def _summarize(manifest: Manifest, out: str, top: int = 5) -> None:
@@ -58,7 +63,8 @@ def profile_cmd(model: str, workload: str, out: str, options: ModelOptions, **se
 @click.option("--target-stats", help="Stats of the target (from `surgery profile`).")
 @click.option("--source", "-s", help="Source checkpoint (default: the one the source stats name).")
 @click.option("--target", "-t", help="Target checkpoint (default: the one the target stats name).")
-@_method_options
+@_method("lae", "the stats-based methods rank profiled models, taylor and swap-nll need --workload")
+@SEED
 @click.option(
     "--workload",
     "-w",
@@ -82,7 +88,8 @@ def manifest_cmd(out: str, **request: Any) -> None:
 @click.option("--source", "-s", required=True, help="Checkpoint that is good at the task.")
 @click.option("--target", "-t", required=True, help="Checkpoint to patch.")
 @_profile_options
-@_method_options
+@_method("taylor", "taylor measured best on both studied pairs (README); lae is the paper's")
+@SEED
 @click.option("--auto-k", is_flag=True, help="Then choose K on --validation, as `surgery select` does.")
 @click.option("--validation", help="With --auto-k: held-out problems with gold solutions, e.g. gsm8k-train:64:1.")
 @click.option("--out", "-o", required=True, help="Manifest to write (.json); stats are cached beside it.")

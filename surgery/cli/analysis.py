@@ -34,7 +34,6 @@ def _method(default: str, why: str) -> Callable[[Callable[..., Any]], Callable[.
     )
 
 
-
 def _summarize(manifest: Manifest, out: str, top: int = 5) -> None:
     click.echo(f"wrote {out}: {len(manifest.modules)} modules ranked by {manifest.method.name}")
     for m in manifest.modules[:top]:

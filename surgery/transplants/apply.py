@@ -23,8 +23,8 @@ from surgery.checkpoints.staging import check_out
 from surgery.checkpoints.streaming import ReadOnlyFiles, read_tensor, torch_dtype
 from surgery.errors import SurgeryError
 from surgery.manifest import file_sha256
-from surgery.transplants.patch import PATCH_RECORD, Patch, architecture, open_patch, sha256_of
-from surgery.transplants.write import TransplantResult, provenance_header, stored, write_checkpoint
+from surgery.transplants.patch import PATCH_RECORD, Patch, architecture, digests, open_patch
+from surgery.transplants.write import TransplantResult, provenance_header, write_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -120,23 +120,23 @@ def _check_tensors(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
                 f"{ckpt.path} is not the model this patch is for: tensor {t.name} is {have}, the patch's is "
                 f"{t.dtype} {list(t.shape)}; the patch was made for {made_for}"
             )
-    with ReadOnlyFiles() as files:
-        for t in p.tensors.values():
-            digest = sha256_of(files, stored(ckpt.tensors[t.name]))
-            want, other = (t.sha256, t.target_sha256) if revert else (t.target_sha256, t.sha256)
-            if digest == want:
-                continue
-            if revert:
-                why = "it is the unpatched target already" if digest == other else "it is not this patch applied"
-                raise SurgeryError(
-                    f"{ckpt.path}: tensor {t.name} differs from the patch's (sha256): {why}; "
-                    "pass the checkpoint `surgery apply` wrote with this patch"
-                )
-            why = "the patch is applied there already" if digest == other else "another model or version"
+    found = digests(ckpt, list(p.tensors))
+    for t in p.tensors.values():
+        digest = found[t.name]
+        want, other = (t.sha256, t.target_sha256) if revert else (t.target_sha256, t.sha256)
+        if digest == want:
+            continue
+        if revert:
+            why = "it is the unpatched target already" if digest == other else "it is not this patch applied"
             raise SurgeryError(
-                f"{ckpt.path}: tensor {t.name} differs from the target this patch was made for (sha256; {why}); "
-                f"pass {made_for}"
+                f"{ckpt.path}: tensor {t.name} differs from the patch's (sha256): {why}; "
+                "pass the checkpoint `surgery apply` wrote with this patch"
             )
+        why = "the patch is applied there already" if digest == other else "another model or version"
+        raise SurgeryError(
+            f"{ckpt.path}: tensor {t.name} differs from the target this patch was made for (sha256; {why}); "
+            f"pass {made_for}"
+        )
 
 
 def check_architecture(p: Patch, config: dict, what: str) -> None:

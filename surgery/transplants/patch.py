@@ -119,7 +119,7 @@ def write_patch(
     plans = patch_plans + original_plans
     with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
         hashes = write_shards(tmp, patch_plans, progress)
-        originals = write_shards(tmp, original_plans, progress) if reversible else _digests(tgt, sel.tensors)
+        originals = write_shards(tmp, original_plans, progress) if reversible else digests(tgt, sel.tensors)
         record = {
             "format": PATCH_FORMAT,
             "version": PATCH_VERSION,
@@ -186,7 +186,7 @@ def _pack(stem: str, tensors: list[tuple[TensorInfo, Stored]]) -> list[ShardPlan
     return plans
 
 
-def _digests(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
+def digests(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
     """sha256 of each named tensor's bytes in `ckpt`."""
     out = {}
     with ReadOnlyFiles() as files:

@@ -187,13 +187,10 @@ def output_fingerprint(tgt: Checkpoint, src: Checkpoint, tensors: Sequence[str])
     What an in-memory evaluation of that model (`sweep`) records, so that its summary can go into the
     card of the checkpoint written later.
     """
+    where = {n: stored(src.tensors[n]) for n in tensors}
     return tgt.fingerprint_with(
-        {n: cast_reader(*_location(src.tensors[n]), tgt.tensors[n].info.dtype) for n in tensors}
+        {n: cast_reader(w.path, w.offset, w.dtype, tgt.tensors[n].info.dtype) for n, w in where.items()}
     )
-
-
-def _location(ref: TensorRef) -> tuple[Path, int, str]:
-    return ref.shard.path, ref.shard.data_start + ref.info.begin, ref.info.dtype
 
 
 def provenance_header(provenance: dict, shard: ShardHeader) -> bytes:
@@ -244,9 +241,10 @@ def select(
         top_k, k_from = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
         print(f"top-k {top_k} from the manifest's selection ({man.selection.rule})", file=sys.stderr)
     chosen = _select(man, compat, src, tgt, top_k, only, layers, modules)
-    for name in sorted(t for c in chosen for t in c.tensors):
+    tensors = sorted(t for c in chosen for t in c.tensors)
+    for name in tensors:
         check_convertible(src.tensors[name].info.dtype, tgt.tensors[name].info.dtype, f"tensor {name}")
-    for line in warnings(src, tgt, sorted(t for c in chosen for t in c.tensors)):
+    for line in warnings(src, tgt, tensors):
         print(line, file=sys.stderr)
     provenance = {
         "tool": f"surgery {__version__}",
@@ -333,7 +331,10 @@ def transplant(
     out = out.resolve()
     summaries = [cards.load_eval_summary(p) for p in eval_results]
     tgt, src = sel.target, sel.source
-    notes = _foreign_summaries(eval_results, summaries, output_fingerprint(tgt, src, sel.tensors), force)
+    # The output's fingerprint is read only when there are summaries to check against it: for a cast
+    # selection it imports torch, which a plain transplant never needs.
+    expected = output_fingerprint(tgt, src, sel.tensors) if summaries else ""
+    notes = _foreign_summaries(eval_results, summaries, expected, force)
     # Built before anything is written, so that a problem with it leaves nothing behind.
     card = sel.card(out.name, eval_summaries=summaries, notes=notes)
     replacements = {name: stored(src.tensors[name]) for name in sel.tensors}

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 import surgery.analysis.profiling
 from surgery import load_stats, profile, transplant
-from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, output_lock
+from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, SyncBehind, output_lock
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.transplants.write import HOLD_ENV, PIECE_DELAY_ENV
@@ -145,6 +145,20 @@ def test_two_runs_into_one_output_one_wins_the_other_fails_cleanly(tmp_path: Pat
     assert first.returncode == 0, err
     assert cli("verify", out, "-t", big["target"], "-s", big["source"]).exit_code == 0
     assert leftovers(tmp_path) == []
+
+
+def test_sync_behind_closes_what_it_is_handed_and_reports_a_failed_fsync(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "shard", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"bytes")
+    with SyncBehind() as synced:
+        synced.close(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the worker
+    # An fsync that fails on the worker thread fails the write instead of vanishing with the thread.
+    bad = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)
+    os.close(bad)
+    with pytest.raises(OSError), SyncBehind() as synced:
+        synced.close(bad)
 
 
 def test_lock_is_exclusive_and_its_file_goes_with_it(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,16 @@ def write_patch(
     original_plans = _pack("original", [(infos[n], stored(tgt.tensors[n])) for n in sel.tensors]) if reversible else []
     plans = patch_plans + original_plans
     with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
-        hashes = write_shards(tmp, patch_plans, progress)
-        originals = write_shards(tmp, original_plans, progress) if reversible else digests(tgt, sel.tensors)
+        # The target's side (its digests, or its original tensors) is read on a second thread while the
+        # patch is written: hashing and pread release the GIL, so the two overlap.
+        with ThreadPoolExecutor(1, thread_name_prefix="surgery-originals") as pool:
+            target_side = (
+                pool.submit(write_shards, tmp, original_plans, False)
+                if reversible
+                else pool.submit(digests, tgt, sel.tensors)
+            )
+            hashes = write_shards(tmp, patch_plans, progress)
+            originals = target_side.result()
         record = {
             "format": PATCH_FORMAT,
             "version": PATCH_VERSION,

@@ -25,7 +25,7 @@ from surgery.checkpoints.candidates import Candidate, Compatibility, find_candid
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
 from surgery.checkpoints.header import ShardHeader, encode_header
-from surgery.checkpoints.staging import TMP_PREFIX, check_out, staged_folder
+from surgery.checkpoints.staging import TMP_PREFIX, SyncBehind, check_out, staged_folder
 from surgery.checkpoints.streaming import (
     ReadOnlyFiles,
     cast_reader,
@@ -587,7 +587,7 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
     hashes: dict[str, str] = {}
     bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
-    with ReadOnlyFiles() as files, bar:
+    with ReadOnlyFiles() as files, bar, SyncBehind() as synced:
         for plan in plans:
             dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -606,8 +606,10 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
                     bar.update(p.nbytes)
                     if pause is not None:
                         pause()
-            finally:
+            except BaseException:
                 os.close(dst)
+                raise
+            synced.close(dst)
     return hashes
 
 

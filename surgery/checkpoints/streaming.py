@@ -7,6 +7,7 @@ Everything here works on file descriptors and offsets, in chunks of at most
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,6 +112,14 @@ def read_chunks(fd: int, offset: int, n: int, chunk: int = CHUNK_BYTES) -> Itera
             raise SurgeryError("file ended early while reading; was it modified during the run?")
         yield data
         offset, n = offset + len(data), n - len(data)
+
+
+def sha256_range(fd: int, offset: int, n: int) -> str:
+    """sha256 of `n` bytes of `fd` at `offset`."""
+    h = hashlib.sha256()
+    for chunk in read_chunks(fd, offset, n):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def read_tensor(fd: int, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:

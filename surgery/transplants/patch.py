@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from surgery.checkpoints.files import CARD_FILE, INDEX_FILE
 from surgery.checkpoints.folder import Checkpoint
 from surgery.checkpoints.header import DTYPE_SIZES, TensorInfo, encode_header, read_header
 from surgery.checkpoints.staging import staged_folder
-from surgery.checkpoints.streaming import ReadOnlyFiles, read_chunks
+from surgery.checkpoints.streaming import ReadOnlyFiles, sha256_range
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.transplants.write import Piece, ShardPlan, Stored, select, stored, write_shards
@@ -206,10 +205,7 @@ def digests(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
 
 def sha256_of(files: ReadOnlyFiles, where: Stored) -> str:
     """sha256 of the bytes at `where`."""
-    h = hashlib.sha256()
-    for chunk in read_chunks(files.fd(where.path), where.offset, where.nbytes):
-        h.update(chunk)
-    return h.hexdigest()
+    return sha256_range(files.fd(where.path), where.offset, where.nbytes)
 
 
 def _originals(tgt: Checkpoint) -> dict:

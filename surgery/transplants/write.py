@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from surgery.checkpoints.streaming import (
     check_convertible,
     converted_chunks,
     copy_range,
+    sha256_range,
     write_all,
 )
 from surgery.errors import SurgeryError
@@ -582,27 +584,40 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
 
 
 def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str, str]:
-    """Write every shard; return the sha256 of each source tensor as written."""
+    """Write every shard; return the sha256 of each source tensor as written.
+
+    Bytes that keep their dtype move in the kernel (`copy_range`), source tensors included; each of
+    those is then hashed by reading back what was written, on a second thread, while the copy goes
+    on. A tensor cast to another dtype is converted in chunks and hashed as it is written.
+    """
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
+    pending: dict[str, Future[str]] = {}
     bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
-    with ReadOnlyFiles() as files, bar, SyncBehind() as synced:
+    with (
+        ReadOnlyFiles() as files,
+        bar,
+        SyncBehind() as synced,
+        ThreadPoolExecutor(1, thread_name_prefix="surgery-hash") as hasher,
+    ):
         for plan in plans:
             dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 write_all(dst, 0, plan.header)
                 for p in plan.pieces:
                     src = files.fd(p.src_path)
-                    if p.tensor is None:
-                        copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
-                    else:
+                    if p.tensor is not None and p.src_dtype != p.dst_dtype:
                         h, off = hashlib.sha256(), p.dst_off
                         for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
                             h.update(chunk)
                             write_all(dst, off, chunk)
                             off += len(chunk)
                         hashes[p.tensor] = h.hexdigest()
+                    else:
+                        copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
+                        if p.tensor is not None:
+                            pending[p.tensor] = hasher.submit(_sha256_written, tmp / plan.name, p.dst_off, p.nbytes)
                     bar.update(p.nbytes)
                     if pause is not None:
                         pause()
@@ -610,7 +625,16 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
                 os.close(dst)
                 raise
             synced.close(dst)
-    return hashes
+        return {**hashes, **{name: digest.result() for name, digest in pending.items()}}
+
+
+def _sha256_written(path: Path, offset: int, nbytes: int) -> str:
+    """sha256 of `nbytes` of `path` at `offset`: bytes just written, still in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sha256_range(fd, offset, nbytes)
+    finally:
+        os.close(fd)
 
 
 def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint, same_header: bool) -> set[str]:

@@ -369,3 +369,15 @@ def test_the_default_k_grid_is_clipped_to_the_manifest(tmp_path: Path, setup) ->
     assert result.exit_code == 0, result.output
     assert "note: the manifest ranks 14 modules; K = [8, 14]" in result.stderr
     assert json.loads((out / "sweep.json").read_text())["k"] == [8, 14]
+
+
+def test_sweep_without_the_random_baseline_evaluates_only_the_ranking(tmp_path: Path, setup) -> None:
+    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    out = tmp_path / "sweep"
+    result = cli("sweep", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "--k", "2,4", "--no-random",
+                 "--max-new-tokens", "1", "-b", setup["bench"], "--limit", 2, "-q", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "sweep.json").read_text())
+    assert [(r["k"], r["method"]) for r in table["rows"]] == [(2, "lae"), (4, "lae")]
+    assert table["random_seed"] is None and "no random-K baseline" in (out / "sweep.md").read_text()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["lae-k2-m1", "lae-k4-m1", "source-m1", "target-m1"]

@@ -71,6 +71,12 @@ def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | No
 @click.option("--max-new-tokens", default="256", show_default=True, help="Comma-separated budgets (eval's default).")
 @_eval_options
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the random-K baseline.")
+@click.option(
+    "--random/--no-random",
+    default=True,
+    show_default=True,
+    help="Also evaluate the random-K baseline at every K (one more evaluation per K and budget).",
+)
 @click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints.")
 @click.option("--out", "-o", required=True, help="Folder for the evaluations, sweep.md/json and sweep.png.")
 def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:

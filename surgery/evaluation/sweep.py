@@ -63,6 +63,7 @@ def sweep(
     batch_size: int = 16,
     dtype: str = "auto",
     random_seed: int = 0,
+    random: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
@@ -78,6 +79,7 @@ def sweep(
         benchmark, limit, seed, shots, chat, batch_size, dtype: as in `evaluate`.
         out: folder for every evaluation, the table (sweep.md, sweep.json) and the plot (sweep.png).
         random_seed: seed of the random-K baseline.
+        random: also evaluate the random-K baseline at every K (one more evaluation per K and budget).
         force: accept a manifest made for other checkpoints.
 
     Returns:
@@ -96,7 +98,9 @@ def sweep(
         k_values = clip_grid(k_values, len(man.modules))
         print(f"note: the manifest ranks {len(man.modules)} modules; K = {k_values}", file=sys.stderr)
     compat = find_candidates(src, tgt, trust_remote_code)
-    rand = build_manifest("random", src, tgt, compat, seed=random_seed)
+    rankings = [(man.method.name, man.modules)]
+    if random:
+        rankings.append(("random", build_manifest("random", src, tgt, compat, seed=random_seed).modules))
     bench, problems = prepare(benchmark, limit, seed, shots)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +124,7 @@ def sweep(
                 if ckpt is src:
                     continue
                 for k in k_values:
-                    for method, ranking in ((man.method.name, man.modules), ("random", rand.modules)):
+                    for method, ranking in rankings:
                         chosen = [t for m in select_modules(ranking, top_k=k) for t in m.tensors]
                         # The fingerprint of the checkpoint `transplant` would write: its card can carry this.
                         with swapped(lm, src, chosen):
@@ -137,9 +141,9 @@ def sweep(
         "source": str(src.path),
         "target": str(tgt.path),
         "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
-        "random_seed": random_seed,
+        "random_seed": random_seed if random else None,
     }
-    table = {**about, **_table(out, man.method.name, k_values, budgets)}
+    table = {**about, **_table(out, [name for name, _ in rankings], k_values, budgets)}
     if dist_info()[0] == 0:  # under torchrun every rank has the table; one writes it
         write_json_atomic(out / "sweep.json", table)
         write_atomic(out / "sweep.md", markdown(table).encode("utf-8"))
@@ -147,13 +151,13 @@ def sweep(
     return table
 
 
-def _table(out: Path, method: str, k_values: list[int], budgets: list[int]) -> dict:
+def _table(out: Path, methods: list[str], k_values: list[int], budgets: list[int]) -> dict:
     rows = []
     for budget in budgets:
         for k in k_values:
-            folders = [out / f"{m}-k{k}-m{budget}" for m in (method, "random")]
+            folders = [out / f"{m}-k{k}-m{budget}" for m in methods]
             r = report(out / f"source-m{budget}", out / f"target-m{budget}", folders)
-            for row, m in zip(r["rows"], (method, "random"), strict=True):
+            for row, m in zip(r["rows"], methods, strict=True):
                 rows.append(
                     {
                         "max_new_tokens": budget,
@@ -173,7 +177,7 @@ def _table(out: Path, method: str, k_values: list[int], budgets: list[int]) -> d
                         },
                     }
                 )
-    return {"method": method, "k": k_values, "max_new_tokens": budgets, "rows": rows}
+    return {"method": methods[0], "k": k_values, "max_new_tokens": budgets, "rows": rows}
 
 
 def markdown(table: dict) -> str:
@@ -189,7 +193,9 @@ def markdown(table: dict) -> str:
     lines = [
         f"{table['benchmark']}, {table['problems']} problems (seed {table['seed']}, {table['shots']}-shot, "
         f"{table['dtype']}); source {table['source']}, target {table['target']}; ranking `{m['method']}` from "
-        f"{m['path']} (sha256 {m['sha256'][:12]}…), random-K seed {table['random_seed']}. 95% intervals: "
+        f"{m['path']} (sha256 {m['sha256'][:12]}…), "
+        + ("no random-K baseline" if table["random_seed"] is None else f"random-K seed {table['random_seed']}")
+        + ". 95% intervals: "
         "Wilson for accuracy, paired bootstrap for TIR and Recovery.",
         "",
         "| max_new_tokens | K | method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |",

@@ -13,7 +13,8 @@ Modules are ranked on TRAIN-split workloads and everything is scored on GSM8K TE
   B. The K that `surgery select` chooses on a validation split (gsm8k-train, another seed, checked
      disjoint from the ranking workloads), next to the best K on the test problems.
   C. (--acc-limit N > 0) Accuracy, TIR and Recovery at --budgets for --acc-methods, with Wilson and
-     paired-bootstrap intervals.
+     paired-bootstrap intervals, the share of answers cut off by the budget, and each method's accuracy
+     against the first one's, problem by problem (paired bootstrap of the difference).
 
     make demo                                   # builds and caches the SmolLM2 pair once
     .venv/bin/python bench/study.py             # docs/results.md
@@ -36,6 +37,8 @@ from surgery.checkpoints.options import ModelOptions
 from surgery.demo.pairs import QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
 from surgery.demo.run import qwen_gguf, smollm2_gguf
 from surgery.errors import SurgeryError
+from surgery.evaluation.metrics import mean_interval
+from surgery.evaluation.runner import RECORDS, read_records
 from surgery.evaluation.select import select
 from surgery.evaluation.sweep import markdown, sweep
 from surgery.importers.from_gguf import import_gguf
@@ -125,6 +128,38 @@ def beats(table: dict, method: str, base_table: dict, base: str, k: int) -> bool
     return bool(a and b and a[0] > b[1])
 
 
+def cut_off(folder: Path, budget: int) -> float:
+    """The share of answers that used the whole decoding budget (cut off, or ending exactly there)."""
+    records = read_records(folder / RECORDS)
+    return sum(r["tokens"] >= budget for r in records) / len(records)
+
+
+def accuracy_comparison(folder: Path, methods: list[str], table: dict) -> str:
+    """Cut-off shares, and each method's accuracy minus the first one's with a paired-bootstrap 95% interval."""
+    lines = ["", "### Answers cut off by the budget, and the methods compared problem by problem", ""]
+    for budget in table["max_new_tokens"]:
+        base = [f"source {100 * cut_off(folder / f'source-m{budget}', budget):.0f}%",
+                f"target {100 * cut_off(folder / f'target-m{budget}', budget):.0f}%"]  # fmt: skip
+        patched = [f"{m} K={k} {100 * cut_off(folder / f'{m}-k{k}-m{budget}', budget):.0f}%"
+                   for m in methods for k in table["k"]]  # fmt: skip
+        lines.append(f"- {budget} new tokens, answers that used the whole budget: {', '.join(base + patched)}.")
+        first = methods[0]
+        for other in methods[1:]:
+            for k in table["k"]:
+                a, b = (
+                    {r["id"]: float(r["correct"]) for r in read_records(folder / f"{m}-k{k}-m{budget}" / RECORDS)}
+                    for m in (first, other)
+                )
+                diffs = [a[i] - b[i] for i in a]
+                lo, hi = mean_interval(diffs)
+                verdict = "apart" if lo > 0 or hi < 0 else "not told apart"
+                lines.append(
+                    f"- {budget} tokens, K={k}: `{first}` minus `{other}` = {100 * sum(diffs) / len(diffs):+.1f} points"
+                    f" [{100 * lo:+.1f}, {100 * hi:+.1f}] ({verdict} on {len(diffs)} problems)."
+                )
+    return "\n".join(lines) + "\n"
+
+
 def nll_plot(tables: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -168,7 +203,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--nll-limit", type=int, default=40, help="GSM8K test problems for the NLL sweep")
     ap.add_argument("--acc-limit", type=int, default=0, help="GSM8K test problems for accuracy (0: skip)")
-    ap.add_argument("--acc-methods", default="taylor,lae-rel", help="rankings to sweep for accuracy")
+    ap.add_argument("--acc-methods", default="taylor,random-changed",
+                    help="rankings to sweep for accuracy; the first is compared with each other one")  # fmt: skip
     ap.add_argument("--budgets", default="384", help="max_new_tokens of the accuracy sweep")
     ap.add_argument("--acc-ks", default="8,16,32")
     args = ap.parse_args()
@@ -206,8 +242,10 @@ def main() -> None:
     acc = {}
     for method in [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []:
         print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
+        # No random-K over all candidates: random-changed, swept into the same folder, is the baseline.
         acc[method] = sweep(target, source, paths[method], args.acc_ks, args.budgets, "gsm8k", study / "acc",
-                            limit=args.acc_limit, batch_size=16, dtype=dtype, progress=False)  # fmt: skip
+                            limit=args.acc_limit, batch_size=16, dtype=dtype, random=False,
+                            progress=False)  # fmt: skip
     minutes = (time.perf_counter() - t0) / 60
 
     docs, stem = out.parent, out.stem
@@ -238,8 +276,10 @@ def main() -> None:
     shares = {m: sum(x.kind == "mlp" for x in load_manifest(p).modules[:8]) / 8 for m, p in paths.items()}
     acc_text = ""
     if acc:
-        acc_text = "\n## C. Accuracy, TIR and Recovery\n\n" + "\n".join(
-            f"### {m}\n\n{markdown(t)}" for m, t in acc.items()
+        acc_text = (
+            "\n## C. Accuracy, TIR and Recovery\n\n"
+            + "\n".join(f"### {m}\n\n{markdown(t)}" for m, t in acc.items())
+            + accuracy_comparison(study / "acc", list(acc), acc[next(iter(acc))])
         )
     text = f"""# Selection study: the {args.pair} pair
 

@@ -28,21 +28,27 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from surgery.analysis.analyze import analyze
 from surgery.analysis.rank import rank
 from surgery.analysis.workloads import load_workload
+from surgery.checkpoints.folder import open_checkpoint
+from surgery.checkpoints.loading import load_tokenizer
 from surgery.checkpoints.options import ModelOptions
 from surgery.demo.pairs import QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
-from surgery.demo.run import qwen_gguf, smollm2_gguf
+from surgery.demo.run import QWEN_SETTINGS, cached_manifest, qwen_gguf, smollm2_gguf
 from surgery.errors import SurgeryError
+from surgery.evaluation.generate import uses_chat
 from surgery.evaluation.metrics import mean_interval
-from surgery.evaluation.runner import RECORDS, read_records
+from surgery.evaluation.runner import RECORDS, prepare, problem_ids_sha256, read_records
 from surgery.evaluation.select import select
+from surgery.evaluation.summary import EvalSettings
 from surgery.evaluation.sweep import markdown, sweep
 from surgery.importers.from_gguf import import_gguf
-from surgery.manifest import load_manifest
+from surgery.manifest import load_manifest, select_modules
+from surgery.transplants.write import output_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVATION_METHODS = ("lae", "lae-rel", "weight-delta")
@@ -92,6 +98,12 @@ def rankings(source: Path, target: Path, folder: Path, args: argparse.Namespace,
                     batch_size=args.batch_size, dtype=options.dtype, progress=False, overwrite=True)  # fmt: skip
             shutil.copyfile(stats, paths[method])
     common = {"source": source, "target": target, "batch_size": args.batch_size, "options": options}
+    # `make demo-large` ranked this pair with taylor on the same workload: reuse it when it did.
+    demo = args.work / "run" / "manifest.json"
+    settings = replace(QWEN_SETTINGS, workload=args.gold_workload)
+    if args.pair == "qwen-rollback" and not paths["taylor"].is_file() and cached_manifest(demo, source, target, settings):
+        print(f"reusing {demo} as the taylor ranking", flush=True)
+        shutil.copyfile(demo, paths["taylor"])
     if not paths["taylor"].is_file():
         rank(paths["taylor"], method="taylor", workload=args.gold_workload, **common)
     if not paths["swap-nll"].is_file():
@@ -126,6 +138,38 @@ def beats(table: dict, method: str, base_table: dict, base: str, k: int) -> bool
     a = next((r["nll_recovery_ci95"] for r in table["rows"] if r["method"] == method and r["k"] == k), None)
     b = next((r["nll_recovery_ci95"] for r in base_table["rows"] if r["method"] == base and r["k"] == k), None)
     return bool(a and b and a[0] > b[1])
+
+
+def reuse_demo_evaluations(
+    demo: Path, acc: Path, source: Path, target: Path, paths: dict, args: argparse.Namespace, dtype: str
+) -> list[str]:
+    """Copy `make demo-large`'s finished evaluations into the accuracy folder where their settings are
+    exactly those the sweep is about to use (same model fingerprint, problems, budget, dtype ...): the
+    sweep then finds them complete instead of spending minutes on each again. Returns the labels reused.
+    """
+    if not demo.is_dir():
+        return []
+    tgt, src = open_checkpoint(target), open_checkpoint(source)
+    bench, problems = prepare("gsm8k", args.acc_limit, 42, 0)
+    chat = uses_chat(load_tokenizer(target, False), True)
+    finished = [(json.loads(f.read_text()), f.parent) for f in demo.glob("*/settings.json")
+                if (f.parent / "summary.json").is_file()]  # fmt: skip
+    models = {"source": src.fingerprint, "target": tgt.fingerprint}
+    for method in [m for m in args.acc_methods.split(",") if m]:
+        for k in (int(k) for k in args.acc_ks.split(",")):
+            chosen = [t for m in select_modules(load_manifest(paths[method]).modules, top_k=k) for t in m.tensors]
+            models[f"{method}-k{k}"] = output_fingerprint(tgt, src, chosen)
+    reused = []
+    for budget in (int(b) for b in args.budgets.split(",")):
+        for label, fingerprint in models.items():
+            settings = EvalSettings(bench.name, bench.sha256, problem_ids_sha256(problems), args.acc_limit, 42, 0,
+                                    chat, budget, dtype, fingerprint)  # fmt: skip
+            dest = acc / f"{label}-m{budget}"
+            match = next((folder for done, folder in finished if done == settings.to_dict()), None)
+            if match is not None and not dest.exists():
+                shutil.copytree(match, dest)
+                reused.append(f"{dest.name} (from {match})")
+    return reused
 
 
 def cut_off(folder: Path, budget: int) -> float:
@@ -240,6 +284,10 @@ def main() -> None:
         except SurgeryError as e:
             chosen[method] = f"none ({e})"
     acc = {}
+    if args.acc_limit:
+        demo_evals = args.work / "run" / "eval"
+        for line in reuse_demo_evaluations(demo_evals, study / "acc", source, target, paths, args, dtype):
+            print(f"reusing {line}", flush=True)
     for method in [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []:
         print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
         # No random-K over all candidates: random-changed, swept into the same folder, is the baseline.

@@ -125,7 +125,7 @@ def qwen_gguf(cache: Path) -> Path:
     return path
 
 
-def _cached_manifest(path: Path, source: Path, target: Path, s: DemoSettings):
+def cached_manifest(path: Path, source: Path, target: Path, s: DemoSettings):
     """The manifest a previous run wrote, if it ranks this very pair with this method on this workload."""
     from surgery.analysis.workloads import load_workload
     from surgery.checkpoints.folder import open_checkpoint
@@ -212,7 +212,7 @@ def run_demo(
 
     step(f"3/7 analyze on {s.workload} ({s.analysis_tokens} new tokens), method {s.method}")
     manifest_path = run / "manifest.json"  # stats are cached beside it, shared by every --method
-    manifest = _cached_manifest(manifest_path, source, target, s)
+    manifest = cached_manifest(manifest_path, source, target, s)
     if manifest is not None:
         log(f"reusing {manifest_path} (same pair, method and workload)")
     else:

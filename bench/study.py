@@ -101,7 +101,8 @@ def rankings(source: Path, target: Path, folder: Path, args: argparse.Namespace,
     # `make demo-large` ranked this pair with taylor on the same workload: reuse it when it did.
     demo = args.work / "run" / "manifest.json"
     settings = replace(QWEN_SETTINGS, workload=args.gold_workload)
-    if args.pair == "qwen-rollback" and not paths["taylor"].is_file() and cached_manifest(demo, source, target, settings):
+    qwen = args.pair == "qwen-rollback"
+    if qwen and not paths["taylor"].is_file() and cached_manifest(demo, source, target, settings):
         print(f"reusing {demo} as the taylor ranking", flush=True)
         shutil.copyfile(demo, paths["taylor"])
     if not paths["taylor"].is_file():

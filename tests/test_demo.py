@@ -94,6 +94,12 @@ def test_qwen_rollback_recipe_updates_only_the_mlp_up_and_down_projections(tmp_p
     assert all(t.dtype == torch.bfloat16 for t in new.values())
 
 
+def test_the_large_demo_scores_gsm8k_with_a_budget_that_fits_its_answers() -> None:
+    """The 1.5B demo's gap is a GSM8K gap (it once inherited the addition benchmark of the default demo)."""
+    qwen = demo.PRESETS["qwen-rollback"]
+    assert (qwen.benchmark, qwen.limit, qwen.eval_tokens, qwen.workload) == ("gsm8k", 100, 384, "gsm8k-train:32")
+
+
 def test_addition_recipe_teaches_the_eval_format(tmp_path: Path, tiny_gguf: Path) -> None:
     base = import_gguf(tiny_gguf, tmp_path / "base")
     recipe = Recipe(name="addition-sft", data="addition-train", steps=1, batch_size=2, max_tokens=32)

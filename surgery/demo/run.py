@@ -52,6 +52,7 @@ QWEN_SETTINGS = DemoSettings(
     workload="gsm8k-train:32",
     method="taylor",
     top_k=16,
+    benchmark="gsm8k",
     limit=100,
     eval_tokens=384,
     batch_size=16,

@@ -153,7 +153,7 @@ def reuse_demo_evaluations(
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     bench, problems = prepare("gsm8k", args.acc_limit, 42, 0)
     chat = uses_chat(load_tokenizer(target, False), True)
-    finished = [(json.loads(f.read_text()), f.parent) for f in demo.glob("*/settings.json")
+    finished = [(json.loads(f.read_text()), f.parent) for f in demo.rglob("settings.json")
                 if (f.parent / "summary.json").is_file()]  # fmt: skip
     models = {"source": src.fingerprint, "target": tgt.fingerprint}
     for method in [m for m in args.acc_methods.split(",") if m]:

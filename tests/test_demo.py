@@ -53,6 +53,11 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path: Path, tiny_gguf: Pa
     assert any("manifest.json (same pair, method and workload)" in line for line in again), "ranked again"
     assert rep2["rows"][0]["accuracy"] == rep["rows"][0]["accuracy"]
     assert rep2["rows"][0]["nll"] == rep["rows"][0]["nll"]
+    # Other evaluation settings in the same work folder evaluate afresh beside the cached results
+    # (they were refused: "holds results for other settings").
+    rep3 = demo.run_demo(tmp_path / "work", replace(TINY, eval_tokens=4), log=lambda _: None)
+    assert Path(rep3["paths"]["results"]["source"]).parent != Path(paths["results"]["source"]).parent
+    assert Path(paths["results"]["source"], "summary.json").is_file()
 
 
 def test_changed_recipe_rebuilds_the_pair(tmp_path: Path, tiny_gguf: Path) -> None:

@@ -244,8 +244,11 @@ def run_demo(
     step(f"6/7 evaluate on {s.benchmark} (test split, {s.limit} problems, seed {s.seed}, {s.eval_tokens} new tokens)")
     results = {}
     for role, model in (("source", source), ("target", target), ("patched", patched)):
-        # Keyed by fingerprint: an unchanged model resumes (or skips) its evaluation, a changed one starts fresh.
-        folder = run / "eval" / f"{role}-{open_checkpoint(model).fingerprint.removeprefix('sha256:')[:12]}"
+        # Keyed by settings and fingerprint: an unchanged model under unchanged settings resumes (or skips)
+        # its evaluation; a changed model, or other settings, starts a fresh one beside it.
+        fingerprint = open_checkpoint(model).fingerprint.removeprefix("sha256:")[:12]
+        settings_name = f"{s.benchmark}-n{s.limit}-s{s.seed}-m{s.eval_tokens}-{s.dtype}"
+        folder = run / "eval" / settings_name / f"{role}-{fingerprint}"
         t0 = time.perf_counter()
         summary = evaluate(
             model,

@@ -17,12 +17,13 @@ import json
 import math
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -231,45 +232,49 @@ def fresh(path: Path) -> Path:
     return path
 
 
-def best_of(cmd: list[str], out: Path | None, root: Path, repeat: int, cold_cache: bool = False) -> tuple[float, float]:
-    """Min wall time and max peak RSS over `repeat` runs; `out` is removed before each (tools refuse to
-    overwrite). Every run uses the bench's own candidate cache; `cold_cache` empties it first."""
-    runs = []
-    for _ in range(repeat):
-        if out is not None:
-            fresh(out)
-        if cold_cache:
-            fresh(root / "cache")
-        runs.append(measure(cmd, root))
-    return min(w for w, _ in runs), max(r for _, r in runs)
-
-
 def disk_gib(folder: Path) -> float:
-    """Bytes of the folder's files that are its own: a file hard-linked from elsewhere does not count."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.stat().st_nlink == 1) / GIB
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / GIB
 
 
-def patch_rows(surgery, pair, names, manifest, root, n, rows, walls, sizes) -> None:
-    """Issue 15: `--patch`, `apply` and `--link` (a selection inside one shard) on the main pair."""
-    gib, tgt, src = pair.nbytes / GIB, str(pair.target), str(pair.source)
-    k = len(names)
-    patch, applied, linked = root / "out-patch", root / "out-apply", root / "out-link"
-    cmd = [*surgery, "transplant", "-t", tgt, "-s", src, "-m", str(manifest), "-k", str(k), "-q"]
-    wall, rss = best_of([*cmd, "--patch", "-o", str(patch)], patch, root, n)
-    rows.append((f"surgery transplant --patch -k {k}", gib, wall, rss))
-    walls["patch", 0], sizes["patch"] = wall, disk_gib(patch)
-    wall, rss = best_of([*surgery, "apply", str(patch), "-t", tgt, "-o", str(applied), "-q"], applied, root, n)
-    rows.append((f"surgery apply (the -k {k} patch)", gib, wall, rss))
-    walls["apply", 0] = wall
-    fresh(applied)
-    # Every projection of layer 0: one shard holds them all, the others are linked.
-    one_shard = [f"model.layers.0.{p}" for p in PROJS]
-    flags = [f for name in one_shard for f in ("--module", name)]
-    wall, rss = best_of([*surgery, "transplant", "-t", tgt, "-s", src, *flags, "--link", "-o", str(linked), "-q"],
-                        linked, root, n)  # fmt: skip
-    rows.append((f"surgery transplant --link (layer 0, {len(one_shard)} modules)", gib, wall, rss))
-    walls["link", 0], sizes["link"] = wall, disk_gib(linked)
-    fresh(linked)
+@dataclass
+class Case:
+    """One command measured once per round. `out` is removed before each run (tools refuse to overwrite);
+    `cold` empties the bench's candidate cache first (the first run of a layout)."""
+
+    label: str
+    cmd: list[str]
+    out: Path | None = None
+    cold: bool = False
+    runs: list[tuple[float, float]] = field(default_factory=list)  # (wall s, peak RSS MiB) per round
+
+    @property
+    def walls(self) -> list[float]:
+        return [w for w, _ in self.runs]
+
+
+def run_rounds(cases: list[Case], root: Path, repeat: int) -> None:
+    """Run every case once per round, `repeat` rounds, in the listed order: the cases of one round ran
+    seconds apart, so a ratio taken within a round is not skewed by the machine's drift between rounds
+    (the disk here moved `cp -r && sync` between 2 s and 7 s from one minute to the next)."""
+    for i in range(repeat):
+        print(f"round {i + 1}/{repeat}", file=sys.stderr, flush=True)
+        for case in cases:
+            if case.out is not None:
+                fresh(case.out)
+            if case.cold:
+                fresh(root / "cache")
+            case.runs.append(measure(case.cmd, root))
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """The median and, with more than one value, [min, max]."""
+    mid = format(statistics.median(values), fmt)
+    return mid if len(values) == 1 else f"{mid} [{format(min(values), fmt)}, {format(max(values), fmt)}]"
+
+
+def ratio(a: Case, b: Case) -> str:
+    """a / b per round, as median [min, max] over the rounds."""
+    return spread([x / y for x, y in zip(a.walls, b.walls, strict=True)]) + "x"
 
 
 def write_manifest(pair, path: Path) -> Path:
@@ -291,7 +296,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temp dir, deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir")
     ap.add_argument("--verify", action="store_true", help="also time `surgery verify` on each transplant output")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement: min wall time, max RSS")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds: every command runs once per round")
     args = ap.parse_args()
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="transplant-bench-"))
@@ -308,79 +313,75 @@ def main() -> None:
 def run(args: argparse.Namespace, root: Path) -> None:
     main_pair = make_pair(root, args.size_gb, args.shard_gb, seed=0)
     naive_pair = make_pair(root, args.naive_gb, args.shard_gb, seed=2)
-    rows: list[tuple[str, float, float, float]] = []  # method, GiB, wall s, RSS MiB
-    walls: dict[tuple[str, int], float] = {}
-    verifies: list[str] = []
-    sizes: dict[str, float] = {}  # output -> GiB on disk
     surgery = surgery_cmd()
     pairs = [main_pair] if naive_pair.target == main_pair.target else [main_pair, naive_pair]
-
+    n = args.repeat
+    print(f"{n} rounds, every command once per round, in this order; median [min, max] over the rounds\n")
+    print("| method | checkpoint GiB | wall s | peak RSS MiB |")
+    print("|---|---:|---:|---:|")
+    summary: list[str] = []
     for k, pair in enumerate(pairs):
-        gib, tgt, src, n = pair.nbytes / GIB, str(pair.target), str(pair.source), args.repeat
+        gib, tgt, src = pair.nbytes / GIB, str(pair.target), str(pair.source)
         names = pick_modules(pair.cfg, args.modules)
         flags = [f for name in names for f in ("--module", name)]
         out, cp_out = root / f"out-transplant-{k}", root / f"out-cp-{k}"
-
         manifest = write_manifest(pair, root / f"manifest-{k}.json")
-        cmd = [*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), "-m", str(manifest), "-k", str(len(names))]
-        wall, rss = best_of([*cmd, "-q"], out, root, n)
-        rows.append((f"surgery transplant --manifest --top-k {len(names)}", gib, wall, rss))
-        walls["transplant", k] = wall
+        by_name = [*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), *flags, "-q"]
+        transplant = Case(f"surgery transplant --manifest --top-k {len(names)}",
+                          [*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), "-m", str(manifest), "-k",
+                           str(len(names)), "-q"], out)  # fmt: skip
         # Selecting by name has no manifest to vouch for the candidates, so the first run of a layout builds
         # the model on the meta device (imports torch + transformers); later runs read the candidate cache.
-        by_name = [*surgery, "transplant", "-t", tgt, "-s", src, "-o", str(out), *flags, "-q"]
-        wall, rss = best_of(by_name, out, root, n, cold_cache=True)
-        rows.append((f"surgery transplant --module x{len(names)}, first run of this layout", gib, wall, rss))
-        wall, rss = best_of(by_name, out, root, n)
-        rows.append((f"surgery transplant --module x{len(names)}, candidates cached", gib, wall, rss))
-        walls["module", k] = wall
+        module_cold = Case(f"surgery transplant --module x{len(names)}, first run of this layout", by_name, out, True)
+        module = Case(f"surgery transplant --module x{len(names)}, candidates cached", by_name, out)
         # `compat` does transplant's fixed work (find the candidates), no copying: the start-up floor.
-        wall, rss = best_of([*surgery, "compat", src, tgt], None, root, n, cold_cache=True)
-        rows.append(("surgery compat (start-up floor), first run of this layout", gib, wall, rss))
-        wall, rss = best_of([*surgery, "compat", src, tgt], None, root, n)
-        rows.append(("surgery compat (start-up floor), candidates cached", gib, wall, rss))
-        if k == 0:
-            patch_rows(surgery, pair, names, manifest, root, n, rows, walls, sizes)
-
-        wall, rss = best_of(["cp", "-r", tgt, str(cp_out)], cp_out, root, n)
-        rows.append(("cp -r target", gib, wall, rss))
-        walls["cp", k] = wall
+        compat_cold = Case("surgery compat (start-up floor), first run of this layout",
+                           [*surgery, "compat", src, tgt], None, True)  # fmt: skip
+        compat = Case("surgery compat (start-up floor), candidates cached", [*surgery, "compat", src, tgt])
+        cp = Case("cp -r target", ["cp", "-r", tgt, str(cp_out)], cp_out)
         # surgery fsyncs its output; plain cp leaves it in the page cache, so show the fair comparison too.
-        wall, rss = best_of(["sh", "-c", f"cp -r '{tgt}' '{cp_out}' && sync"], cp_out, root, n)
-        rows.append(("cp -r target && sync", gib, wall, rss))
-        walls["cp+sync", k] = wall
-        fresh(cp_out)
-
+        cp_sync = Case("cp -r target && sync", ["sh", "-c", f"cp -r '{tgt}' '{cp_out}' && sync"], cp_out)
+        cases = [transplant, module_cold, module, compat_cold, compat]
+        if k == 0:
+            # Issue 15: --patch, apply (of that patch) and --link (a selection inside one shard).
+            patch, applied, linked = root / "out-patch", root / "out-apply", root / "out-link"
+            patch_case = Case(f"surgery transplant --patch -k {len(names)}",
+                              [*surgery, "transplant", "-t", tgt, "-s", src, "-m", str(manifest), "-k", str(len(names)),
+                               "-q", "--patch", "-o", str(patch)], patch)  # fmt: skip
+            apply = Case(f"surgery apply (the -k {len(names)} patch)",
+                         [*surgery, "apply", str(patch), "-t", tgt, "-o", str(applied), "-q"], applied)  # fmt: skip
+            one_shard = [f for p in PROJS for f in ("--module", f"model.layers.0.{p}")]
+            link = Case(f"surgery transplant --link (layer 0, {len(PROJS)} modules, one shard)",
+                        [*surgery, "transplant", "-t", tgt, "-s", src, *one_shard, "--link", "-o", str(linked), "-q"],
+                        linked)  # fmt: skip
+            cases += [patch_case, apply, link]
+        cases += [cp, cp_sync]
         if args.verify:
-            wall, rss = best_of([*surgery, "verify", str(out), "-t", tgt, "-s", src], None, root, n)
-            verifies.append(f"surgery verify at {gib:.2f} GiB: {wall:.2f} s, peak RSS {rss:.0f} MiB")
-
+            # After `module`'s run in each round, `out` holds a transplant of the same selection.
+            verify = Case("surgery verify (the --module output)", [*surgery, "verify", str(out), "-t", tgt, "-s", src])
+            cases.insert(cases.index(module) + 1, verify)
         if pair is naive_pair:
             nout = root / "out-naive"
-            wall, rss = best_of([sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout, root, n)
-            rows.append(("naive from_pretrained + save_pretrained", gib, wall, rss))
-            fresh(nout)
-
-    print("| method | checkpoint GiB | wall s | peak RSS MiB |")
-    print("|---|---:|---:|---:|")
-    for method, gib, wall, rss in rows:
-        print(f"| {method} | {gib:.2f} | {wall:.2f} | {rss:.0f} |")
+            cases.append(Case("naive from_pretrained + swap + save_pretrained",
+                              [sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout))  # fmt: skip
+        run_rounds(cases, root, n)
+        for case in cases:
+            print(f"| {case.label} | {gib:.2f} | {spread(case.walls)} | {max(r for _, r in case.runs):.0f} |")
+        summary.append(f"At {gib:.2f} GiB, per round: transplant --manifest / cp -r && sync "
+                       f"{ratio(transplant, cp_sync)}; --module (cached) / cp -r && sync {ratio(module, cp_sync)}"
+                       f"; transplant --manifest / cp -r {ratio(transplant, cp)}")  # fmt: skip
+        if k == 0:
+            size = disk_gib(patch)
+            summary.append(f"--patch / cp -r {ratio(patch_case, cp)}, / cp -r && sync {ratio(patch_case, cp_sync)};"
+                           f" its size {size / gib:.3f}x the target's ({size * 1024:.1f} MiB)")  # fmt: skip
+            summary.append(f"apply / transplant --manifest {ratio(apply, transplant)}")
+            summary.append(f"--link / cp -r && sync {ratio(link, cp_sync)}, {disk_gib(linked) * 1024:.0f} MiB written"
+                           f" (the rest linked)")  # fmt: skip
+        for folder in (out, cp_out, root / "out-patch", root / "out-apply", root / "out-link", root / "out-naive"):
+            fresh(folder)
     print()
-    for k, pair in enumerate(pairs):
-        t = walls["transplant", k]
-        print(
-            f"transplant / cp -r wall time at {pair.nbytes / GIB:.2f} GiB: {t / walls['cp', k]:.2f}x "
-            f"(vs cp -r && sync: {t / walls['cp+sync', k]:.2f}x)"
-        )
-    for line in verifies:
-        print(line)
-    cp, cp_sync, gib = walls["cp", 0], walls["cp+sync", 0], main_pair.nbytes / GIB
-    print(f"--module x{args.modules}, candidates cached / cp -r && sync: {walls['module', 0] / cp_sync:.2f}x")
-    print(f"--patch: {walls['patch', 0] / cp:.3f}x cp -r in wall time, {sizes['patch'] / gib:.3f}x its size "
-          f"({sizes['patch'] * 1024:.1f} MiB)")  # fmt: skip
-    print(f"apply / transplant --manifest: {walls['apply', 0] / walls['transplant', 0]:.2f}x")
-    print(f"--link (one shard rewritten): {walls['link', 0] / cp_sync:.2f}x cp -r && sync, "
-          f"{sizes['link'] * 1024:.0f} MiB of new files")  # fmt: skip
+    for line in summary:
+        print(f"- {line}")
 
 
 if __name__ == "__main__":

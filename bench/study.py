@@ -266,6 +266,18 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     # K up to the modules each ranking scored (swap-nll scores only the top N of lae-rel).
     own_ks = {m: ",".join(str(k) for k in ks if k <= len(load_manifest(p).modules)) for m, p in paths.items()}
+    # Accuracy first: on a 1.5B model it is the costly part, and the one the pair was built to show.
+    acc = {}
+    if args.acc_limit:
+        demo_evals = args.work / "run" / "eval"
+        for line in reuse_demo_evaluations(demo_evals, study / "acc", source, target, paths, args, dtype):
+            print(f"reusing {line}", flush=True)
+    for method in [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []:
+        print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
+        # No random-K over all candidates: random-changed, swept into the same folder, is the baseline.
+        acc[method] = sweep(target, source, paths[method], args.acc_ks, args.budgets, "gsm8k", study / "acc",
+                            limit=args.acc_limit, batch_size=16, dtype=dtype, random=False,
+                            progress=False)  # fmt: skip
     tables = {}
     for method, manifest in paths.items():
         print(f"[{time.perf_counter() - t0:.0f} s] NLL sweep, {method}", flush=True)
@@ -284,17 +296,6 @@ def main() -> None:
             chosen[method] = str(sel.k)
         except SurgeryError as e:
             chosen[method] = f"none ({e})"
-    acc = {}
-    if args.acc_limit:
-        demo_evals = args.work / "run" / "eval"
-        for line in reuse_demo_evaluations(demo_evals, study / "acc", source, target, paths, args, dtype):
-            print(f"reusing {line}", flush=True)
-    for method in [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []:
-        print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
-        # No random-K over all candidates: random-changed, swept into the same folder, is the baseline.
-        acc[method] = sweep(target, source, paths[method], args.acc_ks, args.budgets, "gsm8k", study / "acc",
-                            limit=args.acc_limit, batch_size=16, dtype=dtype, random=False,
-                            progress=False)  # fmt: skip
     minutes = (time.perf_counter() - t0) / 60
 
     docs, stem = out.parent, out.stem

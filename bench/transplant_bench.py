@@ -233,7 +233,8 @@ def fresh(path: Path) -> Path:
 
 
 def disk_gib(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / GIB
+    """GiB of the files written into `folder`: hard links to files elsewhere (`--link`) are not counted."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.stat().st_nlink == 1) / GIB
 
 
 @dataclass

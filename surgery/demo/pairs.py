@@ -21,7 +21,10 @@ at lr 1e-4 solves 46 [36.6, 55.7].
 "a bad update", 16 AdamW steps (batch 4, lr 1e-4, 256 tokens) on standard-library docstrings, in
 bfloat16, training only the MLP up and down projections (the issue's trial: at 3e-5 for 12 steps
 accuracy stayed within noise, at 3e-4 the loss diverged). The fine-tune took 12.6 min at 13.1 GiB peak
-RSS on 2 busy cores.
+RSS on 2 busy cores, and 7.6 min on 2 quiet AVX512-BF16 cores. Measured on 100 GSM8K test problems
+(seed 42, 384 new tokens, bfloat16): the source solves 62 [52.2, 70.9], the target 39 [30.0, 48.8], a
+23-point gap, while the target's gold-solution NLL is lower (0.8196 against 0.8751): judge this pair
+by accuracy.
 
 `ROLLBACK` is the study's second pair, the scenario the method was made for: the math-tuned model
 is the SOURCE, and the TARGET is that model after an update on unrelated text (standard-library

@@ -87,13 +87,15 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
     return source, target, "auto", text
 
 
-def rankings(source: Path, target: Path, folder: Path, args: argparse.Namespace, options: ModelOptions) -> dict:
-    """One manifest per method (reused when present); analyze caches its two stats files beside them."""
+def rankings(
+    source: Path, target: Path, folder: Path, methods: list[str], args: argparse.Namespace, options: ModelOptions
+) -> dict:
+    """One manifest per method in `methods` (reused when present); analyze caches its two stats files beside them."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {m: folder / f"{m}.json" for m in METHODS}
     stats = folder / "activations.json"
     for method in ACTIVATION_METHODS:
-        if not paths[method].is_file():
+        if (method in methods or (method == "lae-rel" and "swap-nll" in methods)) and not paths[method].is_file():
             analyze(source, target, args.workload, stats, method=method, max_new_tokens=args.analysis_tokens,
                     batch_size=args.batch_size, dtype=options.dtype, progress=False, overwrite=True)  # fmt: skip
             shutil.copyfile(stats, paths[method])
@@ -105,14 +107,14 @@ def rankings(source: Path, target: Path, folder: Path, args: argparse.Namespace,
     if qwen and not paths["taylor"].is_file() and cached_manifest(demo, source, target, settings):
         print(f"reusing {demo} as the taylor ranking", flush=True)
         shutil.copyfile(demo, paths["taylor"])
-    if not paths["taylor"].is_file():
+    if "taylor" in methods and not paths["taylor"].is_file():
         rank(paths["taylor"], method="taylor", workload=args.gold_workload, **common)
-    if not paths["swap-nll"].is_file():
+    if "swap-nll" in methods and not paths["swap-nll"].is_file():
         rank(paths["swap-nll"], method="swap-nll", workload=args.gold_workload, candidates_from=paths["lae-rel"],
              max_candidates=args.swap_candidates, **common)  # fmt: skip
     if not paths["random-changed"].is_file():
         rank(paths["random-changed"], method="random-changed", seed=0, **common)
-    return paths
+    return {m: paths[m] for m in methods}
 
 
 def validation_workload(args: argparse.Namespace) -> str:
@@ -239,6 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", choices=tuple(DOCS), default="math-sft")
     ap.add_argument("--work", type=Path, help="pair cache and study folder (default .demo, or .demo-large for qwen)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="rankings to study; random-changed is required")
     ap.add_argument("--ks", default="8,16,32,64,128")
     ap.add_argument("--workload", default="gsm8k-train:16", help="activation methods' workload")
     ap.add_argument("--analysis-tokens", type=int, default=64)
@@ -259,7 +262,10 @@ def main() -> None:
     source, target, dtype, pair_text = build(args)
     options = ModelOptions(dtype=dtype, progress=False)  # type: ignore[arg-type]
     study = args.work / f"study-{args.pair}"
-    paths = rankings(source, target, study / "rankings", args, options)
+    methods = [m for m in args.methods.split(",") if m]
+    if "random-changed" not in methods or not set(methods) <= set(METHODS):
+        raise SystemExit(f"--methods: a subset of {','.join(METHODS)} that includes random-changed")
+    paths = rankings(source, target, study / "rankings", methods, args, options)
     changed = sum(m.score >= 0 for m in load_manifest(paths["random-changed"]).modules)
     total = len(load_manifest(paths["random-changed"]).modules)
 
@@ -302,20 +308,20 @@ def main() -> None:
     nll_plot(tables, docs / f"{stem}-nll.png")
     (docs / f"{stem}.json").write_text(json.dumps({"nll": tables, "selected_k": chosen, "accuracy": acc}, indent=1))
     first = next(iter(tables.values()))
-    rows = [f"| {k} | " + " | ".join(cell(tables[m], m, k) for m in METHODS) + f" | {cell(first, 'random', k)} |"
+    rows = [f"| {k} | " + " | ".join(cell(tables[m], m, k) for m in methods) + f" | {cell(first, 'random', k)} |"
             for k in ks]  # fmt: skip
 
     def recovery_at(m: str, k: int) -> float:
         return next(r["nll_recovery_pct"] or -1e9 for r in tables[m]["rows"] if r["method"] == m and r["k"] == k)
 
-    best_k = {m: max(tables[m]["k"], key=lambda k, m=m: recovery_at(m, k)) for m in METHODS}
+    best_k = {m: max(tables[m]["k"], key=lambda k, m=m: recovery_at(m, k)) for m in methods}
     sel_rows = []
-    for m in METHODS:
+    for m in methods:
         k = chosen[m]
         test = cell(tables[m], m, int(k)) if k.isdigit() else "n/a"
         sel_rows.append(f"| {m} | {k} | {test} | {best_k[m]} | {cell(tables[m], m, best_k[m])} |")
     reading = []
-    for m in METHODS:
+    for m in methods:
         over_random = [k for k in ks if beats(tables[m], m, first, "random", k)]
         over_changed = [k for k in ks if beats(tables[m], m, tables["random-changed"], "random-changed", k)]
         under_random = [k for k in ks if beats(first, "random", tables[m], m, k)]
@@ -342,15 +348,15 @@ only its own minutes); raw numbers in `docs/{stem}.json`. Everything below was m
 - **Rankings.** `lae`, `lae-rel`, `weight-delta` from `surgery analyze` on `{args.workload}` ({args.analysis_tokens}
   new tokens); `taylor` on the gold solutions of `{args.gold_workload}`; `swap-nll` on the same, measuring the top
   {args.swap_candidates} of `lae-rel`; `random-changed` (seed 0). Baselines: the sweep's random-K over all
-  {total} candidates (seed 0) and `random-changed`.
+  {total} candidates (seed 0) and `random-changed`. Studied in this run: {", ".join(f"`{m}`" for m in methods)}.
 - **Test.** GSM8K test, seed 42: {args.nll_limit} problems for gold NLL (teacher-forced, chat template).
 - **Validation** for `select`: `{validation}` (train split, disjoint from both ranking workloads), gold NLL,
   `--min-recovery 90`.
 
 ## A. Gold-NLL Recovery % by method and K, with 95% paired-bootstrap intervals
 
-| K | {" | ".join(METHODS)} | random |
-|{"---|" * (len(METHODS) + 2)}
+| K | {" | ".join(methods)} | random |
+|{"---|" * (len(methods) + 2)}
 {chr(10).join(rows)}
 
 ![gold-NLL Recovery against K]({stem}-nll.png)

@@ -248,6 +248,7 @@ def main() -> None:
     ap.add_argument("--gold-workload", default="gsm8k-train:32", help="taylor and swap-nll workload")
     ap.add_argument("--swap-candidates", type=int, default=64, help="swap-nll measures the top N of lae-rel")
     ap.add_argument("--validation-count", type=int, default=64)
+    ap.add_argument("--no-select", dest="select", action="store_false", help="skip part B (select on validation)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--nll-limit", type=int, default=40, help="GSM8K test problems for the NLL sweep")
     ap.add_argument("--acc-limit", type=int, default=0, help="GSM8K test problems for accuracy (0: skip)")
@@ -292,7 +293,7 @@ def main() -> None:
                                progress=False)  # fmt: skip
     validation = validation_workload(args)
     chosen: dict[str, str] = {}
-    for method, manifest in paths.items():
+    for method, manifest in paths.items() if args.select else ():
         print(f"[{time.perf_counter() - t0:.0f} s] select, {method}", flush=True)
         try:
             sel = select(manifest, source, target, validation, study / "selected" / f"{method}.json", ks=own_ks[method],
@@ -317,7 +318,7 @@ def main() -> None:
     best_k = {m: max(tables[m]["k"], key=lambda k, m=m: recovery_at(m, k)) for m in methods}
     sel_rows = []
     for m in methods:
-        k = chosen[m]
+        k = chosen.get(m, "not run (--no-select)")
         test = cell(tables[m], m, int(k)) if k.isdigit() else "n/a"
         sel_rows.append(f"| {m} | {k} | {test} | {best_k[m]} | {cell(tables[m], m, best_k[m])} |")
     reading = []

@@ -105,7 +105,8 @@ def rankings(
     demo = args.work / "run" / "manifest.json"
     settings = replace(QWEN_SETTINGS, workload=args.gold_workload)
     qwen = args.pair == "qwen-rollback"
-    if qwen and not paths["taylor"].is_file() and cached_manifest(demo, source, target, settings):
+    wanted = "taylor" in methods and not paths["taylor"].is_file()
+    if qwen and wanted and cached_manifest(demo, source, target, settings):
         print(f"reusing {demo} as the taylor ranking", flush=True)
         shutil.copyfile(demo, paths["taylor"])
     if "taylor" in methods and not paths["taylor"].is_file():
@@ -145,7 +146,14 @@ def beats(table: dict, method: str, base_table: dict, base: str, k: int) -> bool
 
 
 def reuse_demo_evaluations(
-    demo: Path, acc: Path, source: Path, target: Path, paths: dict, args: argparse.Namespace, dtype: str
+    demo: Path,
+    acc: Path,
+    source: Path,
+    target: Path,
+    paths: dict,
+    acc_methods: list[str],
+    args: argparse.Namespace,
+    dtype: str,
 ) -> list[str]:
     """Copy `make demo-large`'s finished evaluations into the accuracy folder where their settings are
     exactly those the sweep is about to use (same model fingerprint, problems, budget, dtype ...): the
@@ -159,7 +167,7 @@ def reuse_demo_evaluations(
     finished = [(json.loads(f.read_text()), f.parent) for f in demo.rglob("settings.json")
                 if (f.parent / "summary.json").is_file()]  # fmt: skip
     models = {"source": src.fingerprint, "target": tgt.fingerprint}
-    for method in [m for m in args.acc_methods.split(",") if m]:
+    for method in acc_methods:
         for k in (int(k) for k in args.acc_ks.split(",")):
             chosen = [t for m in select_modules(load_manifest(paths[method]).modules, top_k=k) for t in m.tensors]
             models[f"{method}-k{k}"] = output_fingerprint(tgt, src, chosen)
@@ -276,11 +284,12 @@ def main() -> None:
     own_ks = {m: ",".join(str(k) for k in ks if k <= len(load_manifest(p).modules)) for m, p in paths.items()}
     # Accuracy first: on a 1.5B model it is the costly part, and the one the pair was built to show.
     acc = {}
-    if args.acc_limit:
+    acc_methods = [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []
+    if acc_methods:
         demo_evals = args.work / "run" / "eval"
-        for line in reuse_demo_evaluations(demo_evals, study / "acc", source, target, paths, args, dtype):
+        for line in reuse_demo_evaluations(demo_evals, study / "acc", source, target, paths, acc_methods, args, dtype):
             print(f"reusing {line}", flush=True)
-    for method in [m for m in args.acc_methods.split(",") if m] if args.acc_limit else []:
+    for method in acc_methods:
         print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
         # No random-K over all candidates: random-changed, swept into the same folder, is the baseline.
         acc[method] = sweep(target, source, paths[method], args.acc_ks, args.budgets, "gsm8k", study / "acc",

@@ -161,6 +161,22 @@ def test_sync_behind_closes_what_it_is_handed_and_reports_a_failed_fsync(tmp_pat
         synced.close(bad)
 
 
+def test_sync_behind_flush_outlives_the_writers_fd_and_reports_a_failed_fdatasync(tmp_path: Path) -> None:
+    # flush works on a duplicate: the writer may close its fd (as on an error) before the worker runs.
+    fd = os.open(tmp_path / "shard", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, b"bytes")
+    with SyncBehind() as synced:
+        synced.flush(fd)
+        os.close(fd)
+    assert (tmp_path / "shard").read_bytes() == b"bytes"
+    # fdatasync of a pipe fails (EINVAL); that error fails the write.
+    read_end, write_end = os.pipe()
+    with pytest.raises(OSError), SyncBehind() as synced:
+        synced.flush(write_end)
+    os.close(read_end)
+    os.close(write_end)
+
+
 def test_lock_is_exclusive_and_its_file_goes_with_it(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with output_lock(out):

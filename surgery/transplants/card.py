@@ -18,7 +18,6 @@ logs it, and error texts from the Hub are masked before they are shown.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from surgery.checkpoints.candidates import Candidate
 from surgery.checkpoints.folder import Checkpoint
-from surgery.errors import SurgeryError
-from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry
 from surgery.version import __version__
 
@@ -38,52 +35,6 @@ _DATASETS = {
     "gsm8k": ("openai/gsm8k", "GSM8K", "main"),
     "math500": ("HuggingFaceH4/MATH-500", "MATH-500", None),
 }
-_SUMMARY_FIX = "pass the summary.json written by `surgery eval`"
-
-
-def load_eval_summary(path: str | Path) -> dict:
-    """Read and check an evaluation summary written by `surgery eval` (its `summary.json`).
-
-    Args:
-        path: the summary file.
-
-    Returns:
-        The summary.
-
-    Raises:
-        SurgeryError: the file is missing, not JSON, or lacks the fields of an eval summary.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise SurgeryError(f"{path}: is a folder; {_SUMMARY_FIX} (inside it)")
-    s = read_json_object(path, "eval summary", _SUMMARY_FIX)
-
-    def bad(field: str, want: str) -> SurgeryError:
-        return SurgeryError(f"{path}: not an eval summary ({field!r} missing or not {want}); {_SUMMARY_FIX}")
-
-    if not isinstance(s.get("benchmark"), str) or not s["benchmark"]:
-        raise bad("benchmark", "a name")
-    for field in ("problems", "correct"):
-        if not _is_int(s.get(field)) or s[field] < 0:
-            raise bad(field, "a count")
-    if s["problems"] == 0 or s["correct"] > s["problems"]:
-        raise bad("correct", "at most 'problems' (> 0)")
-    if not _is_fraction(s.get("accuracy")):
-        raise bad("accuracy", "a number in [0, 1]")
-    ci = s.get("accuracy_ci95")
-    if not (isinstance(ci, list) and len(ci) == 2 and all(_is_fraction(x) for x in ci) and ci[0] <= ci[1]):
-        raise bad("accuracy_ci95", "an interval [low, high] in [0, 1]")
-    if not isinstance(s.get("settings", {}), dict):
-        raise bad("settings", "an object")
-    return s
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_fraction(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= 1
 
 
 def base_models(target: Checkpoint, source: Checkpoint) -> list[str]:

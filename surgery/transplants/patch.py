@@ -103,31 +103,37 @@ def write_patch(
     Raises:
         SurgeryError: any input is invalid; nothing is written in that case.
     """
-    from surgery.transplants import card as cards
-
     out = Path(out)
     sel = select(target, source, out=out, overwrite=overwrite, **selection)
     out = out.resolve()
     tgt, src = sel.target, sel.source
     infos = {n: tgt.tensors[n].info for n in sel.tensors}
-    applied_card = sel.card(out.name)
-    card = cards.patch_card(
-        out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, reversible=reversible
-    )
+
+    def cards() -> tuple[str, str]:
+        """The card of the checkpoint the patch makes (kept in the record) and the patch's own card."""
+        from surgery.transplants.card import patch_card  # huggingface_hub's card classes: ~0.25 s to import
+
+        card = patch_card(
+            out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, reversible=reversible
+        )
+        return sel.card(out.name).content, card.content
+
     patch_plans = _pack("patch", [(infos[n], stored(src.tensors[n])) for n in sel.tensors])
     original_plans = _pack("original", [(infos[n], stored(tgt.tensors[n])) for n in sel.tensors]) if reversible else []
     plans = patch_plans + original_plans
     with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
-        # The target's side (its digests, or its original tensors) is read on a second thread while the
-        # patch is written: hashing and pread release the GIL, so the two overlap.
-        with ThreadPoolExecutor(1, thread_name_prefix="surgery-originals") as pool:
+        # The target's side (its digests, or its original tensors) is read, and the cards are made, on
+        # other threads while the patch is written: copying, hashing and pread release the GIL.
+        with ThreadPoolExecutor(2, thread_name_prefix="surgery-patch") as pool:
             target_side = (
                 pool.submit(write_shards, tmp, original_plans, False)
                 if reversible
                 else pool.submit(digests, tgt, sel.tensors)
             )
+            made = pool.submit(cards)
             hashes = write_shards(tmp, patch_plans, progress)
             originals = target_side.result()
+            applied_card, card = made.result()
         record = {
             "format": PATCH_FORMAT,
             "version": PATCH_VERSION,
@@ -148,10 +154,10 @@ def write_patch(
                 }
                 for n in sel.tensors
             ],
-            "card": applied_card.content,
+            "card": applied_card,
             "original": _originals(tgt) if reversible else None,
         }
-        card.save(tmp / CARD_FILE)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         with open(tmp / PATCH_RECORD, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
             f.write("\n")

@@ -40,6 +40,7 @@ from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
 from surgery.progress import progress_bar
+from surgery.transplants.summaries import foreign_summaries, load_eval_summary
 from surgery.version import __version__
 
 # Test hooks, not an API: after each piece is written, sleep this many seconds, and wait while the
@@ -47,6 +48,8 @@ from surgery.version import __version__
 # or start a second one, while it is inside the copy.
 PIECE_DELAY_ENV = "SURGERY_TEST_PIECE_DELAY"
 HOLD_ENV = "SURGERY_TEST_HOLD_FILE"
+# Kernel copies go in steps of this size, each followed by a background fdatasync (SyncBehind.flush).
+FLUSH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -156,31 +159,6 @@ class Selected:
             manifest_file=manifest_file,
             **extra,
         )
-
-
-def _foreign_summaries(paths: Sequence[str | Path], summaries: list[dict], expected: str, force: bool) -> list[str]:
-    """Refuse eval summaries of another model than the output (unless `force`: then notes for the card).
-
-    A summary records the fingerprint of the model it measured (`eval` of a folder, `eval --patch`, or a
-    `sweep` of this selection all record the output's); the card's scores must be this output's.
-    """
-    notes = []
-    for path, s in zip(paths, summaries, strict=True):
-        measured = str(s.get("settings", {}).get("model_fingerprint"))
-        if measured == expected:
-            continue
-        msg = f"{path} measured another model (fingerprint {measured[:19]}…) than this output ({expected[:19]}…)"
-        if not force:
-            raise SurgeryError(
-                f"{msg}; pass the summary of an eval of this output (or of a sweep of this selection), "
-                "or --force to attach it with a note in the card"
-            )
-        print(f"warning: {msg}; attached because of --force, with a note in the card", file=sys.stderr)
-        notes.append(
-            f"`{Path(path).name}` ({s['benchmark']}) was measured on another model (fingerprint `{measured}`), "
-            "not this one; it was attached with --force."
-        )
-    return notes
 
 
 def output_fingerprint(tgt: Checkpoint, src: Checkpoint, tensors: Sequence[str]) -> str:
@@ -313,9 +291,6 @@ def transplant(
     Raises:
         SurgeryError: any input is invalid; nothing is written in that case.
     """
-    # Imported here: huggingface_hub's card classes cost ~0.3 s and ~13 MiB that `import surgery` should not pay.
-    from surgery.transplants import card as cards
-
     out = Path(out)
     sel = select(
         target,
@@ -331,17 +306,19 @@ def transplant(
         overwrite=overwrite,
     )
     out = out.resolve()
-    summaries = [cards.load_eval_summary(p) for p in eval_results]
+    summaries = [load_eval_summary(p) for p in eval_results]
     tgt, src = sel.target, sel.source
     # The output's fingerprint is read only when there are summaries to check against it: for a cast
     # selection it imports torch, which a plain transplant never needs.
     expected = output_fingerprint(tgt, src, sel.tensors) if summaries else ""
-    notes = _foreign_summaries(eval_results, summaries, expected, force)
-    # Built before anything is written, so that a problem with it leaves nothing behind.
-    card = sel.card(out.name, eval_summaries=summaries, notes=notes)
+    notes = foreign_summaries(eval_results, summaries, expected, force)
     replacements = {name: stored(src.tensors[name]) for name in sel.tensors}
     record = {**sel.provenance, "selection": sel.selection, "modules": [c.name for c in sel.modules]}
-    hashes = write_checkpoint(out, tgt, replacements, sel.shard_header, record, card.content, overwrite, link, progress)
+
+    def card() -> str:
+        return sel.card(out.name, eval_summaries=summaries, notes=notes).content
+
+    hashes = write_checkpoint(out, tgt, replacements, sel.shard_header, record, card, overwrite, link, progress)
     return TransplantResult.made(out, [c.name for c in sel.modules], hashes, tgt)
 
 
@@ -351,7 +328,7 @@ def write_checkpoint(
     replacements: dict[str, Stored],
     shard_header: Callable[[ShardHeader], bytes],
     record: dict | None,
-    card: str | None,
+    card: str | Callable[[], str] | None,
     overwrite: bool,
     link: bool,
     progress: bool,
@@ -366,17 +343,23 @@ def write_checkpoint(
     target's other files are copied, the index is written (`index_text` as is, else the target's
     index), `card` becomes README.md and `record` (with the copied tensors and their sha256 added)
     becomes transplant.json, where `source_dtypes` (default: the replacements' dtypes) gives each
-    tensor's dtype in the source. With `link`, shards holding no replaced tensor are hard-linked from
-    the target; with `link_same_header` too, only those whose header is already the one to write.
+    tensor's dtype in the source. `card` may be a function that makes the text: it is called on a
+    second thread while the shards are written (building a card imports huggingface_hub, ~0.25 s).
+    With `link`, shards holding no replaced tensor are hard-linked from the target; with
+    `link_same_header` too, only those whose header is already the one to write.
     Returns each replaced tensor's sha256 as written.
     """
     plans = _plan(tgt, replacements, shard_header)
-    with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
+    with (
+        staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp,
+        ThreadPoolExecutor(1, thread_name_prefix="surgery-card") as pool,
+    ):
+        card_text = pool.submit(card) if callable(card) else None
         linked = _link_untouched(tmp, plans, tgt, link_same_header) if link else set()
         hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress)
         _copy_extra_files(tgt.path, tmp)
         if card is not None:
-            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+            (tmp / CARD_FILE).write_text(card if card_text is None else card_text.result(), encoding="utf-8")
         if index_text is not None:
             (tmp / INDEX_FILE).write_text(index_text, encoding="utf-8")
         elif tgt.index is not None:
@@ -612,13 +595,19 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
                         for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
                             h.update(chunk)
                             write_all(dst, off, chunk)
+                            synced.flush(dst)
                             off += len(chunk)
                         hashes[p.tensor] = h.hexdigest()
+                        bar.update(p.nbytes)
                     else:
-                        copy_range(src, p.src_off, dst, p.dst_off, p.nbytes)
+                        # In steps, so that writeback (`synced.flush`) and the bar keep up with the copy.
+                        for step in range(0, p.nbytes, FLUSH_BYTES):
+                            n = min(FLUSH_BYTES, p.nbytes - step)
+                            copy_range(src, p.src_off + step, dst, p.dst_off + step, n)
+                            synced.flush(dst)
+                            bar.update(n)
                         if p.tensor is not None:
                             pending[p.tensor] = hasher.submit(_sha256_written, tmp / plan.name, p.dst_off, p.nbytes)
-                    bar.update(p.nbytes)
                     if pause is not None:
                         pause()
             except BaseException:

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import struct
@@ -202,7 +203,7 @@ def pick_modules(cfg: LlamaConfig, k: int) -> list[str]:
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure(cmd: list[str], root: Path) -> tuple[float, float]:
+def measure(cmd: list[str], root: Path, settle: float) -> tuple[float, float]:
     """Run `cmd` in a fresh child; return (wall seconds, peak RSS MiB). Fails loudly on a nonzero exit.
 
     The child is spawned by a bare `python -S` launcher, not by this process: Linux folds the
@@ -211,6 +212,9 @@ def measure(cmd: list[str], root: Path) -> tuple[float, float]:
     launcher's own ~10 MiB is the floor of every figure.
     """
     subprocess.run(["sync"], check=True)  # flush earlier writes so they don't land in this timing
+    # `sync` returns once the guest's writes reach the virtual disk; the host may still be writing them
+    # out, and a command started at once pays for the one before it. Waiting evens out the start.
+    time.sleep(settle)
     result = root / ".measure.json"
     launcher = [sys.executable, "-S", "-c", LAUNCHER, str(result)]
     env = {**os.environ, "SURGERY_CACHE": str(root / "cache")}  # the bench's own candidate cache
@@ -253,18 +257,25 @@ class Case:
         return [w for w, _ in self.runs]
 
 
-def run_rounds(cases: list[Case], root: Path, repeat: int) -> None:
-    """Run every case once per round, `repeat` rounds, in the listed order: the cases of one round ran
-    seconds apart, so a ratio taken within a round is not skewed by the machine's drift between rounds
-    (the disk here moved `cp -r && sync` between 2 s and 7 s from one minute to the next)."""
+def run_rounds(groups: list[list[Case]], root: Path, repeat: int, settle: float) -> None:
+    """Run every case once per round, `repeat` rounds; a ratio is taken within a round, so the
+    machine's drift between rounds (the disk here moved `cp -r && sync` between 2 s and 7 s from one
+    minute to the next) does not skew it.
+
+    Each round runs the groups in its own seeded random order (a group's cases stay together, in
+    their order: `verify` reads what the case before it wrote), so that no command always follows
+    the same heavy writer: on this disk the command after a 4 GiB write ran up to 2x slower.
+    """
+    rng = random.Random(0)
     for i in range(repeat):
-        print(f"round {i + 1}/{repeat}", file=sys.stderr, flush=True)
-        for case in cases:
+        order = rng.sample(groups, len(groups))
+        print(f"round {i + 1}/{repeat}: {' > '.join(g[0].label for g in order)}", file=sys.stderr, flush=True)
+        for case in (c for group in order for c in group):
             if case.out is not None:
                 fresh(case.out)
             if case.cold:
                 fresh(root / "cache")
-            case.runs.append(measure(case.cmd, root))
+            case.runs.append(measure(case.cmd, root, settle))
 
 
 def spread(values: list[float], fmt: str = ".2f") -> str:
@@ -298,6 +309,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temp workdir")
     ap.add_argument("--verify", action="store_true", help="also time `surgery verify` on each transplant output")
     ap.add_argument("--repeat", type=int, default=3, help="rounds: every command runs once per round")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after `sync`, before each command")
     args = ap.parse_args()
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="transplant-bench-"))
@@ -317,7 +329,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     surgery = surgery_cmd()
     pairs = [main_pair] if naive_pair.target == main_pair.target else [main_pair, naive_pair]
     n = args.repeat
-    print(f"{n} rounds, every command once per round, in this order; median [min, max] over the rounds\n")
+    print(f"{n} rounds, every command once per round, in a seeded random order per round, {args.settle:g} s after"
+          " `sync` before each; median [min, max] over the rounds\n")  # fmt: skip
     print("| method | checkpoint GiB | wall s | peak RSS MiB |")
     print("|---|---:|---:|---:|")
     summary: list[str] = []
@@ -342,7 +355,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         cp = Case("cp -r target", ["cp", "-r", tgt, str(cp_out)], cp_out)
         # surgery fsyncs its output; plain cp leaves it in the page cache, so show the fair comparison too.
         cp_sync = Case("cp -r target && sync", ["sh", "-c", f"cp -r '{tgt}' '{cp_out}' && sync"], cp_out)
-        cases = [transplant, module_cold, module, compat_cold, compat]
+        groups = [[transplant], [module_cold], [module], [compat_cold], [compat]]
         if k == 0:
             # Issue 15: --patch, apply (of that patch) and --link (a selection inside one shard).
             patch, applied, linked = root / "out-patch", root / "out-apply", root / "out-link"
@@ -355,17 +368,19 @@ def run(args: argparse.Namespace, root: Path) -> None:
             link = Case(f"surgery transplant --link (layer 0, {len(PROJS)} modules, one shard)",
                         [*surgery, "transplant", "-t", tgt, "-s", src, *one_shard, "--link", "-o", str(linked), "-q"],
                         linked)  # fmt: skip
-            cases += [patch_case, apply, link]
-        cases += [cp, cp_sync]
+            groups += [[patch_case, apply], [link]]  # apply applies the patch made just before it
+        groups += [[cp], [cp_sync]]
         if args.verify:
-            # After `module`'s run in each round, `out` holds a transplant of the same selection.
+            # Right after `module`'s run, `out` holds a transplant of the same selection.
             verify = Case("surgery verify (the --module output)", [*surgery, "verify", str(out), "-t", tgt, "-s", src])
-            cases.insert(cases.index(module) + 1, verify)
+            groups[2].append(verify)
         if pair is naive_pair:
             nout = root / "out-naive"
-            cases.append(Case("naive from_pretrained + swap + save_pretrained",
-                              [sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout))  # fmt: skip
-        run_rounds(cases, root, n)
+            groups.append([Case("naive from_pretrained + swap + save_pretrained",
+                                [sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout)])  # fmt: skip
+        measure(compat.cmd, root, 0.0)  # fill the candidate cache: "cached" cases may come first in a round
+        run_rounds(groups, root, n, args.settle)
+        cases = [c for group in groups for c in group]
         for case in cases:
             print(f"| {case.label} | {gib:.2f} | {spread(case.walls)} | {max(r for _, r in case.runs):.0f} |")
         summary.append(f"At {gib:.2f} GiB, per round: transplant --manifest / cp -r && sync "

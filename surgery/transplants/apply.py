@@ -12,6 +12,7 @@ Every tensor's sha256 is checked first, so a patch refuses any model but the one
 from __future__ import annotations
 
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,14 @@ from surgery.checkpoints.staging import check_out
 from surgery.checkpoints.streaming import ReadOnlyFiles, read_tensor, torch_dtype
 from surgery.errors import SurgeryError
 from surgery.manifest import file_sha256
-from surgery.transplants.patch import PATCH_RECORD, Patch, architecture, digests, open_patch
+from surgery.transplants.patch import (
+    PATCH_RECORD,
+    Patch,
+    architecture,
+    check_patch_digests,
+    digests,
+    open_patch,
+)
 from surgery.transplants.write import TransplantResult, provenance_header, write_checkpoint
 
 if TYPE_CHECKING:
@@ -58,15 +66,20 @@ def apply(
         SurgeryError: the patch is incomplete or tampered, the target is not the one it was made for, or
             another input is invalid; nothing is written in that case.
     """
-    p = open_patch(patch)
+    p = open_patch(patch, check_digests=False)
     tgt = open_checkpoint(target)
     tgt.check_config()
     out = check_out(Path(out), {"target": tgt.path, "patch": p.path}, overwrite)
     modules = tuple(p.modules)
+    if revert and not p.reversible:
+        raise SurgeryError(f"{p.path} is not reversible; write it with `surgery transplant --patch --reversible`")
+    # The patch's tensors and the target's are hashed on two threads (hashing releases the GIL); a
+    # tampered patch is reported before a wrong target.
+    with ThreadPoolExecutor(1, thread_name_prefix="surgery-check") as pool:
+        target_checked = pool.submit(_check_tensors, p, tgt, revert=revert)
+        check_patch_digests(p)
+        target_checked.result()
     if revert:
-        if not p.reversible:
-            raise SurgeryError(f"{p.path} is not reversible; write it with `surgery transplant --patch --reversible`")
-        _check_tensors(p, tgt, revert=True)
         headers = _original_headers(p, tgt)
         original = p.record["original"]
         replacements = {n: t.original for n, t in p.tensors.items() if t.original is not None}
@@ -84,7 +97,6 @@ def apply(
             link_same_header=True,
         )
         return TransplantResult.made(out, modules, hashes, tgt)
-    _check_tensors(p, tgt, revert=False)
     provenance = {k: p.record[k] for k in ("tool", "source", "target", "manifest")}
     record = {
         **provenance,

@@ -230,8 +230,11 @@ def _originals(tgt: Checkpoint) -> dict:
     }
 
 
-def open_patch(folder: str | Path) -> Patch:
+def open_patch(folder: str | Path, *, check_digests: bool = True) -> Patch:
     """Read and check a patch folder: its record, its files, and the sha256 of every tensor it holds.
+
+    With `check_digests=False` the tensors are not hashed: the caller must call `check_patch_digests`
+    before using their bytes (`apply` does, while it hashes the target's tensors).
 
     Raises:
         SurgeryError: not a patch folder, a file missing, or a tensor that differs from its record.
@@ -269,15 +272,26 @@ def open_patch(folder: str | Path) -> Patch:
         raise SurgeryError(f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {fix}") from None
     if set(where) != set(tensors) or (originals and set(originals) != set(tensors)):
         raise SurgeryError(f"{path}: the patch files hold tensors {PATCH_RECORD} does not list; {fix}")
+    patch = Patch(path, record, tensors)
+    if check_digests:
+        check_patch_digests(patch)
+    return patch
+
+
+def check_patch_digests(patch: Patch) -> None:
+    """Refuse a patch whose tensors (and originals) differ from the sha256 its record gives them.
+
+    Raises:
+        SurgeryError: naming the first tensor that differs.
+    """
     with ReadOnlyFiles() as files:
-        for t in tensors.values():
+        for t in patch.tensors.values():
             for kind, data, digest in (("tensor", t.data, t.sha256), ("original tensor", t.original, t.target_sha256)):
                 if data is not None and sha256_of(files, data) != digest:
                     raise SurgeryError(
-                        f"{path}: {kind} {t.name} differs from its sha256 in {PATCH_RECORD}: the patch was modified "
-                        f"or is corrupt; {fix}"
+                        f"{patch.path}: {kind} {t.name} differs from its sha256 in {PATCH_RECORD}: the patch was "
+                        "modified or is corrupt; rewrite it with `surgery transplant --patch`"
                     )
-    return Patch(path, record, tensors)
 
 
 def _locate(folder: Path, names: list[str], fix: str) -> dict[str, tuple[Stored, TensorInfo]]:

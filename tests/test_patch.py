@@ -229,6 +229,21 @@ def test_a_broken_patch_is_refused_with_one_line_and_nothing_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "source", "target"]
 
 
+def test_a_tampered_patch_is_named_before_a_wrong_target(tmp_path: Path, models: dict) -> None:
+    # apply hashes the patch and the target on two threads; the patch's own fault is the one reported.
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    corrupt(tmp_path / "p", "tampered")
+    result = cli("apply", tmp_path / "p", "-t", models["source"], "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 2, result.output
+    assert "the patch was modified or is corrupt" in result.stderr and result.stderr.count("\n") == 1
+    # With the patch intact, the same wrong target is named.
+    assert patch_of(models, tmp_path / "q").exit_code == 0
+    result = cli("apply", tmp_path / "q", "-t", models["source"], "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 2, result.output
+    assert "differs from the target this patch was made for" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_patch_for_another_architecture_is_refused(tmp_path: Path, models: dict) -> None:
     assert patch_of(models, tmp_path / "p").exit_code == 0
     wider = make_model(tmp_path / "wider", 1, intermediate_size=96)

@@ -236,11 +236,11 @@ def test_a_tampered_patch_is_named_before_a_wrong_target(tmp_path: Path, models:
     result = cli("apply", tmp_path / "p", "-t", models["source"], "-o", tmp_path / "out", "-q")
     assert result.exit_code == 2, result.output
     assert "the patch was modified or is corrupt" in result.stderr and result.stderr.count("\n") == 1
-    # With the patch intact, the same wrong target is named.
+    # With the patch intact, the same wrong target (the source: bf16 where the target is f32) is named.
     assert patch_of(models, tmp_path / "q").exit_code == 0
     result = cli("apply", tmp_path / "q", "-t", models["source"], "-o", tmp_path / "out", "-q")
     assert result.exit_code == 2, result.output
-    assert "differs from the target this patch was made for" in result.stderr, result.stderr
+    assert "is not the model this patch is for" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 

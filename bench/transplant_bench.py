@@ -355,7 +355,9 @@ def run(args: argparse.Namespace, root: Path) -> None:
         cp = Case("cp -r target", ["cp", "-r", tgt, str(cp_out)], cp_out)
         # surgery fsyncs its output; plain cp leaves it in the page cache, so show the fair comparison too.
         cp_sync = Case("cp -r target && sync", ["sh", "-c", f"cp -r '{tgt}' '{cp_out}' && sync"], cp_out)
-        groups = [[transplant], [module_cold], [module], [compat_cold], [compat]]
+        # Right after `module`'s run, `out` holds a transplant of the same selection: verify checks it.
+        verify = Case("surgery verify (the --module output)", [*surgery, "verify", str(out), "-t", tgt, "-s", src])
+        groups = [[transplant], [module_cold], [module, verify] if args.verify else [module], [compat_cold], [compat]]
         if k == 0:
             # Issue 15: --patch, apply (of that patch) and --link (a selection inside one shard).
             patch, applied, linked = root / "out-patch", root / "out-apply", root / "out-link"
@@ -370,10 +372,6 @@ def run(args: argparse.Namespace, root: Path) -> None:
                         linked)  # fmt: skip
             groups += [[patch_case, apply], [link]]  # apply applies the patch made just before it
         groups += [[cp], [cp_sync]]
-        if args.verify:
-            # Right after `module`'s run, `out` holds a transplant of the same selection.
-            verify = Case("surgery verify (the --module output)", [*surgery, "verify", str(out), "-t", tgt, "-s", src])
-            groups[2].append(verify)
         if pair is naive_pair:
             nout = root / "out-naive"
             groups.append([Case("naive from_pretrained + swap + save_pretrained",

@@ -34,6 +34,8 @@ PATCH_FORMAT = "surgery-patch"
 PATCH_VERSION = 1
 # save_pretrained's default max_shard_size ("5GB").
 MAX_SHARD_BYTES = 5 * 10**9
+# How every refusal of a broken patch folder ends.
+_FIX = "rewrite it with `surgery transplant --patch`"
 
 
 @dataclass(frozen=True)
@@ -247,31 +249,30 @@ def open_patch(folder: str | Path, *, check_digests: bool = True) -> Patch:
             f"{folder}: no {PATCH_RECORD}, so not a patch; pass the output of `surgery transplant --patch`"
         )
     path = path.resolve()
-    fix = "rewrite it with `surgery transplant --patch`"
-    record = read_json_object(path / PATCH_RECORD, "patch record", fix)
+    record = read_json_object(path / PATCH_RECORD, "patch record", _FIX)
     if record.get("format") != PATCH_FORMAT or record.get("version") != PATCH_VERSION:
         raise SurgeryError(
-            f"{path / PATCH_RECORD}: not a {PATCH_FORMAT} version {PATCH_VERSION} record; {fix} with this surgery"
+            f"{path / PATCH_RECORD}: not a {PATCH_FORMAT} version {PATCH_VERSION} record; {_FIX} with this surgery"
         )
     try:
-        where = _locate(path, record["files"], fix)
-        originals = _locate(path, record["original_files"], fix) if record.get("original_files") else {}
+        where = _locate(path, record["files"])
+        originals = _locate(path, record["original_files"]) if record.get("original_files") else {}
         tensors = {}
         for t in record["tensors"]:
             name, dtype, shape = t["name"], t["dtype"], tuple(t["shape"])
             for kind, found in (("patch", where), ("original", originals)):
                 if found and name not in found:
-                    raise SurgeryError(f"{path}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {fix}")
+                    raise SurgeryError(f"{path}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {_FIX}")
                 if found and (found[name][1].dtype, found[name][1].shape) != (dtype, shape):
-                    raise SurgeryError(f"{path}: {kind} tensor {name} is not {dtype} {list(shape)}; {fix}")
+                    raise SurgeryError(f"{path}: {kind} tensor {name} is not {dtype} {list(shape)}; {_FIX}")
             original = originals[name][0] if originals else None
             tensors[name] = PatchTensor(name, dtype, shape, where[name][0], t["sha256"], t["target_sha256"], original)
         _ = record["modules"], record["target"]["fingerprint"], record["card"], record["selection"]
         _ = record["architecture"]["model_type"], record["architecture"]["architectures"]
     except (KeyError, TypeError, AttributeError) as e:
-        raise SurgeryError(f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {fix}") from None
+        raise SurgeryError(f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {_FIX}") from None
     if set(where) != set(tensors) or (originals and set(originals) != set(tensors)):
-        raise SurgeryError(f"{path}: the patch files hold tensors {PATCH_RECORD} does not list; {fix}")
+        raise SurgeryError(f"{path}: the patch files hold tensors {PATCH_RECORD} does not list; {_FIX}")
     patch = Patch(path, record, tensors)
     if check_digests:
         check_patch_digests(patch)
@@ -290,17 +291,17 @@ def check_patch_digests(patch: Patch) -> None:
                 if data is not None and sha256_of(files, data) != digest:
                     raise SurgeryError(
                         f"{patch.path}: {kind} {t.name} differs from its sha256 in {PATCH_RECORD}: the patch was "
-                        "modified or is corrupt; rewrite it with `surgery transplant --patch`"
+                        f"modified or is corrupt; {_FIX}"
                     )
 
 
-def _locate(folder: Path, names: list[str], fix: str) -> dict[str, tuple[Stored, TensorInfo]]:
+def _locate(folder: Path, names: list[str]) -> dict[str, tuple[Stored, TensorInfo]]:
     """Every tensor of the named files in `folder`: where its bytes lie and its header entry."""
     out = {}
     for name in names:
         file = folder / name
         if Path(name).name != name or not file.is_file():
-            raise SurgeryError(f"{folder}: {name} is missing; the patch is incomplete; {fix}")
+            raise SurgeryError(f"{folder}: {name} is missing; the patch is incomplete; {_FIX}")
         header = read_header(file)
         for info in header.tensors:
             out[info.name] = (Stored(file, header.data_start + info.begin, info.nbytes, info.dtype), info)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-from surgery.checkpoints.candidates import CACHE_ENV, find_candidates
+from surgery.checkpoints.cache import CACHE_ENV
+from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.manifest import SCHEMA_VERSION
 

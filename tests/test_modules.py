@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from surgery import SurgeryError, find_candidates, open_checkpoint
+from surgery.checkpoints.cache import CACHE_ENV
 from surgery.checkpoints.candidates import module_kind, module_layer
 from surgery.cli import main
 from tests.conftest import make_model
@@ -138,7 +139,7 @@ def test_candidates_are_cached_by_config_and_layout(
         find_candidates(open_checkpoint(wide), open_checkpoint(wide))
     # An unreadable entry is recomputed and rewritten.
     monkeypatch.undo()
-    monkeypatch.setenv(candidates.CACHE_ENV, str(candidate_cache))
+    monkeypatch.setenv(CACHE_ENV, str(candidate_cache))
     (entry,) = candidate_cache.rglob("*.json")
     entry.write_text("{not json")
     assert find_candidates(src, tgt) == first

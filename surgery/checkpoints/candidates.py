@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from surgery.checkpoints.cache import cache_file, read_entry, write_entry
 from surgery.checkpoints.folder import Checkpoint
 from surgery.errors import SurgeryError, one_line
-from surgery.fileio import write_json_atomic
 
 if TYPE_CHECKING:
     from torch import nn
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 _ATTN_HINTS = ("attn", "attention")
 _MLP_HINTS = ("mlp", "feed_forward", "ffn")
-# Where candidate lists are cached (see `find_candidates`); SURGERY_CACHE overrides it.
-CACHE_ENV = "SURGERY_CACHE"
 
 
 @dataclass(frozen=True)
@@ -161,11 +158,7 @@ def find_candidates(source: Checkpoint, target: Checkpoint, trust_remote_code: b
         return cached
     result = _match(source, target, trust_remote_code)
     if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cache, asdict(result))
-        except OSError:
-            pass  # a cache that cannot be written only costs the next run its start-up
+        write_entry(cache, asdict(result))
     return result
 
 
@@ -181,16 +174,13 @@ def _cache_file(source: Checkpoint, target: Checkpoint) -> Path:
     h.update(version("transformers").encode())
     for ckpt in (source, target):
         h.update(b"\0" + "\n".join(f"{n}\t{list(r.info.shape)}" for n, r in sorted(ckpt.tensors.items())).encode())
-    root = Path(
-        os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "surgery"
-    )
-    return root / "candidates" / f"{h.hexdigest()}.json"
+    return cache_file("candidates", h.hexdigest())
 
 
 def _read_cache(path: Path) -> Compatibility | None:
     """A cached match, or None when absent or unreadable (it is then recomputed and rewritten)."""
+    obj = read_entry(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
         return Compatibility(
             tuple(
                 Candidate(c["name"], c["kind"], c["layer"], tuple(c["tensors"]), tuple(c["shape"]))
@@ -198,7 +188,7 @@ def _read_cache(path: Path) -> Compatibility | None:
             ),
             tuple(Exclusion(e["name"], e["reason"]) for e in obj["excluded"]),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from surgery.checkpoints.digests import tensor_digests
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.header import parse_header
 from surgery.checkpoints.staging import check_out
@@ -29,7 +30,6 @@ from surgery.transplants.patch import (
     Patch,
     architecture,
     check_patch_digests,
-    digests,
     open_patch,
 )
 from surgery.transplants.write import TransplantResult, provenance_header, write_checkpoint
@@ -132,7 +132,8 @@ def _check_tensors(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
                 f"{ckpt.path} is not the model this patch is for: tensor {t.name} is {have}, the patch's is "
                 f"{t.dtype} {list(t.shape)}; the patch was made for {made_for}"
             )
-    found = digests(ckpt, list(p.tensors))
+    # Read, never taken from the cache: this check is what stands between a patch and the wrong model.
+    found = tensor_digests(ckpt, list(p.tensors), use_cache=False)
     for t in p.tensors.values():
         digest = found[t.name]
         want, other = (t.sha256, t.target_sha256) if revert else (t.target_sha256, t.sha256)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from surgery.checkpoints.digests import tensor_digests
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE
 from surgery.checkpoints.folder import Checkpoint
 from surgery.checkpoints.header import DTYPE_SIZES, TensorInfo, encode_header, read_header
@@ -130,7 +131,7 @@ def write_patch(
             target_side = (
                 pool.submit(write_shards, tmp, original_plans, False)
                 if reversible
-                else pool.submit(digests, tgt, sel.tensors)
+                else pool.submit(tensor_digests, tgt, sel.tensors)
             )
             made = pool.submit(cards)
             hashes = write_shards(tmp, patch_plans, progress)
@@ -200,15 +201,6 @@ def _pack(stem: str, tensors: list[tuple[TensorInfo, Stored]]) -> list[ShardPlan
         )
         plans.append(ShardPlan(name, header, pieces))
     return plans
-
-
-def digests(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
-    """sha256 of each named tensor's bytes in `ckpt`."""
-    out = {}
-    with ReadOnlyFiles() as files:
-        for n in names:
-            out[n] = sha256_of(files, stored(ckpt.tensors[n]))
-    return out
 
 
 def sha256_of(files: ReadOnlyFiles, where: Stored) -> str:

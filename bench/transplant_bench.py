@@ -371,22 +371,27 @@ def run(args: argparse.Namespace, root: Path) -> None:
             patch_first = Case(f"surgery transplant --patch -k {len(names)}, first patch of this target", patch_cmd,
                                patch, "digests")  # fmt: skip
             patch_case = Case(f"surgery transplant --patch -k {len(names)}, target digests cached", patch_cmd, patch)
+            measure(patch_cmd, root, 0.0)  # fills the digest cache ("cached" may come first), and gives the size
+            patch_mib = math.ceil(disk_gib(patch) * 1024)
+            fresh(patch)
+            # The floor of a durable patch: its bytes written and fdatasynced, nothing read, nothing hashed.
+            floor_out = root / "out-dd"
+            floor = Case(f"dd {patch_mib} MiB conv=fdatasync (the patch's bytes, written durably)",
+                         ["sh", "-c", f"mkdir '{floor_out}' && dd if=/dev/zero of='{floor_out}/patch' bs=1M "
+                          f"count={patch_mib} conv=fdatasync status=none"], floor_out)  # fmt: skip
             apply = Case(f"surgery apply (the -k {len(names)} patch)",
                          [*surgery, "apply", str(patch), "-t", tgt, "-o", str(applied), "-q"], applied)  # fmt: skip
             one_shard = [f for p in PROJS for f in ("--module", f"model.layers.0.{p}")]
             link = Case(f"surgery transplant --link (layer 0, {len(PROJS)} modules, one shard)",
                         [*surgery, "transplant", "-t", tgt, "-s", src, *one_shard, "--link", "-o", str(linked), "-q"],
                         linked)  # fmt: skip
-            groups += [[patch_first], [patch_case, apply], [link]]  # apply applies the patch made just before
+            groups += [[patch_first], [patch_case, apply], [floor], [link]]  # apply applies the patch just made
         groups += [[cp], [cp_sync]]
         if pair is naive_pair:
             nout = root / "out-naive"
             groups.append([Case("naive from_pretrained + swap + save_pretrained",
                                 [sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout)])  # fmt: skip
-        measure(compat.cmd, root, 0.0)  # fill the caches: "cached" cases may come first in a round
-        if k == 0:
-            measure(patch_cmd, root, 0.0)
-            fresh(patch)
+        measure(compat.cmd, root, 0.0)  # fill the candidate cache: "cached" cases may come first in a round
         run_rounds(groups, root, n, args.settle)
         cases = [c for group in groups for c in group]
         for case in cases:
@@ -397,12 +402,14 @@ def run(args: argparse.Namespace, root: Path) -> None:
         if k == 0:
             size = disk_gib(patch)
             for label, case in (("first patch of a target", patch_first), ("target digests cached", patch_case)):
-                summary.append(f"--patch ({label}) / cp -r {ratio(case, cp)}, / cp -r && sync {ratio(case, cp_sync)}")
+                summary.append(f"--patch ({label}) / cp -r {ratio(case, cp)}, / cp -r && sync {ratio(case, cp_sync)}"
+                               f", / its bytes written durably (dd) {ratio(case, floor)}")  # fmt: skip
+            summary.append(f"dd of the patch's bytes / cp -r {ratio(floor, cp)}: the floor of a durable patch")
             summary.append(f"--patch size {size / gib:.3f}x the target's ({size * 1024:.1f} MiB)")
             summary.append(f"apply / transplant --manifest {ratio(apply, transplant)}")
             summary.append(f"--link / cp -r && sync {ratio(link, cp_sync)}, {disk_gib(linked) * 1024:.0f} MiB written"
                            f" (the rest linked)")  # fmt: skip
-        for folder in (out, cp_out, root / "out-patch", root / "out-apply", root / "out-link", root / "out-naive"):
+        for folder in (out, cp_out, *(root / f"out-{x}" for x in ("patch", "apply", "link", "dd", "naive"))):
             fresh(folder)
     print()
     for line in summary:

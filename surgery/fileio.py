@@ -50,10 +50,12 @@ def umasked(mode: int) -> int:
     return mode & ~umask
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write `data` to `path` so that a crash leaves the old file or the new one, never a torn one.
 
-    The bytes go to a temp file beside `path`, are fsynced, then renamed over it.
+    The bytes go to a temp file beside `path`, are fsynced, then renamed over it. `durable=False`
+    skips the fsync, for files that may be lost: after a crash such a file can be empty or cut short
+    (a cache entry, then recomputed), but a killed process still leaves the old file or the new one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -63,16 +65,17 @@ def write_atomic(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object, *, durable: bool = True) -> None:
     """`write_atomic` of indented JSON with a final newline."""
-    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), durable=durable)
 
 
 def check_new_file(path: Path, overwrite: bool) -> None:

@@ -87,6 +87,18 @@ def test_a_rewritten_or_touched_shard_is_hashed_again(model: Path, monkeypatch: 
     assert len(calls) == 3  # only the touched shard's tensor was read again
 
 
+def test_a_check_that_reads_everything_keeps_the_other_cached_digests(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    up = "model.layers.1.mlp.up_proj.weight"  # in the same shard as NAMES[1]
+    tensor_digests(open_checkpoint(model), [*NAMES, up])
+    calls = counting(monkeypatch)
+    assert tensor_digests(open_checkpoint(model), NAMES[1:], use_cache=False) == true_digests(model, NAMES[1:])
+    assert len(calls) == 1  # read although cached
+    assert tensor_digests(open_checkpoint(model), [up]) == true_digests(model, [up])
+    assert len(calls) == 1  # the shard's entry still holds the tensor the check did not ask for
+
+
 def test_a_file_written_just_now_is_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fresh = make_model(tmp_path / "fresh", 1, shard="20KB")  # mtime now: it may still be being written
     calls = counting(monkeypatch)

@@ -33,6 +33,10 @@ def read_entry(path: Path) -> object | None:
 
 
 def write_entry(path: Path, obj: object) -> None:
-    """Write an entry atomically; an unwritable cache is not an error."""
+    """Write an entry atomically, not durably: an entry a crash cuts short is unreadable, so recomputed.
+
+    No fsync: on ext4 it would wait for the journal, and so for the output being written beside it.
+    An unwritable cache is not an error.
+    """
     with suppress(OSError):
-        write_json_atomic(path, obj)
+        write_json_atomic(path, obj, durable=False)

@@ -44,13 +44,15 @@ def tensor_digests(ckpt: Checkpoint, names: Sequence[str], *, use_cache: bool = 
             fd = files.fd(path)
             identity = _identity(fd)
             entry = cache_file("digests", hashlib.sha256(repr(identity).encode()).hexdigest())
-            known = _read(entry, identity) if use_cache else {}
-            missing = [n for n in group if n not in known]
-            for n in missing:
-                ref = ckpt.tensors[n]
-                known[n] = sha256_range(fd, ref.shard.data_start + ref.info.begin, ref.info.nbytes)
+            cached = _read(entry, identity)
+            hashed = {}
+            for n in group:
+                if not (use_cache and n in cached):
+                    ref = ckpt.tensors[n]
+                    hashed[n] = sha256_range(fd, ref.shard.data_start + ref.info.begin, ref.info.nbytes)
+            known = {**cached, **hashed}
             settled = time.time_ns() - identity[3] > SETTLED_NS
-            if missing and settled and _identity(fd) == identity:
+            if hashed and settled and _identity(fd) == identity:
                 write_entry(entry, {"file": str(path), "identity": list(identity), "tensors": known})
             out.update((n, known[n]) for n in group)
     return {n: out[n] for n in names}

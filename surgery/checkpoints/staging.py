@@ -14,12 +14,13 @@ leave a stale lock; the run that holds it deletes the lock file when it is done.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -31,6 +32,23 @@ try:
     import fcntl
 except ImportError:  # not on Windows: runs there are not locked against each other
     fcntl = None  # type: ignore[assignment]
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(2) from libc, or None where there is none (os does not wrap it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait, do not flush the disk's cache
 
 TMP_PREFIX = ".surgery-tmp-"
 LOCK_SUFFIX = ".surgery-lock"
@@ -240,13 +258,20 @@ def fsync_file(path: Path) -> None:
 
 
 class SyncBehind:
-    """fdatasync files while they are written, then fsync and close each, on a worker thread.
+    """Start writing files back while they are written, then fsync and close each, on a worker thread.
 
     Left alone, the kernel starts writing dirty pages back only past `vm.dirty_background_ratio`
     (10% of RAM), so a run that syncs only at the end then waits for most of its output. Here the
-    writer calls `flush` every few dozen MiB, so the disk is kept busy from the first bytes on and
-    the final fsync of each file waits only for its last stretch; the writer itself never waits
-    (`os.fdatasync` and `os.fsync` release the GIL).
+    writer calls `flush` every few dozen MiB, which starts writeback of what is dirty so far
+    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, on Linux), so the disk is kept busy from the first
+    bytes on and the final fsync of each file waits only for its last stretch. The writer itself
+    never waits: both calls run on the worker and release the GIL.
+
+    Not `fdatasync` per step: each one also flushes the disk's write cache, which on a virtual disk
+    can cost more than it saves (measured: a 3.93 GiB transplant took 6.1-8.3 s with an fdatasync
+    every 64 MiB, 3.5-4.7 s with sync_file_range, 3.4-4.7 s with no flush-behind at all; on the same
+    disk an hour earlier, fdatasync steps had beaten no flush-behind by up to 3.5 s). Where there is
+    no sync_file_range, `flush` does nothing and each file is synced at `close` only.
     """
 
     def __init__(self) -> None:
@@ -258,9 +283,9 @@ class SyncBehind:
 
         Skipping a flush while one runs loses nothing: the next flush, or `close`, covers those bytes.
         """
-        if not self._pending or self._pending[-1].done():
+        if _SYNC_FILE_RANGE is not None and (not self._pending or self._pending[-1].done()):
             # A duplicate, so that the writer may close `fd` (say, on an error) before this runs.
-            self._pending.append(self._pool.submit(_datasync_and_close, os.dup(fd)))
+            self._pending.append(self._pool.submit(_writeback_and_close, os.dup(fd)))
 
     def close(self, fd: int) -> None:
         """Hand over `fd`, whose writing is done: it is fsynced and closed in the background."""
@@ -283,9 +308,11 @@ def _sync_and_close(fd: int) -> None:
         os.close(fd)
 
 
-def _datasync_and_close(fd: int) -> None:
+def _writeback_and_close(fd: int) -> None:
     try:
-        os.fdatasync(fd)
+        if _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # offset 0, nbytes 0: the whole file
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
 

@@ -48,7 +48,7 @@ from surgery.version import __version__
 # or start a second one, while it is inside the copy.
 PIECE_DELAY_ENV = "SURGERY_TEST_PIECE_DELAY"
 HOLD_ENV = "SURGERY_TEST_HOLD_FILE"
-# Kernel copies go in steps of this size, each followed by a background fdatasync (SyncBehind.flush).
+# Kernel copies go in steps of this size, each followed by a background start of writeback (SyncBehind.flush).
 FLUSH_BYTES = 64 * 2**20
 
 

@@ -15,6 +15,7 @@ leave a stale lock; the run that holds it deletes the lock file when it is done.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import shutil
@@ -269,9 +270,10 @@ class SyncBehind:
 
     Not `fdatasync` per step: each one also flushes the disk's write cache, which on a virtual disk
     can cost more than it saves (measured: a 3.93 GiB transplant took 6.1-8.3 s with an fdatasync
-    every 64 MiB, 3.5-4.7 s with sync_file_range, 3.4-4.7 s with no flush-behind at all; on the same
-    disk an hour earlier, fdatasync steps had beaten no flush-behind by up to 3.5 s). Where there is
-    no sync_file_range, `flush` does nothing and each file is synced at `close` only.
+    every 64 MiB, 3.5-4.7 s with sync_file_range, 3.4-4.7 s with no flush-behind at all; in an
+    earlier session on the same kind of machine, fdatasync steps had beaten no flush-behind by up to
+    3.5 s and sync_file_range matched them). Where there is no sync_file_range, `flush` does nothing
+    and each file is synced at `close` only.
     """
 
     def __init__(self) -> None:
@@ -309,10 +311,16 @@ def _sync_and_close(fd: int) -> None:
 
 
 def _writeback_and_close(fd: int) -> None:
+    """Start writeback of `fd`'s dirty pages, then close it.
+
+    A filesystem or sandbox that does not support the call is not an error (the fsync at `close`
+    writes everything); any other failure, an I/O error say, fails the write.
+    """
     try:
         if _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # offset 0, nbytes 0: the whole file
             err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+            if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
 

@@ -374,7 +374,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
             measure(patch_cmd, root, 0.0)  # fills the digest cache ("cached" may come first), and gives the size
             patch_mib = math.ceil(disk_gib(patch) * 1024)
             fresh(patch)
-            # The floor of a durable patch: its bytes written and fdatasynced, nothing read, nothing hashed.
+            # A plain durable write of as many bytes as the patch: dd, one fdatasync at the end, nothing read or hashed.
             floor_out = root / "out-dd"
             floor = Case(f"dd {patch_mib} MiB conv=fdatasync (the patch's bytes, written durably)",
                          ["sh", "-c", f"mkdir '{floor_out}' && dd if=/dev/zero of='{floor_out}/patch' bs=1M "
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
             for label, case in (("first patch of a target", patch_first), ("target digests cached", patch_case)):
                 summary.append(f"--patch ({label}) / cp -r {ratio(case, cp)}, / cp -r && sync {ratio(case, cp_sync)}"
                                f", / its bytes written durably (dd) {ratio(case, floor)}")  # fmt: skip
-            summary.append(f"dd of the patch's bytes / cp -r {ratio(floor, cp)}: the floor of a durable patch")
+            summary.append(f"dd of the patch's size / cp -r {ratio(floor, cp)}: a plain durable write of its bytes")
             summary.append(f"--patch size {size / gib:.3f}x the target's ({size * 1024:.1f} MiB)")
             summary.append(f"apply / transplant --manifest {ratio(apply, transplant)}")
             summary.append(f"--link / cp -r && sync {ratio(link, cp_sync)}, {disk_gib(linked) * 1024:.0f} MiB written"

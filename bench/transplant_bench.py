@@ -33,6 +33,7 @@ from transformers import LlamaConfig
 
 GIB = 2**30
 MIB = 2**20
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CHUNK = 64 * MIB  # write granularity: bounds the generator's memory, big enough to be disk-bound
 VOCAB = 32000
 PROJS = (
@@ -203,15 +204,18 @@ def pick_modules(cfg: LlamaConfig, k: int) -> list[str]:
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure(cmd: list[str], root: Path, settle: float) -> tuple[float, float]:
+def measure(cmd: list[str], root: Path, settle: float, drop: bool = False) -> tuple[float, float]:
     """Run `cmd` in a fresh child; return (wall seconds, peak RSS MiB). Fails loudly on a nonzero exit.
 
     The child is spawned by a bare `python -S` launcher, not by this process: Linux folds the
     pre-exec address space's high-water mark into the child's ru_maxrss, so spawning straight from
     this ~350 MiB process (transformers is imported) would report >= 350 MiB even for `cp`. The
-    launcher's own ~10 MiB is the floor of every figure.
+    launcher's own ~10 MiB is the floor of every figure. `drop` empties the page cache first, so the
+    command reads its inputs from disk, whatever ran before it.
     """
     subprocess.run(["sync"], check=True)  # flush earlier writes so they don't land in this timing
+    if drop:
+        DROP_CACHES.write_text("3\n")
     # `sync` returns once the guest's writes reach the virtual disk; the host may still be writing them
     # out, and a command started at once pays for the one before it. Waiting evens out the start.
     time.sleep(settle)
@@ -258,7 +262,7 @@ class Case:
         return [w for w, _ in self.runs]
 
 
-def run_rounds(groups: list[list[Case]], root: Path, repeat: int, settle: float) -> None:
+def run_rounds(groups: list[list[Case]], root: Path, repeat: int, settle: float, drop: bool) -> None:
     """Run every case once per round, `repeat` rounds; a ratio is taken within a round, so the
     machine's drift between rounds (the disk here moved `cp -r && sync` between 2 s and 7 s from one
     minute to the next) does not skew it.
@@ -276,7 +280,7 @@ def run_rounds(groups: list[list[Case]], root: Path, repeat: int, settle: float)
                 fresh(case.out)
             if case.cold is not None:
                 fresh(root / "cache" / case.cold)
-            case.runs.append(measure(case.cmd, root, settle))
+            case.runs.append(measure(case.cmd, root, settle, drop))
 
 
 def spread(values: list[float], fmt: str = ".2f") -> str:
@@ -311,7 +315,11 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="also time `surgery verify` on each transplant output")
     ap.add_argument("--repeat", type=int, default=3, help="rounds: every command runs once per round")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after `sync`, before each command")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="empty the page cache before each command (Linux, root): each reads from disk")  # fmt: skip
     args = ap.parse_args()
+    if args.drop_caches and not os.access(DROP_CACHES, os.W_OK):
+        ap.error(f"--drop-caches writes {DROP_CACHES}, which needs Linux and root; run without it")
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="transplant-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -330,8 +338,9 @@ def run(args: argparse.Namespace, root: Path) -> None:
     surgery = surgery_cmd()
     pairs = [main_pair] if naive_pair.target == main_pair.target else [main_pair, naive_pair]
     n = args.repeat
+    cache = ", the page cache dropped" if args.drop_caches else ""
     print(f"{n} rounds, every command once per round, in a seeded random order per round, {args.settle:g} s after"
-          " `sync` before each; median [min, max] over the rounds\n")  # fmt: skip
+          f" `sync`{cache} before each; median [min, max] over the rounds\n")  # fmt: skip
     print("| method | checkpoint GiB | wall s | peak RSS MiB |")
     print("|---|---:|---:|---:|")
     summary: list[str] = []
@@ -392,7 +401,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
             groups.append([Case("naive from_pretrained + swap + save_pretrained",
                                 [sys.executable, "-c", NAIVE_SCRIPT, str(nout), tgt, src, *names], nout)])  # fmt: skip
         measure(compat.cmd, root, 0.0)  # fill the candidate cache: "cached" cases may come first in a round
-        run_rounds(groups, root, n, args.settle)
+        run_rounds(groups, root, n, args.settle, args.drop_caches)
         cases = [c for group in groups for c in group]
         for case in cases:
             print(f"| {case.label} | {gib:.2f} | {spread(case.walls)} | {max(r for _, r in case.runs):.0f} |")

@@ -2,8 +2,9 @@
 
 `~/.cache/surgery/` (under `$XDG_CACHE_HOME` when set; `SURGERY_CACHE` moves it), one subfolder
 per kind: `candidates/` (`find_candidates`) and `digests/` (`tensor_digests`). Entries are JSON
-files named by the sha256 of everything their content depends on, so a stale entry is never found,
-only left behind. A cache that cannot be read or written costs the next run its work, nothing else.
+files named by the sha256 of what their content depends on (for digests, the file's identity as
+its stat gives it: see `digests.py`), so an entry whose inputs changed is not found, only left
+behind. A cache that cannot be read or written costs the next run its work, nothing else.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from surgery.checkpoints.direct_write import OutputFile
 from surgery.cli import main
 from tests.conftest import make_model, tree_digest, write_manifest
 
@@ -280,7 +281,7 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
     calls = []
     # `surgery.transplants.write` is the re-exported function; patch the module it lives in.
     module = importlib.import_module("surgery.transplants.write")
-    real_copy = module.copy_range
+    real_copy = OutputFile.copy
 
     def interrupt(*args) -> None:
         calls.append(args)
@@ -288,7 +289,7 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
             raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the data
         real_copy(*args)
 
-    monkeypatch.setattr(module, "copy_range", interrupt)
+    monkeypatch.setattr(OutputFile, "copy", interrupt)
     with pytest.raises(KeyboardInterrupt):
         module.transplant(tgt, src, tmp_path / "out", modules=["*"], progress=False)
     assert len(calls) == 3
@@ -299,9 +300,7 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
 @pytest.mark.parametrize(
     ("module", "name"),
     [
-        ("surgery.transplants.write", "copy_range"),  # the target's tensors
-        ("surgery.transplants.write", "write_all"),  # headers and the source's tensors
-        ("os", "copy_file_range"),  # the syscall: copy_range must not take ENOSPC for "unsupported here"
+        ("surgery.checkpoints.direct_write", "write_all"),  # every output byte, on direct_write's worker thread
         ("os", "fsync"),  # with delayed allocation a full disk may show only when flushing
     ],
 )

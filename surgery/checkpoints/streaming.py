@@ -6,7 +6,6 @@ Everything here works on file descriptors and offsets, in chunks of at most
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -80,28 +79,6 @@ def check_convertible(src: str, dst: str, what: str) -> None:
         raise SurgeryError(
             f"{what}: source dtype {src} differs from target dtype {dst} and only float-to-float casts are done"
         )
-
-
-def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> None:
-    """Copy `n` bytes between files, in the kernel when it can (`os.copy_file_range`).
-
-    Falls back to `pread`/`pwrite` through a bounded buffer where the kernel or
-    filesystem cannot (other OS, cross-device on old kernels).
-    """
-    if hasattr(os, "copy_file_range"):
-        try:
-            while n > 0:
-                done = os.copy_file_range(src_fd, dst_fd, min(n, 1 << 30), src_off, dst_off)
-                if done == 0:
-                    raise SurgeryError("source file ended early while copying; was it modified during the run?")
-                src_off, dst_off, n = src_off + done, dst_off + done, n - done
-            return
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-    for chunk in read_chunks(src_fd, src_off, n):
-        write_all(dst_fd, dst_off, chunk)
-        dst_off += len(chunk)
 
 
 def read_chunks(fd: int, offset: int, n: int, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:

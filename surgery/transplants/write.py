@@ -1,9 +1,10 @@
 """Plan and write a patched checkpoint: the target's tensors, selected modules from the source.
 
 The output's tensor names, dtypes, shapes and offsets equal the target's, so every
-output header is known before a byte is written. Data moves with `os.copy_file_range`
-(no user-space copy) or through a bounded buffer, so peak memory does not grow with the
-checkpoint. The output is built in a temp folder beside OUT, fsynced and renamed into place.
+output header is known before a byte is written. Each output file is written front to back
+through a few aligned 8 MiB blocks, with O_DIRECT where the filesystem takes it (`direct_write`),
+so peak memory does not grow with the checkpoint. The output is built in a temp folder beside
+OUT, fsynced and renamed into place.
 """
 
 from __future__ import annotations
@@ -17,25 +18,18 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
+from surgery.checkpoints.direct_write import BlockWriter
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
 from surgery.checkpoints.header import ShardHeader, encode_header
-from surgery.checkpoints.staging import TMP_PREFIX, SyncBehind, check_out, staged_folder
-from surgery.checkpoints.streaming import (
-    ReadOnlyFiles,
-    cast_reader,
-    check_convertible,
-    converted_chunks,
-    copy_range,
-    sha256_range,
-    write_all,
-)
+from surgery.checkpoints.staging import TMP_PREFIX, check_out, staged_folder
+from surgery.checkpoints.streaming import ReadOnlyFiles, cast_reader, check_convertible, converted_chunks
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
@@ -48,16 +42,16 @@ from surgery.version import __version__
 # or start a second one, while it is inside the copy.
 PIECE_DELAY_ENV = "SURGERY_TEST_PIECE_DELAY"
 HOLD_ENV = "SURGERY_TEST_HOLD_FILE"
-# Kernel copies go in steps of this size, each followed by a background start of writeback (SyncBehind.flush).
-FLUSH_BYTES = 64 * 2**20
+# Copies go in steps of this size, after each of which the progress bar moves.
+STEP_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
 class Piece:
     """A run of output bytes taken from one input file at one offset (absolute offsets).
 
-    `tensor` names a tensor taken from the source: those are streamed through user space
-    (cast if needed) and hashed on the way; target runs are copied in the kernel.
+    `tensor` names a tensor taken from the source: those are hashed on the way (and cast if
+    needed); target runs are copied as they are.
     """
 
     src_path: Path
@@ -569,61 +563,43 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
 def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str, str]:
     """Write every shard; return the sha256 of each source tensor as written.
 
-    Bytes that keep their dtype move in the kernel (`copy_range`), source tensors included; each of
-    those is then hashed by reading back what was written, on a second thread, while the copy goes
-    on. A tensor cast to another dtype is converted in chunks and hashed as it is written.
+    Each shard is written front to back (header, then its pieces in order) through aligned blocks,
+    with O_DIRECT where the filesystem takes it (see `direct_write`). A source tensor is hashed as it
+    is read into the block, or, when cast to another dtype, as it is converted.
     """
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     hashes: dict[str, str] = {}
-    pending: dict[str, Future[str]] = {}
     bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
-    with (
-        ReadOnlyFiles() as files,
-        bar,
-        SyncBehind() as synced,
-        ThreadPoolExecutor(1, thread_name_prefix="surgery-hash") as hasher,
-    ):
+    with ReadOnlyFiles() as files, bar, BlockWriter() as writer:
         for plan in plans:
-            dst = os.open(tmp / plan.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            dst = writer.create(tmp / plan.name)
             try:
-                write_all(dst, 0, plan.header)
+                dst.write(plan.header)
                 for p in plan.pieces:
                     src = files.fd(p.src_path)
-                    if p.tensor is not None and p.src_dtype != p.dst_dtype:
-                        h, off = hashlib.sha256(), p.dst_off
+                    digest = hashlib.sha256() if p.tensor is not None else None
+                    if p.src_dtype != p.dst_dtype:
                         for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
-                            h.update(chunk)
-                            write_all(dst, off, chunk)
-                            synced.flush(dst)
-                            off += len(chunk)
-                        hashes[p.tensor] = h.hexdigest()
-                        bar.update(p.nbytes)
+                            assert digest is not None  # only source tensors are cast
+                            digest.update(chunk)
+                            dst.write(chunk)
+                            bar.update(len(chunk))
                     else:
-                        # In steps, so that writeback (`synced.flush`) and the bar keep up with the copy.
-                        for step in range(0, p.nbytes, FLUSH_BYTES):
-                            n = min(FLUSH_BYTES, p.nbytes - step)
-                            copy_range(src, p.src_off + step, dst, p.dst_off + step, n)
-                            synced.flush(dst)
+                        # In steps, so that the bar keeps up with the copy.
+                        for step in range(0, p.nbytes, STEP_BYTES):
+                            n = min(STEP_BYTES, p.nbytes - step)
+                            dst.copy(src, p.src_off + step, n, digest)
                             bar.update(n)
-                        if p.tensor is not None:
-                            pending[p.tensor] = hasher.submit(_sha256_written, tmp / plan.name, p.dst_off, p.nbytes)
+                    if digest is not None:
+                        hashes[p.tensor] = digest.hexdigest()
                     if pause is not None:
                         pause()
             except BaseException:
-                os.close(dst)
+                dst.abandon()
                 raise
-            synced.close(dst)
-        return {**hashes, **{name: digest.result() for name, digest in pending.items()}}
-
-
-def _sha256_written(path: Path, offset: int, nbytes: int) -> str:
-    """sha256 of `nbytes` of `path` at `offset`: bytes just written, still in the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return sha256_range(fd, offset, nbytes)
-    finally:
-        os.close(fd)
+            dst.close()
+    return hashes
 
 
 def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint, same_header: bool) -> set[str]:

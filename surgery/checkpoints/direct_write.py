@@ -1,0 +1,245 @@
+"""Write output files front to back in aligned blocks, with O_DIRECT where the filesystem takes it.
+
+A transplant's output is written once and fsynced; nothing reads it back during the run. Through
+the page cache, every byte is first copied into a dirty page and then written back, and that
+bookkeeping was the largest cost of a copy on our test VM: dd of 745 MiB with an fdatasync took
+1.9-2.1 s (1.7-1.9 s of it system time), the same with O_DIRECT 0.27-0.31 s. With O_DIRECT the
+disk reads each block straight from our buffer, the output does not evict the page cache (the
+model the user is about to load, say), and the final fsync has only metadata left to write.
+
+O_DIRECT wants the buffer address, the file offset and the length aligned to the device's logical
+block (512 or 4096 bytes). Blocks here are page-aligned (`mmap`) and `BLOCK_BYTES` long; a file's
+last block is padded to `ALIGN` and the file truncated to its true size after. Where the
+filesystem refuses O_DIRECT (tmpfs, some FUSE and network filesystems), at `open` or at the first
+write, the file is written through the page cache instead, with writeback started behind the
+writer (`SyncBehind.flush`). Either way each file is fsynced (on a worker thread) before the
+writer is done.
+
+Reads stay buffered: the inputs are read through the page cache, where they may already be.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from surgery.checkpoints.staging import SyncBehind
+from surgery.checkpoints.streaming import write_all
+from surgery.errors import SurgeryError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows, which has no O_DIRECT either
+    fcntl = None  # type: ignore[assignment]
+
+BLOCK_BYTES = 8 * 2**20
+# Blocks in flight: one being filled while the others are written.
+BLOCKS = 3
+# A multiple of every logical block size in common use (512 and 4096 bytes).
+ALIGN = 4096
+# 0 where the platform has no O_DIRECT: files are then always written through the page cache.
+O_DIRECT = getattr(os, "O_DIRECT", 0) if fcntl is not None else 0
+
+
+class BlockWriter:
+    """Writes files, each front to back, through a few aligned blocks; a worker thread does the writing.
+
+    Use as a context manager: on leaving, every file handed over with `OutputFile.close` has been
+    written, fsynced and closed, and every `OutputFile.abandon`ed one closed. An error on the worker
+    (ENOSPC, EIO) is raised in the writer at its next call, or on leaving; the worker then writes
+    nothing more, but still closes every file.
+    """
+
+    def __init__(self) -> None:
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(BLOCKS):
+            self._free.put(mmap.mmap(-1, BLOCK_BYTES))
+        self._work: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._synced = SyncBehind()
+        self._thread = threading.Thread(target=self._run, name="surgery-write", daemon=True)
+
+    def create(self, path: Path) -> OutputFile:
+        """A new file at `path` (which must not exist), filled with `OutputFile.write` and `copy`."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        if O_DIRECT:
+            try:
+                return OutputFile(self, os.open(path, flags | O_DIRECT, 0o644), direct=True)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: this filesystem does not do O_DIRECT
+                    raise
+        return OutputFile(self, os.open(path, flags, 0o644), direct=False)
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def block(self) -> mmap.mmap:
+        """A free block, as soon as the worker has written one; raises the worker's error, if any."""
+        while True:
+            self.check()
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def release(self, block: mmap.mmap) -> None:
+        self._free.put(block)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run `job` on the worker, after those before it. Jobs must close what they are handed even after
+        an error (`failed`), and write nothing then."""
+        self.check()
+        self._work.put(job)
+
+    def discard(self, fd: int) -> None:
+        """Close `fd` on the worker, after the jobs before it, even after an error."""
+        self._work.put(lambda: os.close(fd))
+
+    def sync_and_close(self, fd: int) -> None:
+        self._synced.close(fd)
+
+    def flush(self, fd: int) -> None:
+        self._synced.flush(fd)
+
+    def check(self) -> None:
+        """Raise the worker's error, if it had one."""
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (job := self._work.get()) is not None:
+            try:
+                job()
+            except BaseException as e:  # handed to the writer, which raises it
+                if self._error is None:
+                    self._error = e
+
+    def __enter__(self) -> BlockWriter:
+        self._synced.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self._work.put(None)
+        self._thread.join()
+        failed = exc_type or (type(self._error) if self._error is not None else None)
+        self._synced.__exit__(failed)  # waits for every fsync; raises a failed one only if nothing else failed
+        if exc_type is None:
+            self.check()
+
+
+class OutputFile:
+    """One file being written front to back through a `BlockWriter`.
+
+    Attributes:
+        direct: whether its bytes go to the disk with O_DIRECT (False once the filesystem refused it).
+        size: the bytes written so far.
+    """
+
+    def __init__(self, writer: BlockWriter, fd: int, *, direct: bool) -> None:
+        self._writer = writer
+        self._fd = fd
+        self.direct = direct
+        self.size = 0
+        self._block: mmap.mmap | None = None
+        self._used = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append `data`."""
+        view = memoryview(data)
+        while view:
+            block = self._fill()
+            n = min(len(view), BLOCK_BYTES - self._used)
+            block[self._used : self._used + n] = view[:n]
+            self._advance(n)
+            view = view[n:]
+
+    def copy(self, fd: int, offset: int, n: int, digest: Any | None = None) -> None:
+        """Append `n` bytes of `fd` from `offset`, read straight into the block; `digest.update` gets them too."""
+        while n > 0:
+            block = self._fill()
+            with memoryview(block) as whole:
+                room = whole[self._used : self._used + min(n, BLOCK_BYTES - self._used)]
+                got = os.preadv(fd, [room], offset)
+                if got == 0:
+                    raise SurgeryError("file ended early while reading; was it modified during the run?")
+                if digest is not None:
+                    digest.update(room[:got])
+                room.release()
+            self._advance(got)
+            offset, n = offset + got, n - got
+
+    def close(self) -> None:
+        """Write what is left, trim the last block's padding and hand the file over to be fsynced and closed."""
+        if self._block is not None:
+            self._send()
+        fd, size, writer = self._fd, self.size, self._writer
+
+        def finish() -> None:
+            if writer.failed:
+                os.close(fd)
+                return
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            writer.sync_and_close(fd)
+
+        writer.submit(finish)
+
+    def abandon(self) -> None:
+        """Close the file unfinished (after an error: the output is discarded)."""
+        if self._block is not None:
+            self._writer.release(self._block)
+            self._block = None
+        self._writer.discard(self._fd)
+
+    def _fill(self) -> mmap.mmap:
+        if self._block is None:
+            self._block, self._used = self._writer.block(), 0
+        return self._block
+
+    def _advance(self, n: int) -> None:
+        self._used += n
+        self.size += n
+        if self._used == BLOCK_BYTES:
+            self._send()
+
+    def _send(self) -> None:
+        """Queue the current block for writing at its place in the file."""
+        assert self._block is not None
+        block, used, offset = self._block, self._used, self.size - self._used
+        self._block = None
+        self._writer.submit(lambda: self._write_block(block, used, offset))
+
+    def _write_block(self, block: mmap.mmap, used: int, offset: int) -> None:
+        """On the worker: write `used` bytes of `block` at `offset` (nothing after an error), free the block."""
+        try:
+            if self._writer.failed:
+                return
+            with memoryview(block) as whole:
+                if self.direct:
+                    try:
+                        write_all(self._fd, offset, whole[: -(-used // ALIGN) * ALIGN])
+                        return
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                    # The filesystem took O_DIRECT at open but refuses these writes (it wants a larger
+                    # alignment, say): this file goes on through the page cache.
+                    assert fcntl is not None
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~O_DIRECT)
+                    self.direct = False
+                write_all(self._fd, offset, whole[:used])
+            self._writer.flush(self._fd)
+        finally:
+            self._writer.release(block)

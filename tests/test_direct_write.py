@@ -1,0 +1,148 @@
+"""direct_write: files written front to back in aligned blocks, with O_DIRECT where the filesystem takes it."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from surgery.checkpoints import direct_write
+from surgery.checkpoints.direct_write import ALIGN, BLOCK_BYTES, BlockWriter
+
+# Lengths around every boundary the writer handles: empty, unaligned, one alignment unit, one block.
+SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, BLOCK_BYTES - 1, BLOCK_BYTES, BLOCK_BYTES + 3, 2 * BLOCK_BYTES + ALIGN + 5]
+
+
+def takes_o_direct(folder: Path) -> bool:
+    """Whether the filesystem of `folder` opens files with O_DIRECT (tmpfs does not)."""
+    if not direct_write.O_DIRECT:
+        return False
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | direct_write.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(folder / "probe")
+    return True
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(params=["direct", "page-cache"])
+def mode(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "direct" and not takes_o_direct(tmp_path):
+        pytest.skip("this filesystem does not take O_DIRECT")
+    if request.param == "page-cache":
+        monkeypatch.setattr(direct_write, "O_DIRECT", 0)
+    return request.param
+
+
+def source_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "input"
+    path.write_bytes(os.urandom(n))
+    return path
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_copied_and_written_bytes_land_exactly(tmp_path: Path, mode: str, size: int) -> None:
+    data = source_file(tmp_path, size + 7).read_bytes()
+    header = b"header-" * 13  # an unaligned start, as a safetensors header is
+    digest = hashlib.sha256()
+    fd = os.open(tmp_path / "input", os.O_RDONLY)
+    try:
+        with BlockWriter() as writer:
+            out = writer.create(tmp_path / "out")
+            assert out.direct == (mode == "direct")
+            out.write(header)
+            out.copy(fd, 7, size, digest)  # from an unaligned offset
+            out.write(data[:3])
+            out.close()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out").read_bytes() == header + data[7 : 7 + size] + data[:3]
+    assert digest.hexdigest() == hashlib.sha256(data[7 : 7 + size]).hexdigest()
+
+
+def test_many_files_through_one_writer(tmp_path: Path, mode: str) -> None:
+    blobs = {f"f{i}": os.urandom(i * BLOCK_BYTES // 3 + i) for i in range(5)}
+    with BlockWriter() as writer:
+        for name, blob in blobs.items():
+            out = writer.create(tmp_path / name)
+            out.write(blob)
+            out.close()
+    assert {name: (tmp_path / name).read_bytes() for name in blobs} == blobs
+
+
+def test_a_write_refused_for_alignment_goes_on_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filesystem can take O_DIRECT at open and refuse a write (EINVAL: it wants a larger alignment).
+    real = direct_write.write_all
+    refused = []
+
+    def picky(fd: int, offset: int, data: memoryview) -> None:
+        if not refused:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real(fd, offset, data)
+
+    monkeypatch.setattr(direct_write, "write_all", picky)
+    blob = os.urandom(2 * BLOCK_BYTES + 100)
+    with BlockWriter() as writer:
+        out = writer.create(tmp_path / "out")
+        out.direct = True  # as if the open had taken O_DIRECT, whatever this filesystem does
+        out.write(blob)
+        out.close()
+    assert refused == [0]
+    assert not out.direct
+    assert (tmp_path / "out").read_bytes() == blob
+
+
+def test_a_failed_write_is_raised_and_every_file_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, data: memoryview) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(direct_write, "write_all", full)
+    before = open_fds()
+    with pytest.raises(OSError, match="No space left"), BlockWriter() as writer:
+        first = writer.create(tmp_path / "first")
+        first.write(b"x" * 10)
+        first.close()  # the worker fails on this file's block...
+        second = writer.create(tmp_path / "second")
+        try:
+            for _ in range(2 * direct_write.BLOCKS):  # ...and the writer hears of it before long
+                second.write(b"y" * BLOCK_BYTES)
+        except BaseException:
+            second.abandon()
+            raise
+    assert open_fds() == before
+
+
+def test_an_interrupted_writer_closes_its_files(tmp_path: Path) -> None:
+    before = open_fds()
+    with pytest.raises(KeyboardInterrupt), BlockWriter() as writer:
+        out = writer.create(tmp_path / "out")
+        out.write(b"z" * (BLOCK_BYTES + 1))
+        out.abandon()
+        raise KeyboardInterrupt
+    assert open_fds() == before
+
+
+def test_a_file_that_ends_early_is_an_error(tmp_path: Path, mode: str) -> None:
+    source_file(tmp_path, 100)
+    fd = os.open(tmp_path / "input", os.O_RDONLY)
+    try:
+        with pytest.raises(Exception, match="ended early"), BlockWriter() as writer:
+            out = writer.create(tmp_path / "out")
+            try:
+                out.copy(fd, 50, 100)
+            except BaseException:
+                out.abandon()
+                raise
+    finally:
+        os.close(fd)

@@ -116,6 +116,19 @@ def test_reversible_patch_reverts_to_the_original_byte_for_byte(tmp_path: Path, 
     assert not (tmp_path / "x").exists()
 
 
+def test_revert_with_a_tampered_original_writes_nothing(tmp_path: Path, models: dict) -> None:
+    assert patch_of(models, tmp_path / "p", "--reversible").exit_code == 0
+    assert cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "a", "-q").exit_code == 0
+    originals = load_file(tmp_path / "p" / "original.safetensors")
+    name = sorted(originals)[-1]
+    originals[name] = originals[name] * 2
+    save_file(originals, tmp_path / "p" / "original.safetensors", metadata={"format": "pt"})
+    result = cli("apply", tmp_path / "p", "-t", tmp_path / "a", "-o", tmp_path / "back", "--revert", "-q")
+    assert result.exit_code == 2, result.output
+    assert f"original tensor {name} differs from its sha256" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "p", "source", "target"]
+
+
 def test_apply_link_shares_inodes_only_for_untouched_shards(tmp_path: Path, models: dict) -> None:
     assert patch_of(models, tmp_path / "p", "--reversible").exit_code == 0
     out = tmp_path / "a"
@@ -229,19 +242,19 @@ def test_a_broken_patch_is_refused_with_one_line_and_nothing_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "source", "target"]
 
 
-def test_a_tampered_patch_is_named_before_a_wrong_target(tmp_path: Path, models: dict) -> None:
-    # apply hashes the patch and the target on two threads; the patch's own fault is the one reported.
+def test_a_wrong_target_is_named_before_the_patch_is_read(tmp_path: Path, models: dict) -> None:
+    # apply checks the target before it writes a byte; the patch's tensors are hashed as they are copied.
     assert patch_of(models, tmp_path / "p").exit_code == 0
     corrupt(tmp_path / "p", "tampered")
     result = cli("apply", tmp_path / "p", "-t", models["source"], "-o", tmp_path / "out", "-q")
     assert result.exit_code == 2, result.output
-    assert "the patch was modified or is corrupt" in result.stderr and result.stderr.count("\n") == 1
-    # With the patch intact, the same wrong target (the source: bf16 where the target is f32) is named.
-    assert patch_of(models, tmp_path / "q").exit_code == 0
-    result = cli("apply", tmp_path / "q", "-t", models["source"], "-o", tmp_path / "out", "-q")
+    # The source: bf16 where the target is f32.
+    assert "is not the model this patch is for" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    # On the right target, the tampered tensor is found during the copy, and the output is discarded.
+    result = cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "out", "-q")
     assert result.exit_code == 2, result.output
-    assert "is not the model this patch is for" in result.stderr, result.stderr
-    assert not (tmp_path / "out").exists()
+    assert "the patch was modified or is corrupt" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "source", "target"]
 
 
 def test_a_patch_for_another_architecture_is_refused(tmp_path: Path, models: dict) -> None:

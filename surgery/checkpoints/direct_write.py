@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ class BlockWriter:
         self._work: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._synced = SyncBehind()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="surgery-hash")
         self._thread = threading.Thread(target=self._run, name="surgery-write", daemon=True)
 
     def create(self, path: Path) -> OutputFile:
@@ -93,14 +95,13 @@ class BlockWriter:
         self._free.put(block)
 
     def submit(self, job: Callable[[], None]) -> None:
-        """Run `job` on the worker, after those before it. Jobs must close what they are handed even after
-        an error (`failed`), and write nothing then."""
-        self.check()
+        """Run `job` on the worker, after those before it. Jobs run even after an error (`failed`): they
+        must write nothing then, but still close and free what they are handed."""
         self._work.put(job)
 
-    def discard(self, fd: int) -> None:
-        """Close `fd` on the worker, after the jobs before it, even after an error."""
-        self._work.put(lambda: os.close(fd))
+    def hash(self, segments: list[tuple[Any, int, int]], block: mmap.mmap) -> Future[None]:
+        """Feed each `(digest, start, end)` slice of `block` to its digest, in order, on the hashing thread."""
+        return self._hasher.submit(_update, segments, block)
 
     def sync_and_close(self, fd: int) -> None:
         self._synced.close(fd)
@@ -129,6 +130,7 @@ class BlockWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self._work.put(None)
         self._thread.join()
+        self._hasher.shutdown(wait=True)
         failed = exc_type or (type(self._error) if self._error is not None else None)
         self._synced.__exit__(failed)  # waits for every fsync; raises a failed one only if nothing else failed
         if exc_type is None:
@@ -150,6 +152,7 @@ class OutputFile:
         self.size = 0
         self._block: mmap.mmap | None = None
         self._used = 0
+        self._segments: list[tuple[Any, int, int]] = []
 
     def write(self, data: bytes | memoryview) -> None:
         """Append `data`."""
@@ -162,7 +165,10 @@ class OutputFile:
             view = view[n:]
 
     def copy(self, fd: int, offset: int, n: int, digest: Any | None = None) -> None:
-        """Append `n` bytes of `fd` from `offset`, read straight into the block; `digest.update` gets them too."""
+        """Append `n` bytes of `fd` from `offset`, read straight into the block.
+
+        `digest.update` gets them too, on the hashing thread: read `digest` only once the writer is done.
+        """
         while n > 0:
             block = self._fill()
             with memoryview(block) as whole:
@@ -170,9 +176,9 @@ class OutputFile:
                 got = os.preadv(fd, [room], offset)
                 if got == 0:
                     raise SurgeryError("file ended early while reading; was it modified during the run?")
-                if digest is not None:
-                    digest.update(room[:got])
                 room.release()
+            if digest is not None:
+                self._segments.append((digest, self._used, self._used + got))
             self._advance(got)
             offset, n = offset + got, n - got
 
@@ -195,13 +201,15 @@ class OutputFile:
             writer.sync_and_close(fd)
 
         writer.submit(finish)
+        writer.check()
 
     def abandon(self) -> None:
         """Close the file unfinished (after an error: the output is discarded)."""
         if self._block is not None:
             self._writer.release(self._block)
             self._block = None
-        self._writer.discard(self._fd)
+        fd = self._fd
+        self._writer.submit(lambda: os.close(fd))
 
     def _fill(self) -> mmap.mmap:
         if self._block is None:
@@ -218,11 +226,13 @@ class OutputFile:
         """Queue the current block for writing at its place in the file."""
         assert self._block is not None
         block, used, offset = self._block, self._used, self.size - self._used
-        self._block = None
-        self._writer.submit(lambda: self._write_block(block, used, offset))
+        hashed = self._writer.hash(self._segments, block) if self._segments else None
+        self._block, self._segments = None, []
+        self._writer.submit(lambda: self._write_block(block, used, offset, hashed))
 
-    def _write_block(self, block: mmap.mmap, used: int, offset: int) -> None:
-        """On the worker: write `used` bytes of `block` at `offset` (nothing after an error), free the block."""
+    def _write_block(self, block: mmap.mmap, used: int, offset: int, hashed: Future[None] | None) -> None:
+        """On the worker: write `used` bytes of `block` at `offset` (nothing after an error), and free the
+        block once it is hashed too."""
         try:
             if self._writer.failed:
                 return
@@ -242,4 +252,12 @@ class OutputFile:
                 write_all(self._fd, offset, whole[:used])
             self._writer.flush(self._fd)
         finally:
+            if hashed is not None:
+                hashed.result()
             self._writer.release(block)
+
+
+def _update(segments: list[tuple[Any, int, int]], block: mmap.mmap) -> None:
+    with memoryview(block) as whole:
+        for digest, start, end in segments:
+            digest.update(whole[start:end])

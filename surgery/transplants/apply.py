@@ -6,12 +6,15 @@
   patches only).
 - `apply_patch(model, P)` patches a loaded model in place; `.undo()` restores it bit for bit.
 
-Every tensor's sha256 is checked first, so a patch refuses any model but the one it was made for.
+The target's tensors are checked (sha256) before a byte is written, so a patch refuses any model but
+the one it was made for; the patch's tensors are hashed as they are copied, and one that differs
+from the record discards the output before it is published.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +32,7 @@ from surgery.transplants.patch import (
     PATCH_RECORD,
     Patch,
     architecture,
-    check_patch_digests,
+    check_copied_digests,
     open_patch,
 )
 from surgery.transplants.write import TransplantResult, provenance_header, write_checkpoint
@@ -70,15 +73,39 @@ def apply(
     tgt = open_checkpoint(target)
     tgt.check_config()
     out = check_out(Path(out), {"target": tgt.path, "patch": p.path}, overwrite)
-    modules = tuple(p.modules)
     if revert and not p.reversible:
         raise SurgeryError(f"{p.path} is not reversible; write it with `surgery transplant --patch --reversible`")
-    # The patch's tensors and the target's are hashed on two threads (hashing releases the GIL); a
-    # tampered patch is reported before a wrong target.
+    _check_layout(p, tgt)
+    # The target's tensors are hashed on a second thread while the output is written: a wrong target
+    # stops the write as soon as it is found. The patch's tensors are hashed as they are copied (so
+    # they are read once). Either fault discards the output; a wrong target is the one named.
     with ThreadPoolExecutor(1, thread_name_prefix="surgery-check") as pool:
-        target_checked = pool.submit(_check_tensors, p, tgt, revert=revert)
-        check_patch_digests(p)
-        target_checked.result()
+        target_checked = pool.submit(_check_digests, p, tgt, revert=revert)
+
+        def poll() -> None:
+            if target_checked.done():
+                target_checked.result()
+
+        def check(written: dict[str, str]) -> None:
+            target_checked.result()
+            check_copied_digests(p, written, originals=revert)
+
+        return _write(p, tgt, out, revert, link, overwrite, progress, poll, check)
+
+
+def _write(
+    p: Patch,
+    tgt: Checkpoint,
+    out: Path,
+    revert: bool,
+    link: bool,
+    overwrite: bool,
+    progress: bool,
+    poll: Callable[[], None],
+    check: Callable[[dict[str, str]], None],
+) -> TransplantResult:
+    """`apply`'s output, written with `write_checkpoint`; `poll` and `check` as there."""
+    modules = tuple(p.modules)
     if revert:
         headers = _original_headers(p, tgt)
         original = p.record["original"]
@@ -95,6 +122,8 @@ def apply(
             progress,
             index_text=original["index"],
             link_same_header=True,
+            poll=poll,
+            check=check,
         )
         return TransplantResult.made(out, modules, hashes, tgt)
     provenance = {k: p.record[k] for k in ("tool", "source", "target", "manifest")}
@@ -115,15 +144,23 @@ def apply(
         link,
         progress,
         source_dtypes={t["name"]: t["source_dtype"] for t in p.record["tensors"]},
+        poll=poll,
+        check=check,
     )
     return TransplantResult.made(out, modules, hashes, tgt)
 
 
-def _check_tensors(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
-    """Refuse a checkpoint whose patched tensors are not the ones the patch expects, naming the first."""
-    made_for = f"{p.record['target']['path']} ({p.record['target']['fingerprint'][:19]}…)"
+def _made_for(p: Patch) -> str:
+    return f"{p.record['target']['path']} ({p.record['target']['fingerprint'][:19]}…)"
+
+
+def _check_layout(p: Patch, ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint of another architecture, or whose patched tensors differ in dtype or shape.
+
+    Checked before the digests, so that a model of another architecture or size is named as such.
+    """
+    made_for = _made_for(p)
     check_architecture(p, ckpt.config, str(ckpt.path))
-    # Layout first: a model of another architecture or size is named as such, not by a digest.
     for t in p.tensors.values():
         ref = ckpt.tensors.get(t.name)
         if ref is None or (ref.info.dtype, ref.info.shape) != (t.dtype, t.shape):
@@ -132,6 +169,10 @@ def _check_tensors(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
                 f"{ckpt.path} is not the model this patch is for: tensor {t.name} is {have}, the patch's is "
                 f"{t.dtype} {list(t.shape)}; the patch was made for {made_for}"
             )
+
+
+def _check_digests(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
+    """Refuse a checkpoint whose patched tensors are not the ones the patch expects (sha256), naming the first."""
     # Read, never taken from the cache: this check is what stands between a patch and the wrong model.
     found = tensor_digests(ckpt, list(p.tensors), use_cache=False)
     for t in p.tensors.values():
@@ -148,7 +189,7 @@ def _check_tensors(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
         why = "the patch is applied there already" if digest == other else "another model or version"
         raise SurgeryError(
             f"{ckpt.path}: tensor {t.name} differs from the target this patch was made for (sha256; {why}); "
-            f"pass {made_for}"
+            f"pass {_made_for(p)}"
         )
 
 

@@ -281,10 +281,27 @@ def check_patch_digests(patch: Patch) -> None:
         for t in patch.tensors.values():
             for kind, data, digest in (("tensor", t.data, t.sha256), ("original tensor", t.original, t.target_sha256)):
                 if data is not None and sha256_of(files, data) != digest:
-                    raise SurgeryError(
-                        f"{patch.path}: {kind} {t.name} differs from its sha256 in {PATCH_RECORD}: the patch was "
-                        f"modified or is corrupt; {_FIX}"
-                    )
+                    raise tampered(patch, kind, t.name)
+
+
+def check_copied_digests(patch: Patch, written: dict[str, str], *, originals: bool = False) -> None:
+    """Refuse the patch's tensors (or, with `originals`, its original tensors) that were copied with
+    another sha256 than the record gives them: `written`, as `write_checkpoint` hashed them.
+
+    Raises:
+        SurgeryError: naming the first tensor that differs.
+    """
+    for t in patch.tensors.values():
+        if written[t.name] != (t.target_sha256 if originals else t.sha256):
+            raise tampered(patch, "original tensor" if originals else "tensor", t.name)
+
+
+def tampered(patch: Patch, kind: str, name: str) -> SurgeryError:
+    """The refusal of a patch whose tensor `name` differs from its recorded sha256."""
+    return SurgeryError(
+        f"{patch.path}: {kind} {name} differs from its sha256 in {PATCH_RECORD}: the patch was modified or is "
+        f"corrupt; {_FIX}"
+    )
 
 
 def _locate(folder: Path, names: list[str]) -> dict[str, tuple[Stored, TensorInfo]]:

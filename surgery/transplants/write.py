@@ -330,6 +330,8 @@ def write_checkpoint(
     index_text: str | None = None,
     source_dtypes: dict[str, str] | None = None,
     link_same_header: bool = False,
+    poll: Callable[[], None] | None = None,
+    check: Callable[[dict[str, str]], None] | None = None,
 ) -> dict[str, str]:
     """Write `tgt` with the `replacements` tensors (cast to the target's dtypes) into `out`, atomically.
 
@@ -340,7 +342,10 @@ def write_checkpoint(
     tensor's dtype in the source. `card` may be a function that makes the text: it is called on a
     second thread while the shards are written (building a card imports huggingface_hub, ~0.25 s).
     With `link`, shards holding no replaced tensor are hard-linked from the target; with
-    `link_same_header` too, only those whose header is already the one to write.
+    `link_same_header` too, only those whose header is already the one to write. `poll`, if given, is
+    called between copy steps (a check running beside the write: an error it raises stops it), and
+    `check` with the replaced tensors' sha256 as written, before the output is published; either
+    one's error discards the output.
     Returns each replaced tensor's sha256 as written.
     """
     plans = _plan(tgt, replacements, shard_header)
@@ -350,7 +355,9 @@ def write_checkpoint(
     ):
         card_text = pool.submit(card) if callable(card) else None
         linked = _link_untouched(tmp, plans, tgt, link_same_header) if link else set()
-        hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress)
+        hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress, poll)
+        if check is not None:
+            check(hashes)
         _copy_extra_files(tgt.path, tmp)
         if card is not None:
             (tmp / CARD_FILE).write_text(card if card_text is None else card_text.result(), encoding="utf-8")
@@ -560,15 +567,18 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
-def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str, str]:
+def write_shards(
+    tmp: Path, plans: list[ShardPlan], progress: bool, poll: Callable[[], None] | None = None
+) -> dict[str, str]:
     """Write every shard; return the sha256 of each source tensor as written.
 
     Each shard is written front to back (header, then its pieces in order) through aligned blocks,
     with O_DIRECT where the filesystem takes it (see `direct_write`). A source tensor is hashed as it
-    is read into the block, or, when cast to another dtype, as it is converted.
+    is copied (on the writer's hashing thread), or, when cast to another dtype, as it is converted.
+    `poll` is called after every step of a copy (see `write_checkpoint`).
     """
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
-    hashes: dict[str, str] = {}
+    digests: dict[str, Any] = {}  # read once the writer is done: it hashes on a thread of its own
     bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
     with ReadOnlyFiles() as files, bar, BlockWriter() as writer:
@@ -578,7 +588,9 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
                 dst.write(plan.header)
                 for p in plan.pieces:
                     src = files.fd(p.src_path)
-                    digest = hashlib.sha256() if p.tensor is not None else None
+                    digest = None
+                    if p.tensor is not None:
+                        digest = digests[p.tensor] = hashlib.sha256()
                     if p.src_dtype != p.dst_dtype:
                         for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
                             assert digest is not None  # only source tensors are cast
@@ -591,15 +603,15 @@ def write_shards(tmp: Path, plans: list[ShardPlan], progress: bool) -> dict[str,
                             n = min(STEP_BYTES, p.nbytes - step)
                             dst.copy(src, p.src_off + step, n, digest)
                             bar.update(n)
-                    if digest is not None:
-                        hashes[p.tensor] = digest.hexdigest()
+                            if poll is not None:
+                                poll()
                     if pause is not None:
                         pause()
             except BaseException:
                 dst.abandon()
                 raise
             dst.close()
-    return hashes
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def _link_untouched(tmp: Path, plans: list[ShardPlan], tgt: Checkpoint, same_header: bool) -> set[str]:

@@ -394,7 +394,14 @@ def run(args: argparse.Namespace, root: Path) -> None:
             link = Case(f"surgery transplant --link (layer 0, {len(PROJS)} modules, one shard)",
                         [*surgery, "transplant", "-t", tgt, "-s", src, *one_shard, "--link", "-o", str(linked), "-q"],
                         linked)  # fmt: skip
-            groups += [[patch_first], [patch_case, apply], [floor], [link]]  # apply applies the patch just made
+            # Outputs larger than half the memory available are written with O_DIRECT; force it here, where
+            # the pair fits (the page cache would not help a model larger than memory).
+            forced = ["env", "SURGERY_DIRECT_IO=1"]
+            direct = Case(f"surgery transplant --manifest --top-k {len(names)}, O_DIRECT forced",
+                          [*forced, *transplant.cmd], out)  # fmt: skip
+            patch_direct = Case(f"surgery transplant --patch -k {len(names)}, O_DIRECT forced, digests cached",
+                                [*forced, *patch_cmd], patch)  # fmt: skip
+            groups += [[patch_first], [patch_case, apply], [floor], [link], [direct], [patch_direct]]
         groups += [[cp], [cp_sync]]
         if pair is naive_pair:
             nout = root / "out-naive"
@@ -416,6 +423,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
             summary.append(f"dd of the patch's size / cp -r {ratio(floor, cp)}: a plain durable write of its bytes")
             summary.append(f"--patch size {size / gib:.3f}x the target's ({size * 1024:.1f} MiB)")
             summary.append(f"apply / transplant --manifest {ratio(apply, transplant)}")
+            summary.append(f"O_DIRECT forced: transplant --manifest / cp -r && sync {ratio(direct, cp_sync)}, "
+                           f"--patch / cp -r {ratio(patch_direct, cp)}")  # fmt: skip
             summary.append(f"--link / cp -r && sync {ratio(link, cp_sync)}, {disk_gib(linked) * 1024:.0f} MiB written"
                            f" (the rest linked)")  # fmt: skip
         for folder in (out, cp_out, *(root / f"out-{x}" for x in ("patch", "apply", "link", "dd", "naive"))):

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from surgery import transplant, verify
 from surgery.checkpoints import direct_write
 from surgery.checkpoints.direct_write import ALIGN, BLOCK_BYTES, BlockWriter
+from tests.conftest import make_model
+
+GIB = 2**30
 
 # Lengths around every boundary the writer handles: empty, unaligned, one alignment unit, one block.
 SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, BLOCK_BYTES - 1, BLOCK_BYTES, BLOCK_BYTES + 3, 2 * BLOCK_BYTES + ALIGN + 5]
@@ -33,13 +37,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.fixture(params=["direct", "page-cache"])
+@pytest.fixture(params=["direct", "page-cache", "no O_DIRECT here"])
 def mode(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "direct" and not takes_o_direct(tmp_path):
         pytest.skip("this filesystem does not take O_DIRECT")
-    if request.param == "page-cache":
-        monkeypatch.setattr(direct_write, "O_DIRECT", 0)
+    if request.param == "no O_DIRECT here":
+        monkeypatch.setattr(direct_write, "O_DIRECT", 0)  # a platform without it: asked for, not used
     return request.param
+
+
+def writer_for(mode: str) -> BlockWriter:
+    return BlockWriter(direct=mode != "page-cache")
 
 
 def source_file(tmp_path: Path, n: int) -> Path:
@@ -55,7 +63,7 @@ def test_copied_and_written_bytes_land_exactly(tmp_path: Path, mode: str, size: 
     digest = hashlib.sha256()
     fd = os.open(tmp_path / "input", os.O_RDONLY)
     try:
-        with BlockWriter() as writer:
+        with writer_for(mode) as writer:
             out = writer.create(tmp_path / "out")
             assert out.direct == (mode == "direct")
             out.write(header)
@@ -68,9 +76,55 @@ def test_copied_and_written_bytes_land_exactly(tmp_path: Path, mode: str, size: 
     assert digest.hexdigest() == hashlib.sha256(data[7 : 7 + size]).hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("setting", "available", "nbytes", "direct"),
+    [
+        (None, 16 * GIB, 4 * GIB, False),  # fits in the page cache: the next reader finds it there
+        (None, 16 * GIB, 9 * GIB, True),  # more than half of what is available
+        (None, None, 100 * GIB, False),  # memory unknown: the page cache, as every tool does
+        ("1", 16 * GIB, 1, True),
+        ("on", 16 * GIB, 1, True),
+        ("0", 16 * GIB, 100 * GIB, False),
+        ("no", 16 * GIB, 100 * GIB, False),
+        ("maybe", 16 * GIB, 9 * GIB, True),  # not a setting: decided by size
+    ],
+)
+def test_o_direct_is_for_outputs_too_large_to_stay_cached_unless_the_user_says(
+    monkeypatch: pytest.MonkeyPatch, setting: str | None, available: int | None, nbytes: int, direct: bool
+) -> None:
+    if setting is None:
+        monkeypatch.delenv(direct_write.DIRECT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(direct_write.DIRECT_ENV, setting)
+    monkeypatch.setattr(direct_write, "_mem_available", lambda: available)
+    assert direct_write.wants_direct(nbytes) is direct
+
+
+def test_memory_available_is_read_on_linux() -> None:
+    if not Path("/proc/meminfo").is_file():
+        pytest.skip("no /proc/meminfo")
+    assert direct_write._mem_available() > 0
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_a_transplant_writes_the_same_bytes_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    src, tgt = make_model(tmp_path / "source", 1, shard="20KB"), make_model(tmp_path / "target", 2, shard="20KB")
+    monkeypatch.setenv(direct_write.DIRECT_ENV, setting)
+    transplant(tgt, src, tmp_path / "out", modules=["model.layers.*.mlp.*"], progress=False)
+    monkeypatch.setenv(direct_write.DIRECT_ENV, "0" if setting == "1" else "1")
+    transplant(tgt, src, tmp_path / "other", modules=["model.layers.*.mlp.*"], progress=False)
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
+    verify(tmp_path / "out", tgt, src)
+
+
 def test_many_files_through_one_writer(tmp_path: Path, mode: str) -> None:
     blobs = {f"f{i}": os.urandom(i * BLOCK_BYTES // 3 + i) for i in range(5)}
-    with BlockWriter() as writer:
+    with writer_for(mode) as writer:
         for name, blob in blobs.items():
             out = writer.create(tmp_path / name)
             out.write(blob)
@@ -93,7 +147,7 @@ def test_a_write_refused_for_alignment_goes_on_through_the_page_cache(
 
     monkeypatch.setattr(direct_write, "write_all", picky)
     blob = os.urandom(2 * BLOCK_BYTES + 100)
-    with BlockWriter() as writer:
+    with BlockWriter(direct=False) as writer:
         out = writer.create(tmp_path / "out")
         out.direct = True  # as if the open had taken O_DIRECT, whatever this filesystem does
         out.write(blob)
@@ -109,7 +163,7 @@ def test_a_failed_write_is_raised_and_every_file_is_closed(tmp_path: Path, monke
 
     monkeypatch.setattr(direct_write, "write_all", full)
     before = open_fds()
-    with pytest.raises(OSError, match="No space left"), BlockWriter() as writer:
+    with pytest.raises(OSError, match="No space left"), BlockWriter(direct=True) as writer:
         first = writer.create(tmp_path / "first")
         first.write(b"x" * 10)
         first.close()  # the worker fails on this file's block...
@@ -125,7 +179,7 @@ def test_a_failed_write_is_raised_and_every_file_is_closed(tmp_path: Path, monke
 
 def test_an_interrupted_writer_closes_its_files(tmp_path: Path) -> None:
     before = open_fds()
-    with pytest.raises(KeyboardInterrupt), BlockWriter() as writer:
+    with pytest.raises(KeyboardInterrupt), BlockWriter(direct=True) as writer:
         out = writer.create(tmp_path / "out")
         out.write(b"z" * (BLOCK_BYTES + 1))
         out.abandon()
@@ -137,7 +191,7 @@ def test_a_file_that_ends_early_is_an_error(tmp_path: Path, mode: str) -> None:
     source_file(tmp_path, 100)
     fd = os.open(tmp_path / "input", os.O_RDONLY)
     try:
-        with pytest.raises(Exception, match="ended early"), BlockWriter() as writer:
+        with pytest.raises(Exception, match="ended early"), writer_for(mode) as writer:
             out = writer.create(tmp_path / "out")
             try:
                 out.copy(fd, 50, 100)

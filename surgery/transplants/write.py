@@ -2,8 +2,8 @@
 
 The output's tensor names, dtypes, shapes and offsets equal the target's, so every
 output header is known before a byte is written. Each output file is written front to back
-through a few aligned 8 MiB blocks, with O_DIRECT where the filesystem takes it (`direct_write`),
-so peak memory does not grow with the checkpoint. The output is built in a temp folder beside
+through a few aligned 8 MiB blocks (with O_DIRECT when the output is too large to stay in the page
+cache: `direct_write`), so peak memory does not grow with the checkpoint. The output is built in a temp folder beside
 OUT, fsynced and renamed into place.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
-from surgery.checkpoints.direct_write import BlockWriter
+from surgery.checkpoints.direct_write import BlockWriter, wants_direct
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
 from surgery.checkpoints.header import ShardHeader, encode_header
@@ -573,15 +573,17 @@ def write_shards(
     """Write every shard; return the sha256 of each source tensor as written.
 
     Each shard is written front to back (header, then its pieces in order) through aligned blocks,
-    with O_DIRECT where the filesystem takes it (see `direct_write`). A source tensor is hashed as it
-    is copied (on the writer's hashing thread), or, when cast to another dtype, as it is converted.
+    with O_DIRECT when the output is too large to stay in the page cache (see `direct_write`). A
+    source tensor is hashed as it is copied (on the writer's hashing thread), or, when cast to
+    another dtype, as it is converted.
     `poll` is called after every step of a copy (see `write_checkpoint`).
     """
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     digests: dict[str, Any] = {}  # read once the writer is done: it hashes on a thread of its own
     bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
-    with ReadOnlyFiles() as files, bar, BlockWriter() as writer:
+    direct = wants_direct(sum(len(plan.header) for plan in plans) + total)
+    with ReadOnlyFiles() as files, bar, BlockWriter(direct=direct) as writer:
         for plan in plans:
             dst = writer.create(tmp / plan.name)
             try:

@@ -157,6 +157,51 @@ def test_a_write_refused_for_alignment_goes_on_through_the_page_cache(
     assert (tmp_path / "out").read_bytes() == blob
 
 
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_copies_go_through_the_blocks_where_the_kernel_cannot_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    data = source_file(tmp_path, BLOCK_BYTES + 5).read_bytes()
+    calls = []
+
+    def unsupported(*args: object) -> int:
+        calls.append(args)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported, raising=False)
+    digest = hashlib.sha256()
+    fd = os.open(tmp_path / "input", os.O_RDONLY)
+    try:
+        with BlockWriter(direct=False) as writer:
+            out = writer.create(tmp_path / "out")
+            out.copy(fd, 0, 100, digest)
+            out.copy(fd, 100, len(data) - 100, digest)
+            out.close()
+    finally:
+        os.close(fd)
+    assert len(calls) == 1  # tried once, then the blocks for the rest of the file
+    assert (tmp_path / "out").read_bytes() == data
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.skipif(not hasattr(os, "copy_file_range"), reason="copies through the blocks here: nothing is read back")
+def test_a_failed_read_back_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through the page cache a copy is hashed by reading the written bytes back, on the hashing thread.
+    def unreadable(*args: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(direct_write, "_update_from_file", unreadable)
+    source_file(tmp_path, 100)
+    fd = os.open(tmp_path / "input", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="Input/output error"), BlockWriter(direct=False) as writer:
+            out = writer.create(tmp_path / "out")
+            out.copy(fd, 0, 100, hashlib.sha256())
+            out.close()
+    finally:
+        os.close(fd)
+
+
 def test_a_failed_write_is_raised_and_every_file_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(fd: int, offset: int, data: memoryview) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoints.staging import SyncBehind
-from surgery.checkpoints.streaming import write_all
+from surgery.checkpoints.streaming import read_chunks, write_all
 from surgery.errors import SurgeryError
 
 try:
@@ -101,6 +101,7 @@ class BlockWriter:
         self._error: BaseException | None = None
         self._synced = SyncBehind()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="surgery-hash")
+        self._read_back: list[Future[None]] = []
         self._thread = threading.Thread(target=self._run, name="surgery-write", daemon=True)
 
     def create(self, path: Path) -> OutputFile:
@@ -108,11 +109,11 @@ class BlockWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         if self._direct:
             try:
-                return OutputFile(self, os.open(path, flags | O_DIRECT, 0o644), direct=True)
+                return OutputFile(self, path, os.open(path, flags | O_DIRECT, 0o644), direct=True)
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: this filesystem does not do O_DIRECT
                     raise
-        return OutputFile(self, os.open(path, flags, 0o644), direct=False)
+        return OutputFile(self, path, os.open(path, flags, 0o644), direct=False)
 
     @property
     def failed(self) -> bool:
@@ -138,6 +139,10 @@ class BlockWriter:
     def hash(self, segments: list[tuple[Any, int, int]], block: mmap.mmap) -> Future[None]:
         """Feed each `(digest, start, end)` slice of `block` to its digest, in order, on the hashing thread."""
         return self._hasher.submit(_update, segments, block)
+
+    def hash_back(self, digest: Any, path: Path, offset: int, n: int) -> None:
+        """Feed `n` bytes of the file at `path` from `offset`, as written, to `digest` on the hashing thread."""
+        self._read_back.append(self._hasher.submit(_update_from_file, digest, path, offset, n))
 
     def sync_and_close(self, fd: int) -> None:
         self._synced.close(fd)
@@ -167,6 +172,11 @@ class BlockWriter:
         self._work.put(None)
         self._thread.join()
         self._hasher.shutdown(wait=True)
+        if self._error is None:
+            for hashed in self._read_back:
+                if hashed.exception() is not None:
+                    self._error = hashed.exception()
+                    break
         failed = exc_type or (type(self._error) if self._error is not None else None)
         self._synced.__exit__(failed)  # waits for every fsync; raises a failed one only if nothing else failed
         if exc_type is None:
@@ -181,10 +191,14 @@ class OutputFile:
         size: the bytes written so far.
     """
 
-    def __init__(self, writer: BlockWriter, fd: int, *, direct: bool) -> None:
+    def __init__(self, writer: BlockWriter, path: Path, fd: int, *, direct: bool) -> None:
         self._writer = writer
+        self._path = path
         self._fd = fd
         self.direct = direct
+        # Through the page cache, `copy` moves bytes in the kernel (`os.copy_file_range`): on our test VM a
+        # K = 32 patch took 0.84-1.09 s that way and 1.57-2.75 s read into the blocks and written back.
+        self._kernel_copy = not direct and hasattr(os, "copy_file_range")
         self.size = 0
         self._block: mmap.mmap | None = None
         self._used = 0
@@ -201,10 +215,13 @@ class OutputFile:
             view = view[n:]
 
     def copy(self, fd: int, offset: int, n: int, digest: Any | None = None) -> None:
-        """Append `n` bytes of `fd` from `offset`, read straight into the block.
+        """Append `n` bytes of `fd` from `offset`: read straight into the block, or copied in the kernel.
 
-        `digest.update` gets them too, on the hashing thread: read `digest` only once the writer is done.
+        `digest.update` gets them too, on the hashing thread (which reads a kernel copy back from this
+        file): read `digest` only once the writer is done.
         """
+        if self._kernel_copy and self._copy_in_kernel(fd, offset, n, digest):
+            return
         while n > 0:
             block = self._fill()
             with memoryview(block) as whole:
@@ -217,6 +234,29 @@ class OutputFile:
                 self._segments.append((digest, self._used, self._used + got))
             self._advance(got)
             offset, n = offset + got, n - got
+
+    def _copy_in_kernel(self, fd: int, offset: int, n: int, digest: Any | None) -> bool:
+        """`copy` with `os.copy_file_range` at the end of the file; False where the kernel or the filesystems
+        cannot (nothing was copied then, and this file's copies go through the blocks from now on)."""
+        if self._block is not None:
+            self._send()  # the bytes before these, written by the worker meanwhile (other offsets)
+        start, done = self.size, 0
+        try:
+            while done < n:
+                got = os.copy_file_range(fd, self._fd, min(n - done, 1 << 30), offset + done, start + done)
+                if got == 0:
+                    raise SurgeryError("file ended early while reading; was it modified during the run?")
+                done += got
+        except OSError as e:
+            if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            self._kernel_copy = False
+            return False
+        self.size += n
+        self._writer.flush(self._fd)
+        if digest is not None:
+            self._writer.hash_back(digest, self._path, start, n)
+        return True
 
     def close(self) -> None:
         """Write what is left, trim the last block's padding and hand the file over to be fsynced and closed."""
@@ -297,3 +337,13 @@ def _update(segments: list[tuple[Any, int, int]], block: mmap.mmap) -> None:
     with memoryview(block) as whole:
         for digest, start, end in segments:
             digest.update(whole[start:end])
+
+
+def _update_from_file(digest: Any, path: Path, offset: int, n: int) -> None:
+    """Feed `n` bytes of `path` from `offset` to `digest`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for chunk in read_chunks(fd, offset, n):
+            digest.update(chunk)
+    finally:
+        os.close(fd)

@@ -1,22 +1,25 @@
-"""Write output files front to back in aligned blocks, with O_DIRECT where the filesystem takes it.
+"""Write output files front to back: through the page cache, or with O_DIRECT for outputs too large for it.
 
-A transplant's output is written once and fsynced; nothing reads it back during the run. Through
-the page cache, every byte is first copied into a dirty page and then written back, and that
-bookkeeping was the largest cost of a copy on our test VM: dd of 745 MiB with an fdatasync took
-1.9-2.1 s (1.7-1.9 s of it system time), the same with O_DIRECT 0.27-0.31 s. With O_DIRECT the
-disk reads each block straight from our buffer, the output does not evict the page cache (the
-model the user is about to load, say), and the final fsync has only metadata left to write.
+Through the page cache (`direct=False`, or where the filesystem refuses O_DIRECT), bytes that keep
+their dtype move with `os.copy_file_range` (in the kernel, no user-space copy), writeback is
+started behind the writer (`SyncBehind.flush`), and a copied tensor is hashed by reading it back
+on the hashing thread; the output stays in the page cache for the command that usually comes
+next (`verify`, `eval`, `push`, a load).
 
-O_DIRECT wants the buffer address, the file offset and the length aligned to the device's logical
-block (512 or 4096 bytes). Blocks here are page-aligned (`mmap`) and `BLOCK_BYTES` long; a file's
-last block is padded to `ALIGN` and the file truncated to its true size after. Where the
-filesystem refuses O_DIRECT (tmpfs, some FUSE and network filesystems), at `open` or at the first
-write, the file is written through the page cache instead, with writeback started behind the
-writer (`SyncBehind.flush`). Either way each file is fsynced (on a worker thread) before the
-writer is done. O_DIRECT is used only for an output too large to stay in the page cache, unless
-`SURGERY_DIRECT_IO` says otherwise (`wants_direct`).
+With O_DIRECT (`direct=True`), bytes go through a few page-aligned `BLOCK_BYTES` blocks (`mmap`):
+one is filled (read straight into it, and hashed on the hashing thread) while the worker thread
+writes the others, and the disk reads each block straight from memory. Nothing goes through the
+page cache, so the output does not evict everything else, and the final fsync has only metadata
+left to write (on our test VM: dd of 745 MiB with an fdatasync took 1.9-2.1 s, 1.7-1.9 s of it
+system time, and the same with O_DIRECT 0.27-0.31 s). O_DIRECT wants the buffer address, the
+file offset and the length aligned to the device's logical block (512 or 4096 bytes): a file's
+last block is padded to `ALIGN` and the file truncated to its true size after. A filesystem that
+refuses O_DIRECT at `open` (tmpfs, some FUSE and network filesystems) or at a write gets the
+file through the page cache instead.
 
-Reads stay buffered: the inputs are read through the page cache, where they may already be.
+`wants_direct` chooses: O_DIRECT for an output larger than half the memory available, unless
+`SURGERY_DIRECT_IO` says otherwise. Either way each file is fsynced (on a worker thread) before
+the writer is done, and the inputs are read through the page cache, where they may already be.
 """
 
 from __future__ import annotations

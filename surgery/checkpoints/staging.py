@@ -263,14 +263,14 @@ class SyncBehind:
 
     Left alone, the kernel starts writing dirty pages back only past `vm.dirty_background_ratio`
     (10% of RAM), so a run that syncs only at the end then waits for most of its output. Here the
-    writer calls `flush` after each block it writes through the page cache (`direct_write`, where
-    O_DIRECT is refused), which starts writeback of what is dirty so far
+    writer (`direct_write`, through the page cache) calls `flush` after each 64 MiB copy step or
+    block it writes, which starts writeback of what is dirty so far
     (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, on Linux), so the disk is kept busy from the first
     bytes on and the final fsync of each file waits only for its last stretch. The writer itself
     never waits: both calls run on the worker and release the GIL.
 
     Not `fdatasync` per step: each one also flushes the disk's write cache, which on a virtual disk
-    can cost more than it saves (measured before `direct_write`: a 3.93 GiB transplant took 6.1-8.3 s with an fdatasync
+    can cost more than it saves (measured: a 3.93 GiB transplant took 6.1-8.3 s with an fdatasync
     every 64 MiB, 3.5-4.7 s with sync_file_range, 3.4-4.7 s with no flush-behind at all; in an
     earlier session on the same kind of machine, fdatasync steps had beaten no flush-behind by up to
     3.5 s and sync_file_range matched them). Where there is no sync_file_range, `flush` does nothing

@@ -227,8 +227,8 @@ def _originals(tgt: Checkpoint) -> dict:
 def open_patch(folder: str | Path, *, check_digests: bool = True) -> Patch:
     """Read and check a patch folder: its record, its files, and the sha256 of every tensor it holds.
 
-    With `check_digests=False` the tensors are not hashed: the caller must call `check_patch_digests`
-    before using their bytes (`apply` does, while it hashes the target's tensors).
+    With `check_digests=False` the tensors are not hashed: the caller must check their bytes before
+    it uses them (`apply` hashes them as it copies them, then calls `check_copied_digests`).
 
     Raises:
         SurgeryError: not a patch folder, a file missing, or a tensor that differs from its record.

@@ -1,10 +1,10 @@
 """Plan and write a patched checkpoint: the target's tensors, selected modules from the source.
 
 The output's tensor names, dtypes, shapes and offsets equal the target's, so every
-output header is known before a byte is written. Each output file is written front to back
-through a few aligned 8 MiB blocks (with O_DIRECT when the output is too large to stay in the page
-cache: `direct_write`), so peak memory does not grow with the checkpoint. The output is built in a temp folder beside
-OUT, fsynced and renamed into place.
+output header is known before a byte is written. Each output file is written front to back,
+in the kernel (`copy_file_range`) or through a few 8 MiB blocks (with O_DIRECT, for an output too
+large to stay in the page cache: `direct_write`), so peak memory does not grow with the
+checkpoint. The output is built in a temp folder beside OUT, fsynced and renamed into place.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from surgery.version import __version__
 # or start a second one, while it is inside the copy.
 PIECE_DELAY_ENV = "SURGERY_TEST_PIECE_DELAY"
 HOLD_ENV = "SURGERY_TEST_HOLD_FILE"
-# Copies go in steps of this size, after each of which the progress bar moves.
+# Copies go in steps of this size; after each, the progress bar moves, writeback starts (through the
+# page cache) and `write_shards`' `poll` runs.
 STEP_BYTES = 64 * 2**20
 
 
@@ -572,11 +573,11 @@ def write_shards(
 ) -> dict[str, str]:
     """Write every shard; return the sha256 of each source tensor as written.
 
-    Each shard is written front to back (header, then its pieces in order) through aligned blocks,
-    with O_DIRECT when the output is too large to stay in the page cache (see `direct_write`). A
-    source tensor is hashed as it is copied (on the writer's hashing thread), or, when cast to
-    another dtype, as it is converted.
-    `poll` is called after every step of a copy (see `write_checkpoint`).
+    Each shard is written front to back (header, then its pieces in order) by a `BlockWriter`:
+    through the page cache, or with O_DIRECT when the output is too large to stay there (see
+    `direct_write`). A source tensor is hashed on the writer's hashing thread as it is copied, or,
+    when cast to another dtype, here as it is converted. `poll` is called after every step of a
+    copy (see `write_checkpoint`).
     """
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     digests: dict[str, Any] = {}  # read once the writer is done: it hashes on a thread of its own
@@ -600,7 +601,7 @@ def write_shards(
                             dst.write(chunk)
                             bar.update(len(chunk))
                     else:
-                        # In steps, so that the bar keeps up with the copy.
+                        # In steps, so that the bar, writeback and `poll` keep up with the copy.
                         for step in range(0, p.nbytes, STEP_BYTES):
                             n = min(STEP_BYTES, p.nbytes - step)
                             dst.copy(src, p.src_off + step, n, digest)

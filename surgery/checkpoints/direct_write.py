@@ -86,7 +86,8 @@ def _mem_available() -> int | None:
 
 
 class BlockWriter:
-    """Writes files, each front to back, through a few aligned blocks; a worker thread does the writing.
+    """Writes files, each front to back: kernel copies through the page cache, or aligned blocks written
+    by a worker thread (O_DIRECT; headers and cast tensors in either mode).
 
     Use as a context manager: on leaving, every file handed over with `OutputFile.close` has been
     written, fsynced and closed, and every `OutputFile.abandon`ed one closed. An error on the worker

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from surgery import transplant, verify
+from surgery import apply, transplant, verify, write_patch
 from surgery.checkpoints import direct_write
 from surgery.checkpoints.direct_write import ALIGN, BLOCK_BYTES, BlockWriter
+from surgery.transplants import write
 from tests.conftest import make_model
 
 GIB = 2**30
@@ -77,27 +78,36 @@ def test_copied_and_written_bytes_land_exactly(tmp_path: Path, mode: str, size: 
 
 
 @pytest.mark.parametrize(
-    ("setting", "available", "nbytes", "direct"),
+    ("setting", "available", "nbytes", "read_next", "direct"),
     [
-        (None, 16 * GIB, 4 * GIB, False),  # fits in the page cache: the next reader finds it there
-        (None, 16 * GIB, 9 * GIB, True),  # more than half of what is available
-        (None, None, 100 * GIB, False),  # memory unknown: the page cache, as every tool does
-        ("1", 16 * GIB, 1, True),
-        ("on", 16 * GIB, 1, True),
-        ("0", 16 * GIB, 100 * GIB, False),
-        ("no", 16 * GIB, 100 * GIB, False),
-        ("maybe", 16 * GIB, 9 * GIB, True),  # not a setting: decided by size
+        (None, 16 * GIB, 4 * GIB, True, False),  # fits in the page cache: the next reader finds it there
+        (None, 16 * GIB, 9 * GIB, True, True),  # more than half of what is available
+        (None, None, 100 * GIB, True, False),  # memory unknown: the page cache, as every tool does
+        (None, 16 * GIB, 1, False, True),  # a patch: O_DIRECT whatever its size
+        (None, None, 1, False, True),
+        ("1", 16 * GIB, 1, True, True),
+        ("on", 16 * GIB, 1, True, True),
+        ("0", 16 * GIB, 100 * GIB, True, False),
+        ("no", 16 * GIB, 100 * GIB, True, False),
+        ("0", 16 * GIB, 1, False, False),  # a patch too, when the user says so
+        ("maybe", 16 * GIB, 9 * GIB, True, True),  # not a setting: decided by size
+        ("maybe", 16 * GIB, 4 * GIB, True, False),
     ],
 )
-def test_o_direct_is_for_outputs_too_large_to_stay_cached_unless_the_user_says(
-    monkeypatch: pytest.MonkeyPatch, setting: str | None, available: int | None, nbytes: int, direct: bool
+def test_o_direct_is_for_patches_and_outputs_too_large_to_stay_cached_unless_the_user_says(
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str | None,
+    available: int | None,
+    nbytes: int,
+    read_next: bool,
+    direct: bool,
 ) -> None:
     if setting is None:
         monkeypatch.delenv(direct_write.DIRECT_ENV, raising=False)
     else:
         monkeypatch.setenv(direct_write.DIRECT_ENV, setting)
     monkeypatch.setattr(direct_write, "_mem_available", lambda: available)
-    assert direct_write.wants_direct(nbytes) is direct
+    assert direct_write.wants_direct(nbytes, read_next=read_next) is direct
 
 
 def test_memory_available_is_read_on_linux() -> None:
@@ -120,6 +130,33 @@ def test_a_transplant_writes_the_same_bytes_either_way(
     for name in shards:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
     verify(tmp_path / "out", tgt, src)
+
+
+@pytest.mark.parametrize("reversible", [False, True])
+def test_a_patch_is_written_with_o_direct_and_holds_the_same_bytes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reversible: bool
+) -> None:
+    src, tgt = make_model(tmp_path / "source", 1, shard="20KB"), make_model(tmp_path / "target", 2, shard="20KB")
+    chosen: list[bool] = []
+
+    def spy(nbytes: int, *, read_next: bool) -> bool:
+        chosen.append(direct_write.wants_direct(nbytes, read_next=read_next))
+        return chosen[-1]
+
+    monkeypatch.setattr(write, "wants_direct", spy)
+    monkeypatch.delenv(direct_write.DIRECT_ENV, raising=False)
+    write_patch(tgt, src, tmp_path / "direct", modules=["model.layers.*.mlp.*"], reversible=reversible, progress=False)
+    assert chosen == [True] * (1 + reversible)  # the patch's tensors, and the target's originals
+    monkeypatch.setenv(direct_write.DIRECT_ENV, "0")
+    write_patch(tgt, src, tmp_path / "paged", modules=["model.layers.*.mlp.*"], reversible=reversible, progress=False)
+    assert chosen[1 + reversible :] == [False] * (1 + reversible)
+    files = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert files == (["original.safetensors", "patch.safetensors"] if reversible else ["patch.safetensors"])
+    for name in files:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "paged" / name).read_bytes()
+    applied = apply(tmp_path / "direct", tgt, tmp_path / "applied", progress=False)
+    assert applied.tensors
+    verify(tmp_path / "applied", tgt, src)
 
 
 def test_many_files_through_one_writer(tmp_path: Path, mode: str) -> None:

@@ -129,12 +129,12 @@ def write_patch(
         # other threads while the patch is written: copying, hashing and pread release the GIL.
         with ThreadPoolExecutor(2, thread_name_prefix="surgery-patch") as pool:
             target_side = (
-                pool.submit(write_shards, tmp, original_plans, False)
+                pool.submit(write_shards, tmp, original_plans, False, read_next=False)
                 if reversible
                 else pool.submit(tensor_digests, tgt, sel.tensors)
             )
             made = pool.submit(cards)
-            hashes = write_shards(tmp, patch_plans, progress)
+            hashes = write_shards(tmp, patch_plans, progress, read_next=False)
             originals = target_side.result()
             applied_card, card = made.result()
         record = {

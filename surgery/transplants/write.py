@@ -356,7 +356,7 @@ def write_checkpoint(
     ):
         card_text = pool.submit(card) if callable(card) else None
         linked = _link_untouched(tmp, plans, tgt, link_same_header) if link else set()
-        hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress, poll)
+        hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress, poll, read_next=True)
         if check is not None:
             check(hashes)
         _copy_extra_files(tgt.path, tmp)
@@ -569,21 +569,21 @@ def _coalesce(pieces: list[Piece]) -> list[Piece]:
 
 
 def write_shards(
-    tmp: Path, plans: list[ShardPlan], progress: bool, poll: Callable[[], None] | None = None
+    tmp: Path, plans: list[ShardPlan], progress: bool, poll: Callable[[], None] | None = None, *, read_next: bool
 ) -> dict[str, str]:
     """Write every shard; return the sha256 of each source tensor as written.
 
     Each shard is written front to back (header, then its pieces in order) by a `BlockWriter`:
-    through the page cache, or with O_DIRECT when the output is too large to stay there (see
-    `direct_write`). A source tensor is hashed on the writer's hashing thread as it is copied, or,
-    when cast to another dtype, here as it is converted. `poll` is called after every step of a
-    copy (see `write_checkpoint`).
+    through the page cache, or with O_DIRECT when the output is too large to stay there or is not
+    `read_next` (see `direct_write.wants_direct`). A source tensor is hashed on the writer's hashing
+    thread as it is copied, or, when cast to another dtype, here as it is converted. `poll` is
+    called after every step of a copy (see `write_checkpoint`).
     """
     total = sum(p.nbytes for plan in plans for p in plan.pieces)
     digests: dict[str, Any] = {}  # read once the writer is done: it hashes on a thread of its own
     bar = progress_bar(total, "transplant", "B", progress, unit_scale=True)
     pause = _test_pause()
-    direct = wants_direct(sum(len(plan.header) for plan in plans) + total)
+    direct = wants_direct(sum(len(plan.header) for plan in plans) + total, read_next=read_next)
     with ReadOnlyFiles() as files, bar, BlockWriter(direct=direct) as writer:
         for plan in plans:
             dst = writer.create(tmp / plan.name)

@@ -7,6 +7,7 @@ Plain runs are world size 1 and never touch torch.distributed.
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import TYPE_CHECKING
 
@@ -26,8 +27,19 @@ def init(world: int) -> None:
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
+        # Leave the group while Python is still whole: a gloo worker thread that still holds tensors when
+        # the interpreter shuts down aborts the process (SIGABRT; seen once in our torchrun test, and
+        # described in pytorch/pytorch#179291).
+        atexit.register(_leave)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier(world: int) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoints.staging import SyncBehind
-from surgery.checkpoints.streaming import read_chunks, write_all
+from surgery.checkpoints.streaming import hash_range, write_all
 from surgery.errors import SurgeryError
 
 try:
@@ -355,7 +355,6 @@ def _update_from_file(digest: Any, path: Path, offset: int, n: int) -> None:
     """Feed `n` bytes of `path` from `offset` to `digest`."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        for chunk in read_chunks(fd, offset, n):
-            digest.update(chunk)
+        hash_range(digest, fd, offset, n)
     finally:
         os.close(fd)

@@ -10,7 +10,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from surgery.checkpoints.header import DTYPE_SIZES
 from surgery.errors import SurgeryError
@@ -94,9 +94,14 @@ def read_chunks(fd: int, offset: int, n: int, chunk: int = CHUNK_BYTES) -> Itera
 def sha256_range(fd: int, offset: int, n: int) -> str:
     """sha256 of `n` bytes of `fd` at `offset`."""
     h = hashlib.sha256()
-    for chunk in read_chunks(fd, offset, n):
-        h.update(chunk)
+    hash_range(h, fd, offset, n)
     return h.hexdigest()
+
+
+def hash_range(digest: Any, fd: int, offset: int, n: int) -> None:
+    """Feed `n` bytes of `fd` at `offset` to `digest` (a hashlib object)."""
+    for chunk in read_chunks(fd, offset, n):
+        digest.update(chunk)
 
 
 def read_tensor(fd: int, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:

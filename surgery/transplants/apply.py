@@ -6,9 +6,11 @@
   patches only).
 - `apply_patch(model, P)` patches a loaded model in place; `.undo()` restores it bit for bit.
 
-The target's tensors are checked (sha256) before a byte is written, so a patch refuses any model but
-the one it was made for; the patch's tensors are hashed as they are copied, and one that differs
-from the record discards the output before it is published.
+A target of another architecture or layout is refused before a byte is written; the sha256 of the
+target's tensors are checked on a second thread while the output is written, so a patch refuses any
+model but the one it was made for (the write stops, and the output is discarded). The patch's
+tensors are hashed as they are copied, and one that differs from the record discards the output
+before it is published.
 """
 
 from __future__ import annotations

@@ -143,6 +143,14 @@ def test_round_trip_keeps_logits_tokenizer_and_tie(tmp_path: Path, ggufs: dict[s
     assert len(ours) < len(TEXT.encode()), "the merges were not applied"
 
 
+def test_a_log_gets_no_redrawn_bars(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    """stderr captured (not a terminal, as in `make demo`'s log): no `\\r` bar of transformers' reaches it."""
+    result = CliRunner().invoke(main, ["import-gguf", str(ggufs["tied"]), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr, repr(result.stderr)
+    assert "GGUF tensors" not in result.stderr and "Writing model shards" not in result.stderr, result.stderr
+
+
 def test_bfloat16_untied(tmp_path: Path, ggufs: dict[str, Path]) -> None:
     out = import_gguf(ggufs["untied"], tmp_path / "bf16", dtype="bfloat16")
     assert out == (tmp_path / "bf16").resolve()

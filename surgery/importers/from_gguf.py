@@ -10,6 +10,8 @@ class, built from the same config without its `quantization_config`, and that on
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # The package's one staging and atomic-publish path, shared with transplant.
@@ -56,11 +58,34 @@ def import_gguf(
 
     import torch
 
-    model, tokenizer = _load(src, architecture, getattr(torch, dtype))
-    with staged_folder(out, overwrite, sum(t.nbytes for t in model.state_dict().values())) as tmp:
-        model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
-        tokenizer.save_pretrained(tmp)
+    with _bars():
+        model, tokenizer = _load(src, architecture, getattr(torch, dtype))
+        with staged_folder(out, overwrite, sum(t.nbytes for t in model.state_dict().values())) as tmp:
+            model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
+            tokenizer.save_pretrained(tmp)
     return out
+
+
+@contextmanager
+def _bars() -> Iterator[None]:
+    """transformers' bars on a terminal only (`transformers_bars`), its GGUF converter's included.
+
+    The converter draws its "Converting and de-quantizing GGUF tensors" bar with tqdm directly, past
+    transformers' switch; for the import it gets transformers' own tqdm, which obeys the switch and
+    is that same tqdm on a terminal.
+    """
+    from transformers import modeling_gguf_pytorch_utils as converter
+    from transformers.utils import logging as hf_logging
+
+    from surgery.checkpoints.loading import transformers_bars
+
+    own = converter.tqdm
+    converter.tqdm = hf_logging.tqdm
+    try:
+        with transformers_bars(progress=True):
+            yield
+    finally:
+        converter.tqdm = own
 
 
 def supported_architectures() -> list[str]:

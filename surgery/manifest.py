@@ -10,14 +10,18 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object, write_json_atomic
+
+if TYPE_CHECKING:
+    from surgery.checkpoints.folder import Checkpoint
 
 SCHEMA_VERSION = 1
 KINDS = ("attn", "mlp", "other")
@@ -209,6 +213,37 @@ def _selection(obj: dict) -> Selection:
         for p in obj["curve"]
     )
     return Selection(obj["k"], obj["rule"], obj["metric"], obj["validation"], obj["baselines"], curve)
+
+
+def ranked_elsewhere(manifest: Manifest, source: Checkpoint, target: Checkpoint) -> str | None:
+    """Which of `source` and `target` the manifest was not ranked for, as a message; None when both match.
+
+    It names each checkpoint that differs (the source, the target, or both), as the manifest records it
+    and as it was passed: `manifest was made for target A (sha256:…), not B`.
+    """
+    differ = [
+        (what, ref, ckpt)
+        for what, ref, ckpt in (("source", manifest.source, source), ("target", manifest.target, target))
+        if ref.fingerprint != ckpt.fingerprint
+    ]
+    if not differ:
+        return None
+    made = " and ".join(f"{what} {ref.path} ({ref.fingerprint[:19]}…)" for what, ref, _ in differ)
+    return f"manifest was made for {made}, not {' and '.join(str(ckpt.path) for _, _, ckpt in differ)}"
+
+
+def check_ranked_for(manifest: Manifest, source: Checkpoint, target: Checkpoint, force: bool) -> None:
+    """Refuse a manifest ranked for other checkpoints (see `ranked_elsewhere`); with `force`, warn and go on.
+
+    Raises:
+        SurgeryError: the fingerprints differ and `force` is off.
+    """
+    msg = ranked_elsewhere(manifest, source, target)
+    if msg is None:
+        return
+    if not force:
+        raise SurgeryError(f"{msg}; pass the checkpoints it was made for, or --force to use it anyway")
+    print(f"warning: {msg}; continuing because of --force", file=sys.stderr)
 
 
 def save_manifest(manifest: Manifest, path: str | Path) -> None:

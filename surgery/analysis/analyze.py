@@ -84,7 +84,8 @@ def analyze(
         overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
 
     Returns:
-        The manifest written.
+        The manifest written; it names the checkpoints by absolute path (a Hub input by its repo id and commit),
+        so that it reads the same from any folder.
     """
     out = Path(out)
     check_new_file(out, overwrite)
@@ -134,8 +135,6 @@ def analyze(
         src_stats=stats["source"],
         tgt_stats=stats["target"],
         seed=seed,
-        source_label=str(source),
-        target_label=str(target),
         workload=prompts,
         options=ModelOptions(
             dtype=dtype, chat=chat, trust_remote_code=trust_remote_code, progress=progress, device=device

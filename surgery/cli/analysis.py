@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from surgery.analysis.ranking import METHODS
 from surgery.checkpoints.options import ModelOptions
+from surgery.cli.evaluation import SELECT_OPTIONS, echo_selection
 from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
@@ -91,6 +94,7 @@ def manifest_cmd(out: str, **request: Any) -> None:
 @SEED
 @click.option("--auto-k", is_flag=True, help="Then choose K on --validation, as `surgery select` does.")
 @click.option("--validation", help="With --auto-k: held-out problems with gold solutions, e.g. gsm8k-train:64:1.")
+@SELECT_OPTIONS
 @click.option("--out", "-o", required=True, help="Manifest to write (.json); stats are cached beside it.")
 @OVERWRITE
 def analyze_cmd(
@@ -101,6 +105,9 @@ def analyze_cmd(
     options: ModelOptions,
     auto_k: bool,
     validation: str | None,
+    ks: str | None,
+    min_recovery: float,
+    metric: str,
     **settings: Any,
 ) -> None:
     """Profile SOURCE, then TARGET (never both in memory), and write a ranked manifest."""
@@ -108,18 +115,26 @@ def analyze_cmd(
 
     if auto_k != (validation is not None):
         raise SurgeryError("--auto-k and --validation W go together: K is chosen on the validation problems")
+    choice = {"ks": ks, "min_recovery": min_recovery, "metric": metric}
+    ctx = click.get_current_context()
+    given = [name for name in choice if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
+    if given and not auto_k:
+        raise SurgeryError(f"--{given[0].replace('_', '-')} applies with --auto-k --validation W, which chooses K")
     if validation is not None:
-        # Refused before the (slow) ranking: a validation set without solutions or equal to the workload.
-        from surgery.analysis.workloads import load_workload, require_solutions
+        # Refused before the (slow) ranking, so that a refusal never leaves a manifest without its K.
+        from surgery.evaluation.select import check_auto_k
 
-        held_out = load_workload(validation)
-        require_solutions(held_out, "--validation")
-        if held_out.sha256 == load_workload(workload).sha256:
-            raise SurgeryError("--validation is the ranking workload itself; choose K on held-out problems")
+        check_auto_k(
+            source, target, workload, validation, Path(out), **choice, overwrite=settings["overwrite"],
+            trust_remote_code=options.trust_remote_code,
+        )  # fmt: skip
     manifest = analyze(source, target, workload, out, **settings, **options.kwargs())
     _summarize(manifest, out)
     if validation is not None:
         from surgery.evaluation.select import select
 
         batch = settings["batch_size"]
-        select(out, source, target, validation, out, options=options, batch_size=batch, log=click.echo, overwrite=True)
+        result = select(
+            out, source, target, validation, out, **choice, options=options, batch_size=batch, overwrite=True
+        )
+        echo_selection(result)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from surgery.checkpoints.options import ModelOptions
 from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
+from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    from surgery.evaluation.select import SelectResult
 
 _eval_options = stack(
     click.option("--benchmark", "-b", required=True, help="gsm8k, math500, or a JSONL with question/answer."),
@@ -61,13 +66,40 @@ def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | No
         save_report(result, out)
 
 
+def ks_option(default: str) -> Callable[[Any], Any]:
+    """`--ks` (also `-k`, `--k`): the K values of `sweep`, `select` and `analyze --auto-k`, one spelling for all."""
+    return click.option(
+        "--ks", "-k", "--k", "ks", help=f"Comma-separated K values [default: {default}, up to the manifest's modules]."
+    )
+
+
+# How `select` chooses K; `analyze --auto-k` takes the same flags.
+SELECT_OPTIONS = stack(
+    ks_option("1,2,4,...,128"),
+    click.option(
+        "--min-recovery", type=float, default=90.0, show_default=True, help="Choose the smallest K reaching this %."
+    ),
+    click.option(
+        "--metric",
+        type=click.Choice(["nll", "accuracy"]),
+        default="nll",
+        show_default=True,
+        help="Gold-solution NLL (one pass per K) or accuracy (generate and grade, as eval does).",
+    ),
+)
+
+
+def echo_selection(result: SelectResult) -> None:
+    """Print what `select` chose: the curve's table, then where it went."""
+    click.echo(result.table)
+    click.echo(f"wrote {result.out}: K={result.selection.k} ({result.selection.rule}); curve in {result.plot}")
+
+
 @click.command("sweep")
 @click.option("--target", "-t", required=True, help="Checkpoint to patch (loaded once).")
 @click.option("--source", "-s", required=True, help="Checkpoint modules come from (memory-mapped).")
 @click.option("--manifest", "-m", required=True, help="Ranking to take the top K from.")
-@click.option(
-    "--ks", "-k", "--k", "ks", help="Comma-separated K values [default: 8,16,32,64,128, up to the manifest's]."
-)
+@ks_option("8,16,32,64,128")
 @click.option("--max-new-tokens", default="256", show_default=True, help="Comma-separated budgets (eval's default).")
 @_eval_options
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the random-K baseline.")
@@ -89,34 +121,33 @@ def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
 
 
 @click.command("select")
-@click.argument("manifest")
+@click.argument("manifest", required=False)
+@click.option("--manifest", "-m", "manifest_option", help="The ranking to choose K for (or pass it as MANIFEST).")
 @click.option("--source", "-s", required=True, help="The source the manifest ranks.")
 @click.option("--target", "-t", required=True, help="The target the manifest ranks.")
 @click.option(
     "--validation", required=True, help="Held-out problems with gold solutions, e.g. gsm8k-train:64:1 (another seed)."
 )
-@click.option(
-    "--ks", help="Comma-separated K values to measure [default: 1,2,4,...,128, up to the manifest's modules]."
-)
-@click.option(
-    "--min-recovery", type=float, default=90.0, show_default=True, help="Choose the smallest K reaching this %."
-)
-@click.option(
-    "--metric",
-    type=click.Choice(["nll", "accuracy"]),
-    default="nll",
-    show_default=True,
-    help="Gold-solution NLL (one pass per K) or accuracy (generate and grade, as eval does).",
-)
+@SELECT_OPTIONS
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
 @click.option(
     "--max-new-tokens", type=int, default=256, show_default=True, help="Decoding budget for --metric accuracy."
 )
 @model_options
-@click.option("--out", "-o", required=True, help="Manifest to write, with the chosen K (.json); a PNG goes beside it.")
+@click.option(
+    "--out", "-o", required=True, help="Manifest to write, with the chosen K (.json); a PNG goes beside it (same rule)."
+)
 @OVERWRITE
-def select_cmd(manifest: str, out: str, options: ModelOptions, **settings: Any) -> None:
-    """Choose K for MANIFEST on held-out problems: swap the top K in memory for each K and measure Recovery."""
+def select_cmd(
+    manifest: str | None, manifest_option: str | None, out: str, options: ModelOptions, **settings: Any
+) -> None:
+    """Choose K for the manifest (-m M, or MANIFEST) on held-out problems: swap the top K in memory for each K and
+    measure Recovery."""
     from surgery.evaluation.select import select
 
-    select(manifest, out=out, options=options, log=click.echo, **settings)
+    if manifest is not None and manifest_option is not None:
+        raise SurgeryError("name the manifest either as MANIFEST or with -m, not both")
+    manifest = manifest or manifest_option
+    if manifest is None:
+        raise SurgeryError("select needs a manifest: surgery select -m MANIFEST -s SOURCE -t TARGET ...")
+    echo_selection(select(manifest, out=out, options=options, **settings))

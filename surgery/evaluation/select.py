@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
+from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.loading import load_model, load_tokenizer
 from surgery.checkpoints.options import ModelOptions
@@ -35,18 +36,53 @@ from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
 from surgery.evaluation.sweep import clip_grid
 from surgery.fileio import check_new_file
-from surgery.manifest import CurvePoint, Manifest, Selection, load_manifest, save_manifest, select_modules
+from surgery.manifest import (
+    CurvePoint,
+    Manifest,
+    Selection,
+    load_manifest,
+    ranked_elsewhere,
+    save_manifest,
+    select_modules,
+)
 
 METRICS = ("nll", "accuracy")
 DEFAULT_KS = "1,2,4,8,16,32,64,128"
 
 
-def parse_ks(text: str, limit: int) -> list[int]:
+@dataclass(frozen=True)
+class SelectResult:
+    """What `select` wrote.
+
+    Attributes:
+        manifest: the manifest written, with its `selection`.
+        out: where it was written.
+        plot: the PNG of the curve, beside it.
+        table: the curve as a markdown table, the chosen K marked (`curve_table`).
+    """
+
+    manifest: Manifest
+    out: Path
+    plot: Path
+    table: str
+
+    @property
+    def selection(self) -> Selection:
+        """The K chosen, and how."""
+        assert self.manifest.selection is not None  # select always writes one
+        return self.manifest.selection
+
+
+def parse_ks(text: str | None, limit: int) -> list[int]:
     """The K values of `--ks`, sorted; each between 1 and `limit` (the manifest's modules).
+
+    None gives the default grid, 1,2,4,...,128 cut to `limit` (and including it).
 
     Raises:
         SurgeryError: not a list of integers, a value below 1, or one above `limit`.
     """
+    if text is None:
+        return clip_grid([int(k) for k in DEFAULT_KS.split(",")], limit)
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -56,6 +92,50 @@ def parse_ks(text: str, limit: int) -> list[int]:
     if max(values) > limit:
         raise SurgeryError(f"--ks {max(values)} is more than the manifest's {limit} modules; list K up to {limit}")
     return sorted(set(values))
+
+
+def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float) -> None:
+    """Refuse a bad `--metric` or `--min-recovery`, and outputs that are not new: the manifest `out` and its PNG.
+
+    Both follow the rule of every `-o` (`check_new_file`): an existing file is replaced only with `overwrite`.
+    """
+    if metric not in METRICS:
+        raise SurgeryError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    if not 0 <= min_recovery <= 100:
+        raise SurgeryError(f"--min-recovery {min_recovery} is outside 0-100; give a percentage")
+    if out.suffix != ".json":
+        raise SurgeryError(f"manifest path {out} should end in .json")
+    check_new_file(out, overwrite)
+    check_new_file(out.with_suffix(".png"), overwrite)
+
+
+def check_auto_k(
+    source: str | Path,
+    target: str | Path,
+    workload: str,
+    validation: str,
+    out: Path,
+    *,
+    ks: str | None,
+    min_recovery: float,
+    metric: str,
+    overwrite: bool,
+    trust_remote_code: bool = False,
+) -> None:
+    """What `analyze --auto-k` checks before it ranks, so that a refusal never leaves a manifest without a K.
+
+    The checks `select` makes of its options, outputs and validation set, with `workload` as the ranking's
+    and the pair's candidates as the modules `--ks` may count up to (`analyze` ranks every candidate).
+
+    Raises:
+        SurgeryError: as `select` does.
+    """
+    check_options(out, overwrite, metric, min_recovery)
+    parse_ks(ks, len(find_candidates(open_checkpoint(source), open_checkpoint(target), trust_remote_code).candidates))
+    held_out = load_workload(validation)
+    _problems(held_out, metric)
+    ranking = load_workload(workload)
+    check_held_out(held_out, ranking.name, ranking.sha256, ranking.prompts)
 
 
 def select(
@@ -71,10 +151,12 @@ def select(
     batch_size: int = 8,
     max_new_tokens: int = 256,
     options: ModelOptions | None = None,
-    log: Callable[[str], None] = print,
     overwrite: bool = False,
-) -> Manifest:
+) -> SelectResult:
     """Measure the top K of `manifest` for each K on `validation`, choose K, and write the manifest with it.
+
+    Notes (what is measured, a K taken without reaching `min_recovery`) go to stderr; the curve's table
+    comes back in the result.
 
     Args:
         manifest: the ranking (from `analyze` or `manifest`).
@@ -87,32 +169,25 @@ def select(
         batch_size: problems per forward pass (or `generate` call).
         max_new_tokens: the decoding budget for `accuracy`.
         options: how the models are loaded and prompted.
-        log: where the table and notes go.
-        overwrite: replace an existing `out` (which may be `manifest` itself).
+        overwrite: replace an existing `out` (which may be `manifest` itself) and the PNG beside it.
 
     Returns:
-        The manifest written, with `selection`.
+        The manifest written, with `selection`, and the curve's table.
 
     Raises:
-        SurgeryError: bad options, a validation set without solutions or overlapping the ranking's
-            prompts, a manifest for other checkpoints, or a baseline gap within noise.
+        SurgeryError: bad options, an output that exists (without `overwrite`), a validation set without
+            solutions or overlapping the ranking's prompts, a manifest for other checkpoints, or a baseline
+            gap within noise.
     """
     options = options or ModelOptions()
-    if metric not in METRICS:
-        raise SurgeryError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
-    if not 0 <= min_recovery <= 100:
-        raise SurgeryError(f"--min-recovery {min_recovery} is outside 0-100; give a percentage")
     out = Path(out)
-    if out.suffix != ".json":
-        raise SurgeryError(f"manifest path {out} should end in .json")
-    check_new_file(out, overwrite)
+    check_options(out, overwrite, metric, min_recovery)
     man = load_manifest(manifest)
-    if ks is None:
-        ks = ",".join(map(str, clip_grid([int(k) for k in DEFAULT_KS.split(",")], len(man.modules))))
     k_values = parse_ks(ks, len(man.modules))
     src, tgt = open_checkpoint(source), open_checkpoint(target)
-    if (man.source.fingerprint, man.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
-        raise SurgeryError(f"{manifest} was ranked for other checkpoints; pass the source and target it names")
+    elsewhere = ranked_elsewhere(man, src, tgt)
+    if elsewhere is not None:
+        raise SurgeryError(f"{Path(manifest).absolute()}: {elsewhere}; pass the source and target it names")
     prompts = load_workload(validation)
     problems = _problems(prompts, metric)
     _check_disjoint(man, prompts)
@@ -130,7 +205,10 @@ def select(
                 result[f"k{k}"] = measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)
         return result
 
-    log(f"select: {len(problems)} validation problems ({metric}), source, target, then K = {ks}")
+    ks_text = ",".join(map(str, k_values))
+    print(
+        f"select: {len(problems)} validation problems ({metric}); source, target, then K = {ks_text}", file=sys.stderr
+    )
     per_problem = {**_with_model(src, options, on_source), **_with_model(tgt, options, on_target)}
     s, t = per_problem["source"], per_problem["target"]
     _check_gap(s, t, metric, len(problems))
@@ -154,7 +232,7 @@ def select(
             f"no K reached {min_recovery:g}% Recovery of the {metric} gap; the best K "
             f"({_pct(chosen.recovery)} at K={chosen.k}) was taken"
         )
-        log(f"note: {rule}")
+        print(f"note: {rule}", file=sys.stderr)
     selection = Selection(
         k=chosen.k,
         rule=rule,
@@ -163,12 +241,10 @@ def select(
         baselines={"source": mean["source"], "target": mean["target"]},
         curve=curve,
     )
-    log(curve_table(selection))
     result = replace(man, selection=selection)
     save_manifest(result, out)
     _plot(selection, out.with_suffix(".png"))
-    log(f"wrote {out}: K={chosen.k} ({rule}); curve in {out.with_suffix('.png')}")
-    return result
+    return SelectResult(result, out, out.with_suffix(".png"), curve_table(selection))
 
 
 def curve_table(selection: Selection) -> str:
@@ -254,28 +330,42 @@ def _accuracy_scores(lm, tokenizer, problems, options, batch_size, max_new_token
 
 
 def _check_disjoint(man: Manifest, validation: PromptSet) -> None:
-    """Refuse validation problems the ranking was computed on."""
+    """Refuse validation problems the manifest's ranking was computed on (its workload reloaded by name)."""
     if man.workload is None:
         return  # ranked from weights or a seed: no prompts to overlap
-    if man.workload.sha256 == validation.sha256:
+    try:
+        prompts: Sequence[str] | None = load_workload(man.workload.name).prompts
+    except SurgeryError:
+        prompts = None
+    check_held_out(validation, man.workload.name, man.workload.sha256, prompts)
+
+
+def check_held_out(validation: PromptSet, ranking: str, sha256: str, prompts: Sequence[str] | None) -> None:
+    """Refuse a validation set that is the ranking workload (`ranking`, its `sha256`) or shares a prompt with it.
+
+    `prompts` are the ranking workload's, None when it cannot be reloaded (a JSONL not found from here):
+    then only an identical validation set can be refused, and a note says so.
+
+    Raises:
+        SurgeryError: the same workload, or shared prompts.
+    """
+    if sha256 == validation.sha256:
         raise SurgeryError(
-            f"the validation workload {validation.name} is the ranking's own ({man.workload.name}); "
+            f"the validation workload {validation.name} is the ranking's own ({ranking}); "
             "choose K on held-out problems, e.g. another seed: gsm8k-train:64:1"
         )
-    try:
-        ranking = load_workload(man.workload.name)
-    except SurgeryError:
+    if prompts is None:
         print(
-            f"note: the ranking workload {man.workload.name} cannot be reloaded here, so only an identical "
+            f"note: the ranking workload {ranking} cannot be reloaded here, so only an identical "
             "validation set could be refused",
             file=sys.stderr,
         )
         return
-    shared = set(ranking.prompts) & set(validation.prompts)
+    shared = set(prompts) & set(validation.prompts)
     if shared:
         raise SurgeryError(
             f"the validation workload {validation.name} shares {len(shared)} prompts with the ranking workload "
-            f"{man.workload.name}; choose K on held-out problems, e.g. another seed"
+            f"{ranking}; choose K on held-out problems, e.g. another seed"
         )
 
 

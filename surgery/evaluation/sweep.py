@@ -25,7 +25,7 @@ from surgery.evaluation.report import report
 from surgery.evaluation.runner import evaluate_loaded, prepare, problem_ids_sha256
 from surgery.evaluation.summary import EvalSettings
 from surgery.fileio import write_atomic, write_json_atomic
-from surgery.manifest import file_sha256, load_manifest, select_modules
+from surgery.manifest import check_ranked_for, file_sha256, load_manifest, select_modules
 from surgery.transplants.write import output_fingerprint
 
 
@@ -80,7 +80,7 @@ def sweep(
         out: folder for every evaluation, the table (sweep.md, sweep.json) and the plot (sweep.png).
         random_seed: seed of the random-K baseline.
         random: also evaluate the random-K baseline at every K (one more evaluation per K and budget).
-        force: accept a manifest made for other checkpoints.
+        force: accept a manifest made for other checkpoints (with a warning).
 
     Returns:
         The table as a dict (also in sweep.json).
@@ -89,8 +89,7 @@ def sweep(
     k_values, budgets = _parse_list(ks or DEFAULT_KS, "--ks"), _parse_list(max_new_tokens, "--max-new-tokens")
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     man = load_manifest(manifest)
-    if not force and (man.source.fingerprint, man.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
-        raise SurgeryError("the manifest was made for other checkpoints; pass the ones it names, or --force")
+    check_ranked_for(man, src, tgt, force)
     if k_values[-1] > len(man.modules):
         if not default_ks:
             raise SurgeryError(f"--ks {k_values[-1]} is more than the manifest's {len(man.modules)} modules")

@@ -32,7 +32,16 @@ from surgery.checkpoints.staging import TMP_PREFIX, check_out, staged_folder
 from surgery.checkpoints.streaming import ReadOnlyFiles, cast_reader, check_convertible, converted_chunks
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.manifest import Manifest, ModuleEntry, file_sha256, load_manifest, select_modules
+from surgery.manifest import (
+    Manifest,
+    ModuleEntry,
+    Selection,
+    check_ranked_for,
+    file_sha256,
+    load_manifest,
+    ranked_elsewhere,
+    select_modules,
+)
 from surgery.progress import progress_bar
 from surgery.transplants.summaries import foreign_summaries, load_eval_summary
 from surgery.version import __version__
@@ -200,21 +209,23 @@ def select(
     if out is not None:
         check_out(out, {"target": tgt.path, "source": src.path}, overwrite)
     man = load_manifest(manifest) if manifest is not None else None
-    if man is not None and _fingerprints_match(man, src, tgt):
-        # The manifest was ranked on these exact checkpoints (the fingerprints cover the config and
-        # every tensor's name, dtype and shape), so its candidate list stands in for rebuilding the
-        # model on the meta device. That keeps torch and transformers out of this process: they
-        # cost ~340 MiB RSS and seconds of start-up for a job that only moves bytes.
-        compat = None
-    else:
-        if man is not None:
-            _check_fingerprints(man, src, tgt, force)
-        compat = find_candidates(src, tgt, trust_remote_code)
+    matches = man is not None and ranked_elsewhere(man, src, tgt) is None
+    # The K that `surgery select` chose on held-out problems, when neither --top-k nor --module says otherwise.
+    chosen_k = man.selection if man is not None and top_k is None and not modules else None
+    if chosen_k is not None:
+        _check_selected_k(chosen_k, only, layers, force and not matches)
+    if man is not None and not matches:
+        check_ranked_for(man, src, tgt, force)
     k_from = None  # set when K comes from the manifest, not from --top-k
-    if man is not None and top_k is None and not modules and man.selection is not None:
-        # The K that `surgery select` chose on held-out problems; said here, in the record and in the card.
-        top_k, k_from = man.selection.k, f"chosen by surgery select: {man.selection.rule}"
-        print(f"top-k {top_k} from the manifest's selection ({man.selection.rule})", file=sys.stderr)
+    if chosen_k is not None:
+        # Said here, in the record and in the card.
+        top_k, k_from = chosen_k.k, f"chosen by surgery select: {chosen_k.rule}"
+        print(f"top-k {top_k} from the manifest's selection ({chosen_k.rule})", file=sys.stderr)
+    # A manifest ranked on these exact checkpoints (the fingerprints cover the config and every tensor's
+    # name, dtype and shape) has a candidate list that stands in for rebuilding the model on the meta
+    # device. That keeps torch and transformers out of this process: they cost ~340 MiB RSS and seconds
+    # of start-up for a job that only moves bytes.
+    compat = None if matches else find_candidates(src, tgt, trust_remote_code)
     chosen = _select(man, compat, src, tgt, top_k, only, layers, modules)
     tensors = sorted(t for c in chosen for t in c.tensors)
     for name in tensors:
@@ -514,17 +525,24 @@ def _module_in_headers(e: ModuleEntry, src: Checkpoint, tgt: Checkpoint) -> Cand
     return Candidate(e.name, e.kind, e.layer, tensors, weight.info.shape)
 
 
-def _fingerprints_match(man: Manifest, src: Checkpoint, tgt: Checkpoint) -> bool:
-    return man.source.fingerprint == src.fingerprint and man.target.fingerprint == tgt.fingerprint
+def _check_selected_k(selection: Selection, only: str | None, layers: tuple[int, int] | None, foreign: bool) -> None:
+    """Refuse the K `surgery select` chose where it was not measured.
 
-
-def _check_fingerprints(man: Manifest, src: Checkpoint, tgt: Checkpoint, force: bool) -> None:
-    for what, ref, ckpt in (("source", man.source, src), ("target", man.target, tgt)):
-        if ref.fingerprint != ckpt.fingerprint:
-            msg = f"manifest was made for {what} {ref.path} ({ref.fingerprint[:19]}…), not {ckpt.path}"
-            if not force:
-                raise SurgeryError(f"{msg}; pass the checkpoints it was made for, or --force to use it anyway")
-            print(f"warning: {msg}; continuing because of --force", file=sys.stderr)
+    It measured the top K of all the manifest's modules (select has no filters) on the checkpoints the
+    manifest was made for: `--only` and `--layers` change which modules K counts, and `foreign` (a manifest
+    used with --force) means other checkpoints.
+    """
+    filters = [f for f in (only and f"--only {only}", layers and f"--layers {layers[0]}-{layers[1]}") if f]
+    if filters:
+        raise SurgeryError(
+            f"the manifest's K={selection.k} was chosen by `surgery select` for the top {selection.k} of all its "
+            f"modules, not with {' and '.join(filters)}; pass --top-k K for this selection"
+        )
+    if foreign:
+        raise SurgeryError(
+            f"the manifest's K={selection.k} was measured by `surgery select` on the checkpoints it was made for, "
+            "not these; pass --top-k K to use it with --force"
+        )
 
 
 def _plan(

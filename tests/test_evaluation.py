@@ -19,10 +19,11 @@ from surgery import open_checkpoint
 from surgery.analysis.nll import gold_nll
 from surgery.checkpoints.swap import swapped
 from surgery.cli import main
-from surgery.evaluation.benchmarks import grade
+from surgery.evaluation.benchmarks import BENCHMARKS, grade
 from surgery.evaluation.metrics import paired_bootstrap, recovery
 from surgery.evaluation.runner import evaluate, read_records
 from tests.conftest import make_model, needs_torchrun, save_tokenizer, torchrun, write_manifest
+from tests.test_bad_input import refused
 
 QUESTIONS = [
     (f"What is {a} plus {b}?", str(a + b))
@@ -175,6 +176,22 @@ def test_bad_eval_input(tmp_path: Path, setup, args: list[str], message: str) ->
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_patch_with_max_memory_is_refused(tmp_path: Path, setup) -> None:
+    # A budget this small leaves weights on disk, where the patch cannot be copied in (was a meta-tensor traceback).
+    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    made = cli("transplant", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "-k", 2, "--patch", "-q",
+               "-o", tmp_path / "p")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    args = ["eval", setup["target"], "-b", setup["bench"], "--patch", tmp_path / "p", "--max-memory", "1KB"]
+    refused([*args, "-o", tmp_path / "res"], "drop --max-memory, or write the patched checkpoint", watch=tmp_path)
+    assert not (tmp_path / "res").exists()
+
+
+def test_eval_help_names_every_builtin_benchmark() -> None:
+    text = " ".join(cli("eval", "--help").output.split())
+    assert f"{', '.join(BENCHMARKS)}, or a JSONL" in text
+
+
 def fake_results(
     folder: Path, correct: list[bool], benchmark: str = "arith.jsonl", ids_sha: str = "x", nll: float = 1.0
 ) -> Path:
@@ -256,6 +273,26 @@ def test_report_refuses_mixed_results(tmp_path: Path) -> None:
     t2 = fake_results(tmp_path / "t2", [False, False], ids_sha="other")
     result = cli("report", "-s", s, "-t", t2, "-p", p)
     assert result.exit_code == 2 and "problem_ids_sha256" in result.stderr
+
+
+def test_report_out_follows_the_overwrite_rule(tmp_path: Path) -> None:
+    s, t, p = (fake_results(tmp_path / x, [True, False]) for x in "stp")
+    report = ["report", "-s", s, "-t", t, "-p", p, "-o"]
+    assert cli(*report, tmp_path / "r.json").exit_code == 0
+    first = (tmp_path / "r.json").read_text()
+    (tmp_path / "r.json").write_text("mine")
+    refused([*report, tmp_path / "r.json"], f"output {tmp_path / 'r.json'} already exists", watch=tmp_path)
+    assert cli(*report, tmp_path / "r.json", "--overwrite").exit_code == 0
+    assert (tmp_path / "r.json").read_text() == first
+
+
+def test_report_out_folder_is_refused(tmp_path: Path) -> None:
+    s, t, p = (fake_results(tmp_path / x, [True, False]) for x in "stp")
+    refused(
+        ["report", "-s", s, "-t", t, "-p", p, "-o", tmp_path / "s", "--overwrite"],
+        f"output {tmp_path / 's'} is a folder; pass a file path",
+        watch=tmp_path,
+    )
 
 
 def test_swap_restores_bit_exactly(setup) -> None:

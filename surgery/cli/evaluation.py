@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -10,12 +11,14 @@ import click
 from surgery.checkpoints.options import ModelOptions
 from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
 from surgery.errors import SurgeryError
+from surgery.evaluation.benchmarks import BENCHMARKS
+from surgery.fileio import check_new_file
 
 if TYPE_CHECKING:
     from surgery.evaluation.select import SelectResult
 
 _eval_options = stack(
-    click.option("--benchmark", "-b", required=True, help="gsm8k, math500, or a JSONL with question/answer."),
+    click.option("--benchmark", "-b", required=True, help=f"{', '.join(BENCHMARKS)}, or a JSONL with question/answer."),
     click.option("--limit", type=int, help="Score a seeded random subset of N problems (the paper: 50)."),
     click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit subset."),
     click.option("--shots", type=int, default=0, show_default=True, help="Chain-of-thought exemplars (0-8)."),
@@ -55,11 +58,14 @@ def eval_cmd(model: str, benchmark: str, out: str, options: ModelOptions, **sett
 @click.option("--source", "-s", required=True, help="Results folder of the source model.")
 @click.option("--target", "-t", required=True, help="Results folder of the target model.")
 @click.option("--patched", "-p", required=True, multiple=True, help="Results folder of a patched model; repeatable.")
-@click.option("--out", "-o", help="Also write the report as JSON here.")
-def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | None) -> None:
+@click.option("--out", "-o", help="Also write the report as JSON here; must not exist unless --overwrite.")
+@OVERWRITE
+def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | None, overwrite: bool) -> None:
     """TIR and Recovery of patched models, with paired bootstrap 95% intervals."""
     from surgery.evaluation.report import markdown, report, save_report
 
+    if out:
+        check_new_file(Path(out), overwrite)
     result = report(source, target, list(patched))
     click.echo(markdown(result))
     if out:

@@ -135,7 +135,7 @@ def evaluate(
 
     Args:
         model: checkpoint folder.
-        benchmark: `gsm8k`, `math500`, or a JSONL path with question/answer fields.
+        benchmark: a built-in name (`BENCHMARKS`), or a JSONL path with question/answer fields.
         out: results folder; a rerun with the same settings resumes.
         limit, seed: score a seeded random subset of `limit` problems (the paper: 50, 42).
         shots: 0 (zero-shot) to 8 fixed chain-of-thought exemplars from the train split.
@@ -145,7 +145,7 @@ def evaluate(
         progress: progress bar (only on a terminal).
         patch: a patch folder (`transplant --patch`) to apply to the model in memory first; the summary
             then carries the fingerprint of the checkpoint `surgery apply` would write, so `report`
-            treats the two alike.
+            treats the two alike. Not with `max_memory` (an offloaded weight cannot take the patch).
         device: `auto`, `cpu` or `cuda` (see `load_model`).
         prompt: `surgery` (the answer-format instruction; the chat template when `chat` and present) or
             `lm-eval` (lm-eval-harness's gsm8k prompt and stop strings, never a chat template).
@@ -154,6 +154,12 @@ def evaluate(
         The summary (also in `out/summary.json`, as `summary.to_dict()`).
     """
     check_generation_options(max_new_tokens, batch_size, max_memory, device)
+    if patch is not None and max_memory is not None:
+        # What keeps --max-memory off sweep: changing weights in place needs them all in memory.
+        raise SurgeryError(
+            "--patch is copied into the loaded weights, which --max-memory may leave on disk; drop --max-memory, "
+            "or write the patched checkpoint with `surgery apply` and eval that with --max-memory"
+        )
     if prompt not in PROMPT_STYLES:
         raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
     bench, problems = prepare(benchmark, limit, seed, shots)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from surgery import SurgeryError, apply, apply_patch, open_checkpoint, open_patch, transplant, verify, write_patch
 from surgery.checkpoints.staging import TMP_PREFIX
 from surgery.cli import main
+from surgery.transplants.apply import AppliedPatch
 from surgery.transplants.patch import MAX_SHARD_BYTES, PATCH_RECORD
 from surgery.transplants.write import HOLD_ENV
 from tests.conftest import make_model, tree_digest
@@ -132,11 +134,14 @@ def test_revert_with_a_tampered_original_writes_nothing(tmp_path: Path, models: 
 def test_apply_link_shares_inodes_only_for_untouched_shards(tmp_path: Path, models: dict) -> None:
     assert patch_of(models, tmp_path / "p", "--reversible").exit_code == 0
     out = tmp_path / "a"
-    assert cli("apply", tmp_path / "p", "-t", models["target"], "-o", out, "--link", "-q").exit_code == 0
+    linked = cli("apply", tmp_path / "p", "-t", models["target"], "-o", out, "--link", "-q")
+    assert linked.exit_code == 0, linked.output
     tgt = open_checkpoint(models["target"])
     touched = {tgt.tensors[t].shard.path.name for t in open_patch(tmp_path / "p").tensors}
     shards = sorted(p.name for p in models["target"].glob("*.safetensors"))
     assert touched and set(shards) - touched
+    assert f"; {len(shards) - len(touched)} of {len(shards)} shards hard-linked to the target" in linked.stdout
+    assert linked.stderr.count("editing the target in place changes this output too") == 1
     for name in shards:
         assert ((out / name).stat().st_ino == (models["target"] / name).stat().st_ino) == (name not in touched), name
     verify(out, models["target"], models["source"])
@@ -296,3 +301,100 @@ def test_large_patches_are_sharded(tmp_path: Path, models: dict, monkeypatch: py
     assert len(files) > 1 and files[0] == f"patch-00001-of-{len(files):05d}.safetensors"
     apply(tmp_path / "p", models["target"], tmp_path / "a", progress=False)
     verify(tmp_path / "a", models["target"], models["source"])
+
+
+def test_apply_records_the_target_it_was_given_and_refuses_another_config_without_force(
+    tmp_path: Path, models: dict
+) -> None:
+    assert patch_of(models, tmp_path / "p").exit_code == 0
+    copy = shutil.copytree(models["target"], tmp_path / "copy")
+    assert cli("apply", tmp_path / "p", "-t", copy, "-o", tmp_path / "a", "-q").exit_code == 0
+    record = json.loads((tmp_path / "a" / "transplant.json").read_text())
+    assert record["target"] == {"path": str(copy.resolve()), "fingerprint": open_checkpoint(copy).fingerprint}
+    # The patch's own target moved away: the output names the copy it was made from, and verifies.
+    models["target"].rename(tmp_path / "moved")
+    ok = cli("verify", tmp_path / "a")
+    assert ok.exit_code == 0, ok.output
+    # Same tensors, one config key changed: refused, naming the key; applied with --force and a warning.
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    refused = cli("apply", tmp_path / "p", "-t", copy, "-o", tmp_path / "b", "-q")
+    assert refused.exit_code == 2, refused.output
+    assert "in config.json: max_position_embeddings (4096, recorded 2048); pass that target, or --force" in (
+        refused.stderr
+    )
+    assert refused.stderr.count("\n") == 1 and not (tmp_path / "b").exists()
+    forced = cli("apply", tmp_path / "p", "-t", copy, "-o", tmp_path / "b", "--force", "-q")
+    assert forced.exit_code == 0, forced.output
+    assert forced.stderr.startswith("warning: ") and "max_position_embeddings (4096, recorded 2048)" in forced.stderr
+    for given in ([], ["-t", copy]):
+        checked = cli("verify", tmp_path / "b", *given)
+        assert checked.exit_code == 0, checked.output
+
+
+def test_the_card_of_an_applied_patch_is_named_after_the_output(tmp_path: Path, models: dict) -> None:
+    write_patch(models["target"], models["source"], tmp_path / "demo.patch", modules=MODULES, progress=False)
+    for folder in ("direct", "applied"):
+        (tmp_path / folder).mkdir()
+    transplant(models["target"], models["source"], tmp_path / "direct" / "out", modules=MODULES, progress=False)
+    apply(tmp_path / "demo.patch", models["target"], tmp_path / "applied" / "out", progress=False)
+    card = (tmp_path / "applied" / "out" / "README.md").read_text()
+    assert "# out\n" in card and 'from_pretrained("out"' in card and " -o out" in card
+    assert "demo.patch" not in card
+    # Title, snippet and command: exactly what a direct transplant to a folder of that name writes.
+    assert card == (tmp_path / "direct" / "out" / "README.md").read_text()
+
+
+def test_a_reversible_patch_missing_or_with_damaged_originals_applies_forward_but_never_reverts(
+    tmp_path: Path, models: dict
+) -> None:
+    assert patch_of(models, tmp_path / "p", "--reversible").exit_code == 0
+    assert cli("apply", tmp_path / "p", "-t", models["target"], "-o", tmp_path / "a", "-q").exit_code == 0
+    damaged = shutil.copytree(tmp_path / "p", tmp_path / "damaged")
+    originals = load_file(damaged / "original.safetensors")
+    name = sorted(originals)[0]
+    save_file({**originals, name: originals[name] * 2}, damaged / "original.safetensors", metadata={"format": "pt"})
+    (tmp_path / "p" / "original.safetensors").unlink()
+    fix = "rewrite it with `surgery transplant --patch --reversible`"
+    for patch, why in (
+        (tmp_path / "p", "original.safetensors is missing"),
+        (damaged, f"original tensor {name} differs"),
+    ):
+        forward = cli("apply", patch, "-t", models["target"], "-o", tmp_path / f"{patch.name}-out", "-q")
+        assert forward.exit_code == 0, forward.output
+        assert forward.stderr.startswith("warning: ") and why in forward.stderr and fix in forward.stderr
+        assert "but `apply --revert` will refuse it" in forward.stderr
+        assert verify(tmp_path / f"{patch.name}-out").tensors_checked == 21
+        back = cli("apply", patch, "-t", tmp_path / "a", "-o", tmp_path / "back", "--revert", "-q")
+        assert back.exit_code == 2 and why in back.stderr and fix in back.stderr, back.output
+        assert not (tmp_path / "back").exists()
+    # inspect describes a patch folder; verify says to apply it first.
+    info = cli("inspect", damaged, "--json")
+    assert info.exit_code == 0, info.output
+    described = json.loads(info.stdout)
+    assert described["target"] == str(models["target"].resolve()) and described["reversible"] is True
+    assert described["modules"] == open_patch(damaged, originals=False).modules and described["tensors"] == 4
+    missing = json.loads(cli("inspect", tmp_path / "p", "--json").stdout)
+    assert missing["reversible"] is False and "original.safetensors is missing" in missing["originals"]
+    text = cli("inspect", tmp_path / "p")
+    assert text.exit_code == 0 and "reversible       False" in text.stdout
+    refused = cli("verify", tmp_path / "p")
+    assert refused.exit_code == 2 and "is a patch (`surgery transplant --patch`), not a checkpoint; apply it" in (
+        refused.stderr
+    )
+
+
+def test_apply_patch_as_a_context_manager_undoes_the_patch_on_exit(tmp_path: Path, models: dict) -> None:
+    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(models["target"])
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside the block"), apply_patch(model, tmp_path / "p") as handle:
+        assert isinstance(handle, AppliedPatch)
+        assert not all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+        raise RuntimeError("inside the block")
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_apply_help_says_what_target_is_under_revert() -> None:
+    help_text = " ".join(cli("apply", "--help").stdout.split())
+    assert "with --revert, the patched one `apply` wrote" in help_text

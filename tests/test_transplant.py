@@ -235,3 +235,33 @@ def test_link_across_filesystems_copies_with_a_note(tmp_path: Path, monkeypatch:
     assert json.loads((out / "transplant.json").read_text())["linked_shards"] == []
     assert all(p.stat().st_nlink == 1 for p in out.glob("*.safetensors"))
     verify(out, tgt, src)
+
+
+def test_verify_finds_an_edit_of_the_target_in_place_through_a_linked_shard(tmp_path: Path) -> None:
+    tgt, src = make_model(tmp_path / "t", 1, shard="20KB"), make_model(tmp_path / "s", 2, shard="20KB")
+    out = tmp_path / "out"
+    made = cli("transplant", "-t", tgt, "-s", src, "-o", out, "--module", "model.layers.1.mlp.*", "--link", "-q")
+    assert made.exit_code == 0, made.output
+    linked = json.loads((out / "transplant.json").read_text())["linked_shards"]
+    shards = len(list(tgt.glob("*.safetensors")))
+    assert 0 < len(linked) < shards
+    assert f"; {len(linked)} of {shards} shards hard-linked to the target" in made.stdout
+    assert made.stderr.count("editing the target in place changes this output too") == 1
+    ok = cli("verify", out)
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.rstrip().endswith(f"; {len(linked)} of {shards} shards are hard links to the target")
+    # One byte of the target flipped in place, where the fingerprint does not sample: the linked output
+    # changed with it, and verify says so.
+    ckpt = open_checkpoint(tgt)
+    ref = next(ref for ref in ckpt.tensors.values() if ref.shard.path.name == linked[0])
+    assert ref.info.nbytes > 1000
+    with open(ref.shard.path, "r+b") as f:
+        f.seek(ref.shard.data_start + ref.info.begin + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    bad = cli("verify", out)
+    assert bad.exit_code == 1, bad.output
+    assert f"tensor {ref.info.name!r}: sha256 differs from the one in transplant.json; {linked[0]} is a hard link" in (
+        bad.stderr
+    )

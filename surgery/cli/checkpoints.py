@@ -16,8 +16,16 @@ from surgery.errors import SurgeryError
 @click.argument("path", type=click.Path(path_type=str))
 @AS_JSON
 def inspect(path: str, as_json: bool) -> None:
-    """Describe the checkpoint PATH (a folder, or a Hub repo id org/name[@revision]) after validating its headers."""
-    info = open_checkpoint(path).summary()
+    """Describe the checkpoint PATH (a folder, or a Hub repo id org/name[@revision]) after validating its headers;
+    or the patch folder PATH (`transplant --patch`)."""
+    from surgery.transplants.patch import is_patch, open_patch
+
+    # A patch's headers are validated as a checkpoint's are; its bytes are hashed when it is applied.
+    info = (
+        open_patch(path, check_digests=False, originals=False).summary()
+        if is_patch(path)
+        else open_checkpoint(path).summary()
+    )
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -11,6 +11,7 @@ from surgery.cli.options import OUT_FOLDER, OVERWRITE, QUIET, TRUST_REMOTE_CODE,
 from surgery.errors import SurgeryError
 from surgery.manifest import parse_layer_range
 from surgery.transplants.verify import verify as run_verify
+from surgery.transplants.write import TransplantResult
 from surgery.transplants.write import transplant as run_transplant
 
 
@@ -77,7 +78,7 @@ def transplant(
         out = result.out
         click.echo(
             f"wrote {out}: {len(result.modules)} modules ({len(result.tensors)} tensors, "
-            f"{size(result.source_bytes)}) from the source; {size(result.total_bytes)} in all"
+            f"{size(result.source_bytes)}) from the source; {size(result.total_bytes)} in all{_linked(result)}"
         )
     if push_to is not None:
         from surgery.hub import push
@@ -90,23 +91,44 @@ def transplant(
         click.echo(f"pushed to {url}")
 
 
+def _linked(result: TransplantResult) -> str:
+    """How many shards an output shares with its target (`--link`), for the line that says what was written."""
+    return (
+        f"; {len(result.linked_shards)} of {result.shards} shards hard-linked to the target"
+        if result.linked_shards
+        else ""
+    )
+
+
 @click.command("apply")
 @click.argument("patch", type=click.Path(path_type=str))
-@click.option("--target", "-t", required=True, help="The checkpoint the patch was made for (never modified).")
+@click.option(
+    "--target",
+    "-t",
+    required=True,
+    help="The checkpoint the patch was made for; with --revert, the patched one `apply` wrote (never modified).",
+)
 @OUT_FOLDER
 @click.option("--link", is_flag=True, help="Hard-link the target's shards the patch does not touch (no copy).")
 @click.option("--revert", is_flag=True, help="TARGET is a patched checkpoint: write the original back (reversible).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Apply to a target whose config or untouched tensors differ from the recorded one (warns).",
+)
 @OVERWRITE
 @QUIET
-def apply_cmd(patch: str, target: str, out: str, link: bool, revert: bool, overwrite: bool, quiet: bool) -> None:
+def apply_cmd(
+    patch: str, target: str, out: str, link: bool, revert: bool, force: bool, overwrite: bool, quiet: bool
+) -> None:
     """Write TARGET with the patch PATCH (from `transplant --patch`) applied, or taken back with --revert."""
     from surgery.transplants.apply import apply
 
-    result = apply(patch, target, out, link=link, revert=revert, overwrite=overwrite, progress=not quiet)
+    result = apply(patch, target, out, link=link, revert=revert, force=force, overwrite=overwrite, progress=not quiet)
     done = "reverted" if revert else "patched"
     click.echo(
         f"wrote {result.out}: {done} {len(result.modules)} modules ({len(result.tensors)} tensors, "
-        f"{size(result.source_bytes)}); {size(result.total_bytes)} in all"
+        f"{size(result.source_bytes)}); {size(result.total_bytes)} in all{_linked(result)}"
     )
 
 
@@ -117,9 +139,14 @@ def apply_cmd(patch: str, target: str, out: str, link: bool, revert: bool, overw
 def verify(out: str, target: str | None, source: str | None) -> None:
     """Check every byte of the transplant output OUT against its target and source."""
     report = run_verify(out, target, source)
+    linked = (
+        f"; {report.linked_shards} of {report.shards} shards are hard links to the target"
+        if report.linked_shards
+        else ""
+    )
     click.echo(
         f"ok: {report.tensors_checked} tensors, {size(report.bytes_checked)} ({report.from_source} from "
-        f"the source), and {report.files_checked} files match"
+        f"the source), and {report.files_checked} files match{linked}"
     )
 
 

@@ -4,18 +4,26 @@
   tensor bytes, headers and record, with the same guarantees (streaming, atomic, locked).
 - `apply(P, PATCHED, OUT, revert=True)` gives the original target back, byte for byte (reversible
   patches only).
-- `apply_patch(model, P)` patches a loaded model in place; `.undo()` restores it bit for bit.
+- `apply_patch(model, P)` patches a loaded model in place; `.undo()` (or leaving its `with` block)
+  restores it bit for bit.
 
 A target of another architecture or layout is refused before a byte is written; the sha256 of the
 target's tensors are checked on a second thread while the output is written, so a patch refuses any
-model but the one it was made for (the write stops, and the output is discarded). The patch's
-tensors are hashed as they are copied, and one that differs from the record discards the output
-before it is published.
+model but the one it was made for (the write stops, and the output is discarded). A target whose
+patched tensors match but whose fingerprint differs from the recorded one (another config, or other
+tensors the patch leaves alone) is refused before the write too, unless `force` (a warning names
+what differs). The output's record names the target that was used. The patch's tensors are hashed
+as they are copied, and one that differs from the record discards the output before it is published.
+
+A reversible patch's originals are read only by `--revert`, which refuses them missing or damaged;
+a forward apply does not need them, and warns that the patch no longer reverts (they are hashed
+beside the write: a read the size of the patch).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,12 +43,16 @@ from surgery.transplants.patch import (
     Patch,
     architecture,
     check_copied_digests,
+    check_patch_digests,
     open_patch,
 )
-from surgery.transplants.write import TransplantResult, provenance_header, write_checkpoint
+from surgery.transplants.write import TransplantResult, _origin, provenance_header, write_checkpoint
 
 if TYPE_CHECKING:
     import torch
+
+# How a forward apply's warning about a reversible patch's originals ends.
+_FORWARD_ONLY = "applying it needs only its patch tensors, but `apply --revert` will refuse it"
 
 
 def apply(
@@ -50,6 +62,7 @@ def apply(
     *,
     link: bool = False,
     revert: bool = False,
+    force: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TransplantResult:
@@ -60,7 +73,9 @@ def apply(
         target: the checkpoint the patch was made for (never modified); with `revert`, the patched one.
         out: the output folder; must not exist unless `overwrite`.
         link: hard-link the shards the patch does not touch instead of copying them.
-        revert: restore the original target (the patch must be reversible).
+        revert: restore the original target (the patch must be reversible, its originals intact).
+        force: apply to a target whose patched tensors are the recorded ones but whose fingerprint is not
+            (its config, or tensors the patch leaves alone, differ), with a warning naming what differs.
         overwrite: replace an existing `out`, only once the new output is complete.
         progress: show a progress bar of bytes (only when stderr is a terminal).
 
@@ -71,28 +86,71 @@ def apply(
         SurgeryError: the patch is incomplete or tampered, the target is not the one it was made for, or
             another input is invalid; nothing is written in that case.
     """
-    p = open_patch(patch, check_digests=False)
+    p = open_patch(patch, check_digests=False, originals=revert)
     tgt = open_checkpoint(target)
     tgt.check_config()
     out = check_out(Path(out), {"target": tgt.path, "patch": p.path}, overwrite)
     if revert and not p.reversible:
         raise SurgeryError(f"{p.path} is not reversible; write it with `surgery transplant --patch --reversible`")
+    if p.originals_problem:
+        print(f"warning: {p.originals_problem}; {_FORWARD_ONLY}", file=sys.stderr)
     _check_layout(p, tgt)
-    # The target's tensors are hashed on a second thread while the output is written: a wrong target
-    # stops the write as soon as it is found. The patch's tensors are hashed as they are copied (so
-    # they are read once). Either fault discards the output; a wrong target is the one named.
+    # A target that is not the recorded one (by fingerprint) has its patched tensors hashed first, so
+    # that another model is named by its first differing tensor, and what else differs refuses it.
+    checked_first = not revert and tgt.fingerprint != p.record["target"]["fingerprint"]
+    if checked_first:
+        _check_digests(p, tgt, revert=False)
+        _check_fingerprint(p, tgt, force)
+    # Otherwise the target's tensors are hashed on a second thread while the output is written: a
+    # wrong target stops the write as soon as it is found. The patch's tensors are hashed as they are
+    # copied (so they are read once). Either fault discards the output; a wrong target is the one named.
     with ThreadPoolExecutor(1, thread_name_prefix="surgery-check") as pool:
-        target_checked = pool.submit(_check_digests, p, tgt, revert=revert)
+        checked = pool.submit(_check_inputs, p, tgt, revert, checked_first)
 
         def poll() -> None:
-            if target_checked.done():
-                target_checked.result()
+            if checked.done():
+                checked.result()
 
         def check(written: dict[str, str]) -> None:
-            target_checked.result()
+            warning = checked.result()
             check_copied_digests(p, written, originals=revert)
+            if warning:
+                print(warning, file=sys.stderr)
 
         return _write(p, tgt, out, revert, link, overwrite, progress, poll, check)
+
+
+def _check_inputs(p: Patch, tgt: Checkpoint, revert: bool, checked_first: bool) -> str | None:
+    """The target's digests (unless `checked_first`); for a forward apply, a warning if the patch's
+    originals differ from their record (only `--revert` uses them, and refuses them)."""
+    if not checked_first:
+        _check_digests(p, tgt, revert=revert)
+    if revert or not p.reversible:
+        return None
+    try:
+        check_patch_digests(p, tensors=False)
+    except SurgeryError as e:
+        return f"warning: {e}; {_FORWARD_ONLY}"
+    return None
+
+
+def _check_fingerprint(p: Patch, tgt: Checkpoint, force: bool) -> None:
+    """Refuse (or, with `force`, warn about) a target whose fingerprint differs from the patch's record,
+    naming what differs: config keys, else tensors the patch leaves alone."""
+    recorded = p.record.get("target_config")
+    if recorded is None:  # a patch written before patches recorded the target's config
+        what = "its config.json or the tensors the patch leaves alone"
+    else:
+        keys = sorted(k for k in recorded.keys() | tgt.config.keys() if recorded.get(k) != tgt.config.get(k))
+        shown = ", ".join(f"{k} ({tgt.config.get(k)!r}, recorded {recorded.get(k)!r})" for k in keys[:5])
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        what = (
+            f"config.json: {shown}{more}" if keys else "tensors the patch leaves alone (names, dtypes, shapes or bytes)"
+        )
+    msg = f"{tgt.path} differs from the target this patch was made for, {_made_for(p)}, in {what}"
+    if not force:
+        raise SurgeryError(f"{msg}; pass that target, or --force to apply the patch anyway")
+    print(f"warning: {msg}; applying the patch anyway because of --force", file=sys.stderr)
 
 
 def _write(
@@ -112,7 +170,7 @@ def _write(
         headers = _original_headers(p, tgt)
         original = p.record["original"]
         replacements = {n: t.original for n, t in p.tensors.items() if t.original is not None}
-        hashes = write_checkpoint(
+        written = write_checkpoint(
             out,
             tgt,
             replacements,
@@ -127,21 +185,22 @@ def _write(
             poll=poll,
             check=check,
         )
-        return TransplantResult.made(out, modules, hashes, tgt)
-    provenance = {k: p.record[k] for k in ("tool", "source", "target", "manifest")}
+        return TransplantResult.made(out, modules, written, tgt)
+    # The target is the one given (it may be a copy of the recorded one, or differ with --force).
+    provenance = {**{k: p.record[k] for k in ("tool", "source", "manifest")}, "target": _origin(tgt)}
     record = {
         **provenance,
         "selection": p.record["selection"],
         "modules": list(modules),
         "patch": {"path": str(p.path), "sha256": file_sha256(p.path / PATCH_RECORD)},
     }
-    hashes = write_checkpoint(
+    written = write_checkpoint(
         out,
         tgt,
         {n: t.data for n, t in p.tensors.items()},
         partial(provenance_header, provenance),
         record,
-        p.record["card"],
+        partial(_card, p.record["card"], out.name),
         overwrite,
         link,
         progress,
@@ -149,7 +208,14 @@ def _write(
         poll=poll,
         check=check,
     )
-    return TransplantResult.made(out, modules, hashes, tgt)
+    return TransplantResult.made(out, modules, written, tgt)
+
+
+def _card(card: str, name: str) -> str:
+    """The card the patch recorded, named after the output (as `transplant` names its own)."""
+    from surgery.transplants.card import renamed  # huggingface_hub's card classes: ~0.25 s to import
+
+    return renamed(card, name)
 
 
 def _made_for(p: Patch) -> str:
@@ -226,11 +292,21 @@ def _original_headers(p: Patch, ckpt: Checkpoint) -> dict[str, bytes]:
 
 @dataclass
 class AppliedPatch:
-    """A patch applied in memory by `apply_patch`; `undo()` puts the original tensors back, bit for bit."""
+    """A patch applied in memory by `apply_patch`; `undo()` puts the original tensors back, bit for bit.
+
+    Also a context manager: `with apply_patch(model, P): ...` undoes the patch when the block ends,
+    an exception included.
+    """
 
     patch: Patch
     model: torch.nn.Module
     _saved: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __enter__(self) -> AppliedPatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.undo()
 
     def undo(self) -> None:
         import torch
@@ -243,7 +319,8 @@ class AppliedPatch:
 
 
 def apply_patch(model: torch.nn.Module, patch: str | Path | Patch) -> AppliedPatch:
-    """Patch a loaded `PreTrainedModel` in place; return a handle whose `.undo()` restores it exactly.
+    """Patch a loaded `PreTrainedModel` in place; return a handle whose `.undo()` restores it exactly
+    (or use it as `with apply_patch(model, P):`, which undoes the patch on leaving the block).
 
     Where a parameter has the patch's dtype, its bytes must have the sha256 the patch recorded for the
     target (else SurgeryError, and the model is left as it was). A model loaded in another dtype (say
@@ -256,7 +333,8 @@ def apply_patch(model: torch.nn.Module, patch: str | Path | Patch) -> AppliedPat
 
     import torch
 
-    p = patch if isinstance(patch, Patch) else open_patch(patch)
+    # The originals are not used here: a reversible patch whose originals are gone still applies.
+    p = patch if isinstance(patch, Patch) else open_patch(patch, originals=False)
     check_architecture(p, model.config.to_dict(), "the model")
     params = dict(model.named_parameters())
     for t in p.tensors.values():

@@ -18,6 +18,7 @@ logs it, and error texts from the Hub are masked before they are shown.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,6 +118,21 @@ def model_card(
     if eval_summaries:
         body += ["", "## Evaluation", "", *_eval_table(eval_summaries), *(f"\n> **Note:** {n}" for n in notes)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def renamed(card: str, name: str) -> str:
+    """The text of a card `model_card` made, for the model named `name`: its title, its `from_pretrained`
+    lines and the `-o` of its command (a patch records the card of the checkpoint it makes under the
+    patch folder's name; `apply` writes it under the output's). A card without a title is returned as is.
+    """
+    title = re.search(r"^# (.+)$", card.split("\n---\n", 1)[-1], re.MULTILINE)
+    if title is None:
+        return card
+    old = re.escape(title.group(1))
+    card = re.sub(rf"^# {old}$", lambda _: f"# {name}", card, count=1, flags=re.MULTILINE)
+    card = re.sub(rf'from_pretrained\("{old}"', lambda _: f'from_pretrained("{name}"', card)
+    command = rf"^(surgery transplant .* -o ){old}(?= |$)"
+    return re.sub(command, lambda m: m.group(1) + name, card, count=1, flags=re.MULTILINE)
 
 
 def patch_card(

@@ -5,11 +5,14 @@
   does): the selected tensors, cast to the target's dtypes: the exact bytes `transplant` would write;
 - with `--reversible`, `original.safetensors`: the target's own bytes of those tensors, and the
   target's shard headers, index and model card, so that `apply --revert` restores it byte for byte;
-- `patch.json`: the target, source and manifest provenance, the selection, and per tensor the sha256
-  of the target's bytes and of the patch's bytes;
+- `patch.json`: the target, source and manifest provenance, the target's config (to name what differs
+  in a target that is not the one recorded), the selection, and per tensor the sha256 of the target's
+  bytes and of the patch's bytes;
 - `README.md`: a model card whose `base_model` is the target, saying how to apply the patch.
 
-`open_patch` reads a patch folder back and refuses one that is incomplete or tampered with.
+`open_patch` reads a patch folder back and refuses one that is incomplete or tampered with. The
+originals are needed only to revert: a forward apply takes a patch whose originals are missing or
+damaged (`apply` warns), `apply --revert` refuses it.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ PATCH_FORMAT = "surgery-patch"
 PATCH_VERSION = 1
 # save_pretrained's default max_shard_size ("5GB").
 MAX_SHARD_BYTES = 5 * 10**9
-# How every refusal of a broken patch folder ends.
-_FIX = "rewrite it with `surgery transplant --patch`"
+# The command that writes a patch, and how a refusal of a broken patch folder ends (`fix` adds --reversible).
+_WRITE = "surgery transplant --patch"
+_FIX = f"rewrite it with `{_WRITE}`"
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,49 @@ class Patch:
     path: Path
     record: dict
     tensors: dict[str, PatchTensor]
+    originals_problem: str | None = None
 
     @property
     def reversible(self) -> bool:
+        """Whether `apply --revert` can use it: its original tensors are all there."""
         return all(t.original is not None for t in self.tensors.values())
 
     @property
     def modules(self) -> list[str]:
         return list(self.record["modules"])
+
+    def summary(self) -> dict:
+        """What `surgery inspect` prints of a patch: what it is for, what it holds, whether it reverts."""
+        target, source = self.record["target"], self.record["source"]
+        return {
+            "path": str(self.path),
+            "kind": "patch (surgery transplant --patch); apply it with surgery apply",
+            "target": _named(target),
+            "target_fingerprint": target["fingerprint"],
+            "source": _named(source),
+            "model_type": self.record["architecture"]["model_type"],
+            "modules": self.modules,
+            "tensors": len(self.tensors),
+            "total_bytes": sum(t.data.nbytes for t in self.tensors.values()),
+            "reversible": self.reversible,
+            **({"originals": self.originals_problem} if self.originals_problem else {}),
+        }
+
+
+def _named(origin: dict) -> str:
+    """An input as a record names it: its Hub repo at the commit, else its folder."""
+    hub = origin.get("hub")
+    return f"{hub['repo_id']}@{hub['commit']}" if isinstance(hub, dict) else str(origin["path"])
+
+
+def is_patch(folder: str | Path) -> bool:
+    """Whether `folder` is a patch folder (it holds a patch record), not a checkpoint."""
+    return Path(folder).is_dir() and (Path(folder) / PATCH_RECORD).is_file()
+
+
+def fix(record: dict) -> str:
+    """How a refusal of a broken patch ends: the command that writes it again, `--reversible` included."""
+    return f"rewrite it with `{_WRITE} --reversible`" if record.get("original_files") else _FIX
 
 
 @dataclass(frozen=True)
@@ -144,6 +183,7 @@ def write_patch(
             "selection": sel.selection,
             "modules": [c.name for c in sel.modules],
             "architecture": architecture(tgt.config),
+            "target_config": tgt.config,
             "files": [p.name for p in patch_plans],
             "original_files": [p.name for p in original_plans] if reversible else None,
             "tensors": [
@@ -224,11 +264,14 @@ def _originals(tgt: Checkpoint) -> dict:
     }
 
 
-def open_patch(folder: str | Path, *, check_digests: bool = True) -> Patch:
+def open_patch(folder: str | Path, *, check_digests: bool = True, originals: bool = True) -> Patch:
     """Read and check a patch folder: its record, its files, and the sha256 of every tensor it holds.
 
     With `check_digests=False` the tensors are not hashed: the caller must check their bytes before
-    it uses them (`apply` hashes them as it copies them, then calls `check_copied_digests`).
+    it uses them (`apply` hashes them as it copies them, then calls `check_copied_digests`). With
+    `originals=False` a reversible patch's original tensors are not needed: files of theirs that are
+    missing or do not hold them leave the patch without originals (`reversible` is False), and
+    `originals_problem` says why; their bytes are not hashed.
 
     Raises:
         SurgeryError: not a patch folder, a file missing, or a tensor that differs from its record.
@@ -246,41 +289,63 @@ def open_patch(folder: str | Path, *, check_digests: bool = True) -> Patch:
         raise SurgeryError(
             f"{path / PATCH_RECORD}: not a {PATCH_FORMAT} version {PATCH_VERSION} record; {_FIX} with this surgery"
         )
+    problem = None
     try:
-        where = _locate(path, record["files"])
-        originals = _locate(path, record["original_files"]) if record.get("original_files") else {}
-        tensors = {}
-        for t in record["tensors"]:
-            name, dtype, shape = t["name"], t["dtype"], tuple(t["shape"])
-            for kind, found in (("patch", where), ("original", originals)):
-                if found and name not in found:
-                    raise SurgeryError(f"{path}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {_FIX}")
-                if found and (found[name][1].dtype, found[name][1].shape) != (dtype, shape):
-                    raise SurgeryError(f"{path}: {kind} tensor {name} is not {dtype} {list(shape)}; {_FIX}")
-            original = originals[name][0] if originals else None
-            tensors[name] = PatchTensor(name, dtype, shape, where[name][0], t["sha256"], t["target_sha256"], original)
+        listed = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in record["tensors"]}
+        where = _held(path, record, "patch", listed)
+        try:
+            found = _held(path, record, "original", listed) if record.get("original_files") else {}
+        except SurgeryError as e:
+            if originals:
+                raise
+            found, problem = {}, str(e)
+        tensors = {
+            t["name"]: PatchTensor(
+                t["name"], *listed[t["name"]], where[t["name"]], t["sha256"], t["target_sha256"], found.get(t["name"])
+            )
+            for t in record["tensors"]
+        }
         _ = record["modules"], record["target"]["fingerprint"], record["card"], record["selection"]
         _ = record["architecture"]["model_type"], record["architecture"]["architectures"]
     except (KeyError, TypeError, AttributeError) as e:
-        raise SurgeryError(f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {_FIX}") from None
-    if set(where) != set(tensors) or (originals and set(originals) != set(tensors)):
-        raise SurgeryError(f"{path}: the patch files hold tensors {PATCH_RECORD} does not list; {_FIX}")
-    patch = Patch(path, record, tensors)
+        raise SurgeryError(
+            f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {fix(record)}"
+        ) from None
+    patch = Patch(path, record, tensors, problem)
     if check_digests:
-        check_patch_digests(patch)
+        check_patch_digests(patch, originals=originals)
     return patch
 
 
-def check_patch_digests(patch: Patch) -> None:
-    """Refuse a patch whose tensors (and originals) differ from the sha256 its record gives them.
+def _held(folder: Path, record: dict, kind: str, listed: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, Stored]:
+    """Where each listed tensor lies in the patch's (`kind` "patch") or original files, checked against the record."""
+    found = _locate(folder, record["files" if kind == "patch" else "original_files"], fix(record))
+    for name, (dtype, shape) in listed.items():
+        if name not in found:
+            raise SurgeryError(f"{folder}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {fix(record)}")
+        if (found[name][1].dtype, found[name][1].shape) != (dtype, shape):
+            raise SurgeryError(f"{folder}: {kind} tensor {name} is not {dtype} {list(shape)}; {fix(record)}")
+    if set(found) != set(listed):
+        raise SurgeryError(f"{folder}: the {kind} files hold tensors {PATCH_RECORD} does not list; {fix(record)}")
+    return {name: at for name, (at, _) in found.items()}
+
+
+def check_patch_digests(patch: Patch, *, tensors: bool = True, originals: bool = True) -> None:
+    """Refuse a patch whose tensors (if `tensors`) or originals (if `originals`, where it has them) differ
+    from the sha256 its record gives them.
 
     Raises:
         SurgeryError: naming the first tensor that differs.
     """
     with ReadOnlyFiles() as files:
         for t in patch.tensors.values():
-            for kind, data, digest in (("tensor", t.data, t.sha256), ("original tensor", t.original, t.target_sha256)):
-                if data is not None and sha256_of(files, data) != digest:
+            checks: list[tuple[str, Stored, str]] = []
+            if tensors:
+                checks.append(("tensor", t.data, t.sha256))
+            if originals and t.original is not None:
+                checks.append(("original tensor", t.original, t.target_sha256))
+            for kind, data, digest in checks:
+                if sha256_of(files, data) != digest:
                     raise tampered(patch, kind, t.name)
 
 
@@ -300,17 +365,17 @@ def tampered(patch: Patch, kind: str, name: str) -> SurgeryError:
     """The refusal of a patch whose tensor `name` differs from its recorded sha256."""
     return SurgeryError(
         f"{patch.path}: {kind} {name} differs from its sha256 in {PATCH_RECORD}: the patch was modified or is "
-        f"corrupt; {_FIX}"
+        f"corrupt; {fix(patch.record)}"
     )
 
 
-def _locate(folder: Path, names: list[str]) -> dict[str, tuple[Stored, TensorInfo]]:
+def _locate(folder: Path, names: list[str], fix_text: str) -> dict[str, tuple[Stored, TensorInfo]]:
     """Every tensor of the named files in `folder`: where its bytes lie and its header entry."""
     out = {}
     for name in names:
         file = folder / name
         if Path(name).name != name or not file.is_file():
-            raise SurgeryError(f"{folder}: {name} is missing; the patch is incomplete; {_FIX}")
+            raise SurgeryError(f"{folder}: {name} is missing; the patch is incomplete; {fix_text}")
         header = read_header(file)
         for info in header.tensors:
             out[info.name] = (Stored(file, header.data_start + info.begin, info.nbytes, info.dtype), info)

@@ -1,4 +1,9 @@
-"""Re-read a patched checkpoint and check every byte against where it should have come from."""
+"""Re-read a patched checkpoint and check every byte against where it should have come from.
+
+A shard hard-linked to the target (`--link`) is the target's own file: comparing the two cannot find
+an edit of the target in place, so its tensors are also checked against the sha256 `transplant.json`
+recorded when it was linked.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
 from surgery.checkpoints.streaming import ReadOnlyFiles, converted_chunks, read_chunks
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
+from surgery.transplants.patch import is_patch
 
 
 class VerificationError(SurgeryError):
@@ -19,10 +25,14 @@ class VerificationError(SurgeryError):
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """What `verify` checked; `linked_shards` of the output's `shards` are hard links to the target's files."""
+
     tensors_checked: int
     from_source: int
     bytes_checked: int
     files_checked: int
+    shards: int
+    linked_shards: int
 
 
 def verify(out: str | Path, target: str | Path | None = None, source: str | Path | None = None) -> VerifyReport:
@@ -30,7 +40,8 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
 
     Every tensor must have the target's name, dtype and shape; tensors recorded in
     `transplant.json` must equal the source's (cast to the target dtype) and their
-    recorded sha256; all others must equal the target's. Copied files must be identical.
+    recorded sha256; all others must equal the target's, and those in shards hard-linked to
+    the target also their sha256 recorded when they were linked. Copied files must be identical.
 
     Args:
         out: the patched checkpoint folder.
@@ -44,6 +55,11 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
         VerificationError: naming the first mismatch.
         SurgeryError: an input is missing or malformed.
     """
+    if is_patch(out):
+        raise SurgeryError(
+            f"{out} is a patch (`surgery transplant --patch`), not a checkpoint; apply it first: "
+            f"surgery apply {out} -t TARGET -o OUT, then verify OUT"
+        )
     # What the caller named is checked first; an input left out is then taken from the record.
     patched = open_checkpoint(out)
     given = {what: open_checkpoint(path) for what, path in (("target", target), ("source", source)) if path is not None}
@@ -55,14 +71,23 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
         if record.get(what, {}).get("fingerprint") != ckpt.fingerprint:
             raise VerificationError(f"{out} was not made from {what} {ckpt.path} (fingerprint differs)")
     expected = {t["name"]: t["sha256"] for t in record.get("tensors", [])}
+    recorded = {**(record.get("linked_sha256") or {}), **expected}
 
     if [s.path.name for s in patched.shards] != [s.path.name for s in tgt.shards]:
         raise VerificationError(f"{out}: shard files differ from the target's")
     if patched.index != tgt.index:
         raise VerificationError(f"{out}: the shard index differs from the target's")
-    for shard in patched.shards:
+    linked = set()
+    for shard, origin in zip(patched.shards, tgt.shards, strict=True):
         if shard.metadata.get("format") != "pt":
             raise VerificationError(f"{shard.path}: __metadata__ lacks format=pt, so transformers may refuse it")
+        if shard.path.samefile(origin.path):
+            linked.add(shard.path.name)
+            if any(t.name not in recorded for t in shard.tensors):
+                raise VerificationError(
+                    f"{shard.path}: a hard link to the target's file, and {RECORD_FILE} records no sha256 of its "
+                    "tensors, so an edit of the target in place cannot be found; rerun transplant"
+                )
 
     bytes_checked = 0
     with ReadOnlyFiles() as files:
@@ -77,8 +102,14 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
                 )
             origin, label = (src, "source") if name in expected else (tgt, "target")
             digest = _compare(name, ref, origin, label, files)
-            if name in expected and digest != expected[name]:
-                raise VerificationError(f"tensor {name!r}: sha256 differs from the one in {RECORD_FILE}")
+            if name in recorded and digest != recorded[name]:
+                edited = (
+                    f"; {ref.shard.path.name} is a hard link to the target's file, so the target was edited in "
+                    "place since the transplant (restore it, or rerun transplant)"
+                    if ref.shard.path.name in linked
+                    else ""
+                )
+                raise VerificationError(f"tensor {name!r}: sha256 differs from the one in {RECORD_FILE}{edited}")
             bytes_checked += ref.info.nbytes
         missing = sorted(set(tgt.tensors) - set(patched.tensors))
         if missing:
@@ -88,7 +119,9 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
     for rel in files:
         if not (patched.path / rel).is_file() or not _same_file(patched.path / rel, tgt.path / rel):
             raise VerificationError(f"file {rel}: missing from the output or different from the target's")
-    return VerifyReport(len(patched.tensors), len(expected), bytes_checked, len(files))
+    return VerifyReport(
+        len(patched.tensors), len(expected), bytes_checked, len(files), len(patched.shards), len(linked)
+    )
 
 
 def _recorded(record: dict, what: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoints.candidates import Candidate, Compatibility, find_candidates
+from surgery.checkpoints.digests import tensor_digests
 from surgery.checkpoints.direct_write import BlockWriter, wants_direct
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
@@ -91,6 +92,8 @@ class TransplantResult:
         tensors: tensor name -> sha256 of its bytes in the output, for tensors from the source.
         source_bytes: the output bytes of those tensors.
         total_bytes: the output's tensor bytes in all.
+        linked_shards: the shards hard-linked to the target's files (`link`), by name.
+        shards: the output's shard count.
     """
 
     out: Path
@@ -98,11 +101,22 @@ class TransplantResult:
     tensors: dict[str, str]
     source_bytes: int
     total_bytes: int
+    linked_shards: tuple[str, ...] = ()
+    shards: int = 0
 
     @classmethod
-    def made(cls, out: Path, modules: Sequence[str], hashes: dict[str, str], tgt: Checkpoint) -> TransplantResult:
-        """The result of writing `tgt` with the tensors in `hashes` replaced."""
-        return cls(out, tuple(modules), hashes, sum(tgt.tensors[n].info.nbytes for n in hashes), tgt.total_bytes)
+    def made(cls, out: Path, modules: Sequence[str], written: Written, tgt: Checkpoint) -> TransplantResult:
+        """The result of writing `tgt` with the tensors in `written.hashes` replaced."""
+        source_bytes = sum(tgt.tensors[n].info.nbytes for n in written.hashes)
+        return cls(out, tuple(modules), written.hashes, source_bytes, tgt.total_bytes, written.linked, len(tgt.shards))
+
+
+@dataclass(frozen=True)
+class Written:
+    """What `write_checkpoint` wrote: each replaced tensor's sha256 as written, and the shards it hard-linked."""
+
+    hashes: dict[str, str]
+    linked: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -324,8 +338,8 @@ def transplant(
     def card() -> str:
         return sel.card(out.name, eval_summaries=summaries, notes=notes).content
 
-    hashes = write_checkpoint(out, tgt, replacements, sel.shard_header, record, card, overwrite, link, progress)
-    return TransplantResult.made(out, [c.name for c in sel.modules], hashes, tgt)
+    written = write_checkpoint(out, tgt, replacements, sel.shard_header, record, card, overwrite, link, progress)
+    return TransplantResult.made(out, [c.name for c in sel.modules], written, tgt)
 
 
 def write_checkpoint(
@@ -344,7 +358,7 @@ def write_checkpoint(
     link_same_header: bool = False,
     poll: Callable[[], None] | None = None,
     check: Callable[[dict[str, str]], None] | None = None,
-) -> dict[str, str]:
+) -> Written:
     """Write `tgt` with the `replacements` tensors (cast to the target's dtypes) into `out`, atomically.
 
     Every shard gets the header `shard_header` makes (its tensors' offsets must be the target's); the
@@ -354,19 +368,29 @@ def write_checkpoint(
     tensor's dtype in the source. `card` may be a function that makes the text: it is called on a
     second thread while the shards are written (building a card imports huggingface_hub, ~0.25 s).
     With `link`, shards holding no replaced tensor are hard-linked from the target; with
-    `link_same_header` too, only those whose header is already the one to write. `poll`, if given, is
+    `link_same_header` too, only those whose header is already the one to write. Their tensors' sha256
+    go into the record as `linked_sha256` (hashed beside the write), so that `verify` can tell an
+    edit of the target in place, which changes the output too, and one warning says so. `poll`, if given, is
     called between copy steps (a check running beside the write: an error it raises stops it), and
     `check` with the replaced tensors' sha256 as written, before the output is published; either
     one's error discards the output.
-    Returns each replaced tensor's sha256 as written.
+    Returns each replaced tensor's sha256 as written, and the linked shards.
     """
     plans = _plan(tgt, replacements, shard_header)
     with (
         staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp,
-        ThreadPoolExecutor(1, thread_name_prefix="surgery-card") as pool,
+        ThreadPoolExecutor(2, thread_name_prefix="surgery-card") as pool,
     ):
         card_text = pool.submit(card) if callable(card) else None
         linked = _link_untouched(tmp, plans, tgt, link_same_header) if link else set()
+        if linked:
+            print(
+                f"warning: {len(linked)} of {len(plans)} shards are hard links to the target's files: editing the "
+                f"target in place changes this output too (`surgery verify` finds such an edit)",
+                file=sys.stderr,
+            )
+        in_linked = [t.name for s in tgt.shards if s.path.name in linked for t in s.tensors]
+        linked_digests = pool.submit(tensor_digests, tgt, in_linked) if linked and record is not None else None
         hashes = write_shards(tmp, [p for p in plans if p.name not in linked], progress, poll, read_next=True)
         if check is not None:
             check(hashes)
@@ -387,10 +411,14 @@ def write_checkpoint(
                 }
                 for name in sorted(hashes)
             ]
-            _write_json(
-                tmp / RECORD_FILE, {**record, **({"linked_shards": sorted(linked)} if link else {}), "tensors": tensors}
-            )
-    return hashes
+            if link:
+                record = {
+                    **record,
+                    "linked_shards": sorted(linked),
+                    "linked_sha256": dict(sorted(linked_digests.result().items())) if linked_digests else {},
+                }
+            _write_json(tmp / RECORD_FILE, {**record, "tensors": tensors})
+    return Written(hashes, tuple(sorted(linked)))
 
 
 # Config keys that say how a checkpoint was saved, not what the model is.

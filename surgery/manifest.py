@@ -149,9 +149,9 @@ def load_manifest(path: str | Path) -> Manifest:
 
     Raises:
         SurgeryError: the file is missing, not JSON, of another schema version, or
-            invalid against the schema.
+            invalid against the schema (each message names it by its absolute path).
     """
-    path = Path(path)
+    path = Path(path).absolute()
     obj = read_json_object(path, "manifest", "check the path, or regenerate it with surgery")
     return manifest_from_dict(obj, str(path))
 

@@ -215,3 +215,29 @@ def test_manifest_refuses_stats_of_another_model(tmp_path: Path, pair) -> None:
         "method random needs --seed",
         tmp_path,
     )
+
+
+def test_auto_k_refuses_an_overlapping_validation_set_before_ranking(tmp_path: Path, pair) -> None:
+    """The validation set shares prompts with the workload: refused before any profile, so no manifest is left
+    without its K (issue 25 item 5)."""
+    src, tgt, w = pair
+    validation = tmp_path / "val.jsonl"
+    validation.write_text("".join(json.dumps({"prompt": p, "solution": "7 #### 7"}) + "\n" for p in PROMPTS[1:3]))
+    refused(
+        ["analyze", "-s", src, "-t", tgt, "-w", w, "--method", "lae", "--auto-k", "--validation", validation,
+         "-o", tmp_path / "m.json"],
+        f"the validation workload val.jsonl shares 2 prompts with the ranking workload {w.name}",
+        tmp_path,
+    )  # fmt: skip
+
+
+def test_analyze_records_absolute_checkpoint_paths(tmp_path: Path, pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints typed relative are recorded absolute, as transplant.json records them, so that the manifest
+    names them from any folder (issue 25 item 10)."""
+    src, tgt, w = pair
+    monkeypatch.chdir(src.parent)
+    r = cli("analyze", "-s", src.name, "-t", f"./{tgt.name}", "-w", w, "--method", "weight-delta",
+            "-o", tmp_path / "m.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    obj = json.loads((tmp_path / "m.json").read_text())
+    assert (obj["source"]["path"], obj["target"]["path"]) == (str(src.resolve()), str(tgt.resolve()))

@@ -9,7 +9,8 @@ import jsonschema
 import pytest
 
 from surgery import SurgeryError, load_manifest, save_manifest, select_modules
-from surgery.manifest import parse_layer_range, schema
+from surgery.checkpoints.folder import open_checkpoint
+from surgery.manifest import parse_layer_range, ranked_elsewhere, schema
 from tests.conftest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +127,28 @@ def test_layer_range_parsing() -> None:
     for bad in ("a-b", "5-2", "-1", "1-"):
         with pytest.raises(SurgeryError, match="layer range"):
             parse_layer_range(bad)
+
+
+def test_messages_name_the_manifest_by_its_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typed relative, named absolute: the one rule of refusals (docs/errors.md) (issue 25 item 10)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SurgeryError, match=f"^{tmp_path / 'missing.json'}: no such manifest"):
+        load_manifest("missing.json")
+
+
+def test_a_manifest_for_other_checkpoints_names_each_that_differs(
+    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Source, target, or both are named; an old manifest with relative paths still loads (issue 25 item 10)."""
+    source, target = pair
+    monkeypatch.chdir(source.parent)
+    path = write_manifest(tmp_path / "m.json", Path(source.name), Path(target.name))
+    man = load_manifest(path)
+    assert (man.source.path, man.target.path) == (source.name, target.name)
+    src, tgt = open_checkpoint(source), open_checkpoint(target)
+    assert ranked_elsewhere(man, src, tgt) is None
+    fs, ft = src.fingerprint[:19], tgt.fingerprint[:19]
+    assert ranked_elsewhere(man, src, src) == f"manifest was made for target target ({ft}…), not {src.path}"
+    assert ranked_elsewhere(man, tgt, src) == (
+        f"manifest was made for source source ({fs}…) and target target ({ft}…), not {tgt.path} and {src.path}"
+    )

@@ -168,3 +168,93 @@ def test_accuracy_metric_generates_and_grades(pair: dict, tmp_path: Path) -> Non
             "--ks", "1", "--metric", "accuracy", "--max-new-tokens", "3", "-q", "-o", tmp_path / "m2.json")  # fmt: skip
     assert r.exit_code == 2 and "accuracy gap on the 8 validation problems is within noise" in r.output
     assert "use more validation problems" in r.output and not (tmp_path / "m2.json").exists()
+
+
+def test_selected_k_is_refused_where_select_did_not_measure_it(pair: dict, tmp_path: Path) -> None:
+    """select measured the top K of all modules on its own pair: filters, or --force with other checkpoints,
+    would take another selection under that K, so they need an explicit --top-k (issue 25 item 4)."""
+    m2 = tmp_path / "m2.json"
+    assert _select(pair, m2, "--min-recovery", "99").exit_code == 0
+    run = ("transplant", "-t", pair["target"], "-s", pair["source"], "-o", tmp_path / "out", "-q")
+    for extra, named in ((["--only", "mlp"], "--only mlp"), (["--layers", "3"], "--layers 3-3")):
+        r = cli(*run, "-m", m2, *extra)
+        assert r.exit_code == 2, r.output
+        assert f"K=2 was chosen by `surgery select` for the top 2 of all its modules, not with {named}" in r.output
+        assert "pass --top-k K" in r.output and not (tmp_path / "out").exists()
+    foreign = tmp_path / "foreign.json"
+    obj = json.loads(m2.read_text())
+    obj["target"]["fingerprint"] = "sha256:" + "1" * 64
+    foreign.write_text(json.dumps(obj))
+    r = cli(*run, "-m", foreign, "--force")
+    assert r.exit_code == 2 and "was measured by `surgery select` on the checkpoints it was made for" in r.output
+    assert not (tmp_path / "out").exists()
+    # An explicit K is the user's choice: it goes with the filters.
+    r = cli(*run, "-m", m2, "--only", "mlp", "-k", 1)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "transplant.json").read_text())["modules"] == ["model.layers.3.mlp.up_proj"]
+
+
+def test_analyze_auto_k_takes_select_options(pair: dict, tmp_path: Path) -> None:
+    """--ks (or -k), --min-recovery and --metric, as select takes them (issue 25 item 5)."""
+    out = tmp_path / "auto.json"
+    train = _gold(tmp_path / "train.jsonl", [f"Compute {a} times 2." for a in range(6)])
+    r = cli("analyze", "-s", pair["source"], "-t", pair["target"], "-w", train, "--method", "weight-delta",
+            "--auto-k", "--validation", pair["validation"], "-k", "1,2", "--min-recovery", 99, "--metric", "nll",
+            "-q", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    sel = load_manifest(out).selection
+    assert sel is not None and [p.k for p in sel.curve] == [1, 2] and sel.k == 2 and "Recovery >= 99%" in sel.rule
+    assert "| 2 (chosen) |" in r.output
+    r = cli("analyze", "-s", pair["source"], "-t", pair["target"], "-w", train, "--metric", "nll",
+            "-o", tmp_path / "x.json")  # fmt: skip
+    assert r.exit_code == 2 and "--metric applies with --auto-k --validation W" in r.output
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_select_refuses_to_replace_the_png_beside_its_output(pair: dict, tmp_path: Path) -> None:
+    """The curve's PNG is an output too: the -o/--overwrite rule, checked before any work (issue 25 item 7b)."""
+    out = tmp_path / "m2.json"
+    (tmp_path / "m2.png").write_bytes(b"someone's picture")
+    r = _select(pair, out)
+    assert r.exit_code == 2, r.output
+    assert f"output {tmp_path / 'm2.png'} already exists; choose a new path or pass --overwrite" in r.output
+    assert "validation problems" not in r.output  # refused before measuring anything
+    assert (tmp_path / "m2.png").read_bytes() == b"someone's picture" and not out.exists()
+    r = _select(pair, out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m2.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_select_takes_the_manifest_with_m_and_k_values_with_k(pair: dict, tmp_path: Path) -> None:
+    """-m as transplant and sweep take it (MANIFEST still works); -k/--k as sweep spells --ks (issue 25 item 10)."""
+    r = cli("select", "-m", pair["manifest"], "-s", pair["source"], "-t", pair["target"],
+            "--validation", pair["validation"], "-k", "1,2", "-q", "-o", tmp_path / "m2.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    sel = load_manifest(tmp_path / "m2.json").selection
+    assert sel is not None and [p.k for p in sel.curve] == [1, 2]
+    r = cli("select", pair["manifest"], "-m", pair["manifest"], "-s", pair["source"], "-t", pair["target"],
+            "--validation", pair["validation"], "-o", tmp_path / "m3.json")  # fmt: skip
+    assert r.exit_code == 2 and "name the manifest either as MANIFEST or with -m, not both" in r.output
+
+
+def test_select_names_the_checkpoint_the_manifest_was_not_ranked_for(pair: dict, tmp_path: Path) -> None:
+    """Only the source differs here, so only the source is named (issue 25 item 10)."""
+    r = cli("select", pair["manifest"], "-s", pair["target"], "-t", pair["target"], "--validation",
+            pair["validation"], "-q", "-o", tmp_path / "m2.json")  # fmt: skip
+    assert r.exit_code == 2, r.output
+    ref = load_manifest(pair["manifest"]).source
+    assert r.output == (
+        f"error: {pair['manifest']}: manifest was made for source {ref.path} ({ref.fingerprint[:19]}…), "
+        f"not {Path(pair['target']).resolve()}; pass the source and target it names\n"
+    )
+
+
+def test_library_select_returns_its_table_and_prints_none(pair: dict, tmp_path: Path, capsys) -> None:
+    """The table comes back in the result for the caller to print; stdout stays empty (issue 25 item 11b)."""
+    from surgery.evaluation.select import select
+
+    result = select(pair["manifest"], pair["source"], pair["target"], pair["validation"], tmp_path / "m2.json",
+                    ks="1,2", min_recovery=99)  # fmt: skip
+    assert result.selection.k == 2 and result.table.splitlines()[0] == "| K | mean gold NLL | Recovery [95% CI] |"
+    assert "| 2 (chosen) |" in result.table
+    assert capsys.readouterr().out == ""

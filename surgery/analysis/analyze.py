@@ -88,7 +88,7 @@ def analyze(
         so that it reads the same from any folder.
     """
     out = Path(out)
-    check_new_file(out, overwrite)
+    check_new_file(out.absolute(), overwrite)
     # Validate everything before the (slow) profiling starts.
     spec = get_method(method)
     uses_stats = "stats" in spec.needs
@@ -96,7 +96,7 @@ def analyze(
     check_needs(spec, have_stats=True, seed=seed, have_gold=True)
     check_generation_options(max_new_tokens, batch_size, max_memory, device)
     if out.suffix != ".json":
-        raise SurgeryError(f"manifest path {out} should end in .json")
+        raise SurgeryError(f"manifest path {out.absolute()} should end in .json")
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     compat = find_candidates(src, tgt, trust_remote_code)
     prompts = load_workload(workload)

@@ -99,6 +99,7 @@ def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float) 
 
     Both follow the rule of every `-o` (`check_new_file`): an existing file is replaced only with `overwrite`.
     """
+    out = out.absolute()  # as messages name paths
     if metric not in METRICS:
         raise SurgeryError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     if not 0 <= min_recovery <= 100:

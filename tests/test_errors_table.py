@@ -176,6 +176,16 @@ SETUPS: dict[str, Callable[[Path], None]] = {
     "a patch and a qwen2 model": lambda w: (_patch()(w), _qwen(w)),
     "a patch missing its tensors file": _damaged_patch(lambda p: (p / "patch.safetensors").unlink()),
     "a patch whose tensor bytes changed": _damaged_patch(_flip_last_byte),
+    "a patch and its target with another config": lambda w: (
+        _patch()(w),
+        _edit_config(lambda c: c.update(max_position_embeddings=4096))(w),
+    ),
+    "a reversible patch missing its originals": lambda w: (
+        write_patch(
+            w / "target", w / "source", w / "p", modules=["model.layers.1.mlp.*"], reversible=True, progress=False
+        ),
+        (w / "p" / "original.safetensors").unlink(),
+    ),
 }
 
 

@@ -92,8 +92,6 @@ def apply(
     out = check_out(Path(out), {"target": tgt.path, "patch": p.path}, overwrite)
     if revert and not p.reversible:
         raise SurgeryError(f"{p.path} is not reversible; write it with `surgery transplant --patch --reversible`")
-    if p.originals_problem:
-        print(f"warning: {p.originals_problem}; {_FORWARD_ONLY}", file=sys.stderr)
     _check_layout(p, tgt)
     # A target that is not the recorded one (by fingerprint) has its patched tensors hashed first, so
     # that another model is named by its first differing tensor, and what else differs refuses it.
@@ -101,6 +99,8 @@ def apply(
     if checked_first:
         _check_digests(p, tgt, revert=False)
         _check_fingerprint(p, tgt, force)
+    if p.originals_problem:
+        print(f"warning: {p.originals_problem}; {_FORWARD_ONLY}", file=sys.stderr)
     # Otherwise the target's tensors are hashed on a second thread while the output is written: a
     # wrong target stops the write as soon as it is found. The patch's tensors are hashed as they are
     # copied (so they are read once). Either fault discards the output; a wrong target is the one named.

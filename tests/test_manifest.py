@@ -10,7 +10,7 @@ import pytest
 
 from surgery import SurgeryError, load_manifest, save_manifest, select_modules
 from surgery.checkpoints.folder import open_checkpoint
-from surgery.manifest import parse_layer_range, ranked_elsewhere, schema
+from surgery.manifest import parse_layer_range, schema
 from tests.conftest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +140,8 @@ def test_a_manifest_for_other_checkpoints_names_each_that_differs(
     tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Source, target, or both are named; an old manifest with relative paths still loads (issue 25 item 10)."""
+    from surgery.manifest import ranked_elsewhere  # here, so the file's other tests import without it
+
     source, target = pair
     monkeypatch.chdir(source.parent)
     path = write_manifest(tmp_path / "m.json", Path(source.name), Path(target.name))

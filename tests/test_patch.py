@@ -377,7 +377,7 @@ def test_a_reversible_patch_missing_or_with_damaged_originals_applies_forward_bu
     missing = json.loads(cli("inspect", tmp_path / "p", "--json").stdout)
     assert missing["reversible"] is False and "original.safetensors is missing" in missing["originals"]
     text = cli("inspect", tmp_path / "p")
-    assert text.exit_code == 0 and "reversible       False" in text.stdout
+    assert text.exit_code == 0 and "\nreversible          False\n" in text.stdout
     refused = cli("verify", tmp_path / "p")
     assert refused.exit_code == 2 and "is a patch (`surgery transplant --patch`), not a checkpoint; apply it" in (
         refused.stderr

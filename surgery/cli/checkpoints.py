@@ -29,6 +29,7 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    width = max(16, *(len(key) + 1 for key in info))
     for key, value in info.items():
         if key == "total_bytes":
             value = f"{value} ({value / 2**30:.2f} GiB)"
@@ -36,7 +37,7 @@ def inspect(path: str, as_json: bool) -> None:
             value = ", ".join(f"{k}: {v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
-        click.echo(f"{key:16} {value}")
+        click.echo(f"{key:{width}} {value}")
 
 
 @click.command()

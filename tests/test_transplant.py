@@ -250,6 +250,12 @@ def test_verify_finds_an_edit_of_the_target_in_place_through_a_linked_shard(tmp_
     ok = cli("verify", out)
     assert ok.exit_code == 0, ok.output
     assert ok.stdout.rstrip().endswith(f"; {len(linked)} of {shards} shards are hard links to the target")
+    # A record without the linked shards' sha256 (an older surgery's) cannot have every byte checked.
+    record = json.loads((out / "transplant.json").read_text())
+    (out / "transplant.json").write_text(json.dumps({k: v for k, v in record.items() if k != "linked_sha256"}))
+    older = cli("verify", out)
+    assert older.exit_code == 1 and "records no sha256 of its tensors" in older.stderr, older.output
+    (out / "transplant.json").write_text(json.dumps(record))
     # One byte of the target flipped in place, where the fingerprint does not sample: the linked output
     # changed with it, and verify says so.
     ckpt = open_checkpoint(tgt)

@@ -292,7 +292,9 @@ def transplant(
         source: the checkpoint folder modules are taken from (never modified), or a Hub repo id.
         out: the output folder; must not exist unless `overwrite`.
         manifest: a module manifest ranking the candidates.
-        top_k: transplant the K best-ranked modules left after filtering.
+        top_k: transplant the K best-ranked modules left after filtering. None, with a manifest that holds a
+            K chosen by `surgery select` and no `modules`, takes that K; it is refused with `only`, `layers` or
+            a manifest of other checkpoints (`force`), since select measured the top K of all modules on its pair.
         only: restrict to one kind: `attn`, `mlp` or `other`.
         layers: restrict to an inclusive layer range.
         modules: module names or glob patterns.

@@ -141,7 +141,10 @@ def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
 )
 @model_options
 @click.option(
-    "--out", "-o", required=True, help="Manifest to write, with the chosen K (.json); a PNG goes beside it (same rule)."
+    "--out",
+    "-o",
+    required=True,
+    help="Manifest to write (.json), a PNG beside it: each must not exist unless --overwrite.",
 )
 @OVERWRITE
 def select_cmd(

@@ -134,7 +134,7 @@ def check_auto_k(
     check_options(out, overwrite, metric, min_recovery)
     parse_ks(ks, len(find_candidates(open_checkpoint(source), open_checkpoint(target), trust_remote_code).candidates))
     held_out = load_workload(validation)
-    _problems(held_out, metric)
+    _problems(held_out, metric)  # gold solutions, and final answers for accuracy
     ranking = load_workload(workload)
     check_held_out(held_out, ranking.name, ranking.sha256, ranking.prompts)
 

@@ -30,14 +30,15 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
-            raise SurgeryError(f"{path}: {what} is {size} bytes, over the {MAX_JSON_BYTES} byte limit; {fix}")
+            limit = f"over the {MAX_JSON_BYTES} byte limit"
+            raise SurgeryError(f"{path.absolute()}: {what} is {size} bytes, {limit}; {fix}")
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SurgeryError(f"{path}: no such {what}; {fix}") from None
+        raise SurgeryError(f"{path.absolute()}: no such {what}; {fix}") from None
     except RecursionError:
-        raise SurgeryError(f"{path}: {what} is nested too deeply to be valid; {fix}") from None
+        raise SurgeryError(f"{path.absolute()}: {what} is nested too deeply to be valid; {fix}") from None
     except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, an integer of thousands of digits
-        raise SurgeryError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
+        raise SurgeryError(f"{path.absolute()}: {what} is not valid JSON ({e}); {fix}") from None
     if not isinstance(obj, dict):
         raise SurgeryError(f"{path}: {what} is not a JSON object; {fix}")
     return obj
@@ -81,6 +82,6 @@ def write_json_atomic(path: Path, obj: object, *, durable: bool = True) -> None:
 def check_new_file(path: Path, overwrite: bool) -> None:
     """Refuse an output file that exists (unless `overwrite`) or is a folder: the rule of every `-o`."""
     if path.is_dir():
-        raise SurgeryError(f"output {path} is a folder; pass a file path")
+        raise SurgeryError(f"output {path.absolute()} is a folder; pass a file path")
     if path.exists() and not overwrite:
-        raise SurgeryError(f"output {path} already exists; choose a new path or pass --overwrite")
+        raise SurgeryError(f"output {path.absolute()} already exists; choose a new path or pass --overwrite")

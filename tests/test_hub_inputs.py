@@ -138,7 +138,8 @@ def test_manifest_from_repo_ids_records_the_commit(hub: dict, tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     manifest = json.loads(out.read_text())
     assert manifest["source"]["path"] == "org/source" and manifest["source"]["revision"] == MAIN
-    assert manifest["target"]["path"] == "org/target@main" and manifest["target"]["revision"] == MAIN
+    # The repo id, pinned by its commit: `@main` as typed would name whatever main is later.
+    assert manifest["target"]["path"] == "org/target" and manifest["target"]["revision"] == MAIN
     assert manifest["target"]["fingerprint"] == open_checkpoint(hub["target"]).fingerprint
 
 

@@ -13,7 +13,7 @@ from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.fileio import check_new_file
-from surgery.manifest import Manifest, load_manifest, save_manifest
+from surgery.manifest import Manifest, load_manifest, ranked_elsewhere, save_manifest
 
 
 def rank(
@@ -73,8 +73,10 @@ def rank(
     only, why = None, "not scored"
     if candidates_from is not None:
         prior = load_manifest(candidates_from)
-        if (prior.source.fingerprint, prior.target.fingerprint) != (src.fingerprint, tgt.fingerprint):
-            raise SurgeryError(f"{candidates_from} was ranked for other checkpoints; rank this pair first")
+        elsewhere = ranked_elsewhere(prior, src, tgt)
+        if elsewhere is not None:
+            where = Path(candidates_from).absolute()
+            raise SurgeryError(f"--candidates-from {where}: {elsewhere}; rank this pair first")
         only = [m.name for m in prior.modules[:max_candidates]]
         why = f"outside the top {len(only)} of {Path(candidates_from).name} ({prior.method.name})"
     manifest = build_manifest(
@@ -85,8 +87,6 @@ def rank(
         src_stats=stats["source"],
         tgt_stats=stats["target"],
         seed=seed,
-        source_label=str(paths["source"]),
-        target_label=str(paths["target"]),
         workload=prompts,
         options=options,
         batch_size=batch_size,

@@ -229,13 +229,13 @@ def check_out(out: Path, inputs: dict[str, Path], overwrite: bool) -> Path:
     resolved = out.resolve()
     for what, folder in inputs.items():
         if resolved == folder or folder in resolved.parents:
-            raise SurgeryError(f"output {out} is inside the {what} checkpoint; choose a folder outside it")
+            raise SurgeryError(f"output {out.absolute()} is inside the {what} checkpoint; choose a folder outside it")
         if resolved in folder.parents:
-            raise SurgeryError(f"output {out} contains the {what} checkpoint; choose another folder")
+            raise SurgeryError(f"output {out.absolute()} contains the {what} checkpoint; choose another folder")
     if resolved.exists() and not overwrite:
-        raise SurgeryError(f"output {out} already exists; choose a new path or pass --overwrite")
+        raise SurgeryError(f"output {out.absolute()} already exists; choose a new path or pass --overwrite")
     if resolved.exists() and not resolved.is_dir():
-        raise SurgeryError(f"output {out} exists and is not a folder; remove it or choose another path")
+        raise SurgeryError(f"output {out.absolute()} exists and is not a folder; remove it or choose another path")
     return resolved
 
 

@@ -165,7 +165,7 @@ def evaluate(
     bench, problems = prepare(benchmark, limit, seed, shots)
     ckpt = open_checkpoint(model)
     ckpt.check_config()  # before transformers builds anything from it
-    patched = open_patch(patch) if patch is not None else None
+    patched = open_patch(patch, originals=False) if patch is not None else None
     tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
         lm = load_model(

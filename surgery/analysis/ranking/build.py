@@ -53,8 +53,6 @@ def build_manifest(
     src_stats: Stats | None = None,
     tgt_stats: Stats | None = None,
     seed: int | None = None,
-    source_label: str | None = None,
-    target_label: str | None = None,
     workload: PromptSet | None = None,
     options: ModelOptions | None = None,
     batch_size: int = 8,
@@ -69,8 +67,6 @@ def build_manifest(
         compat: their candidates and exclusions.
         src_stats, tgt_stats: profile stats, required by methods that need `stats`.
         seed: required by methods that need `seed` (`random`).
-        source_label, target_label: how to name the models in the manifest (default: their paths, or
-            repo ids for Hub snapshots, whose commit is recorded as the revision).
         workload: prompts with gold solutions, for methods that need `gold` (`taylor`, `swap-nll`).
         options: how those methods load and prompt the target (default `ModelOptions()`).
         batch_size: problems per forward pass for those methods.
@@ -160,8 +156,8 @@ def build_manifest(
     unscored = tuple((c.name, only_reason) for c in compat.candidates if c not in scored)
     return Manifest(
         created_by=f"surgery {__version__}",
-        source=_model_ref(src, source_label),
-        target=_model_ref(tgt, target_label),
+        source=_model_ref(src),
+        target=_model_ref(tgt),
         workload=recorded,
         method=Method(method, params),
         modules=entries,
@@ -169,8 +165,9 @@ def build_manifest(
     )
 
 
-def _model_ref(ckpt: Checkpoint, label: str | None) -> ModelRef:
+def _model_ref(ckpt: Checkpoint) -> ModelRef:
     # A Hub snapshot is named by its repo id and pinned by its commit: its cache path is machine-specific.
+    # A folder is named by its absolute path, so that the manifest reads the same from any folder.
     if ckpt.hub is not None:
-        return ModelRef(label or ckpt.hub.repo_id, ckpt.hub.commit, ckpt.fingerprint)
-    return ModelRef(label or str(ckpt.path), None, ckpt.fingerprint)
+        return ModelRef(ckpt.hub.repo_id, ckpt.hub.commit, ckpt.fingerprint)
+    return ModelRef(str(ckpt.path.absolute()), None, ckpt.fingerprint)

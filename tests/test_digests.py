@@ -37,7 +37,7 @@ def true_digests(folder: Path, names: list[str]) -> dict[str, str]:
     for n in names:
         ref = ckpt.tensors[n]
         with open(ref.shard.path, "rb") as f:
-            f.seek(ref.shard.data_start + ref.info.begin)
+            f.seek(ref.offset)
             out[n] = hashlib.sha256(f.read(ref.info.nbytes)).hexdigest()
     return out
 

@@ -128,7 +128,7 @@ def test_transplant_from_repo_ids_equals_transplant_from_folders(hub: dict, tmp_
 
 def _tensor_bytes(ref) -> bytes:
     with open(ref.shard.path, "rb") as f:
-        f.seek(ref.shard.data_start + ref.info.begin)
+        f.seek(ref.offset)
         return f.read(ref.info.nbytes)
 
 

@@ -50,7 +50,7 @@ def tensor_digests(ckpt: Checkpoint, names: Sequence[str], *, use_cache: bool = 
             for n in group:
                 if not (use_cache and n in cached):
                     ref = ckpt.tensors[n]
-                    hashed[n] = sha256_range(fd, ref.shard.data_start + ref.info.begin, ref.info.nbytes)
+                    hashed[n] = sha256_range(fd, ref.offset, ref.nbytes)
             known = {**cached, **hashed}
             settled = time.time_ns() - identity[3] > SETTLED_NS
             if hashed and settled and _identity(fd) == identity:

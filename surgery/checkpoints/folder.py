@@ -27,6 +27,24 @@ class TensorRef:
     shard: ShardHeader
     info: TensorInfo
 
+    @property
+    def path(self) -> Path:
+        """The file holding the tensor."""
+        return self.shard.path
+
+    @property
+    def offset(self) -> int:
+        """The absolute offset of the tensor's first byte in its file."""
+        return self.shard.data_start + self.info.begin
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
 
 @dataclass(frozen=True)
 class Checkpoint:

@@ -28,9 +28,7 @@ class TensorReader(ReadOnlyFiles):
     def __getitem__(self, name: str) -> torch.Tensor:
         ref = self.checkpoint.tensors[name]
         info = ref.info
-        return read_tensor(
-            self.fd(ref.shard.path), ref.shard.data_start + info.begin, info.nbytes, info.dtype, info.shape
-        )
+        return read_tensor(self.fd(ref.shard.path), ref.offset, info.nbytes, info.dtype, info.shape)
 
 
 @contextmanager

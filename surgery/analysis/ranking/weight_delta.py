@@ -20,12 +20,8 @@ def score(ctx: RankContext) -> dict[str, float]:
             diff = norm = 0.0
             for t in c.tensors:
                 s, g = ctx.source.tensors[t], ctx.target.tensors[t]
-                chunks_s = tensor_chunks(
-                    files.fd(s.shard.path), s.shard.data_start + s.info.begin, s.info.nbytes, s.info.dtype, elements
-                )
-                chunks_t = tensor_chunks(
-                    files.fd(g.shard.path), g.shard.data_start + g.info.begin, g.info.nbytes, g.info.dtype, elements
-                )
+                chunks_s = tensor_chunks(files.fd(s.shard.path), s.offset, s.info.nbytes, s.info.dtype, elements)
+                chunks_t = tensor_chunks(files.fd(g.shard.path), g.offset, g.info.nbytes, g.info.dtype, elements)
                 for a, b in zip(chunks_s, chunks_t, strict=True):
                     a64, b64 = a.to(torch.float64), b.to(torch.float64)
                     diff += torch.sum((a64 - b64) ** 2).item()

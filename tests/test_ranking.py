@@ -5,16 +5,29 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from surgery import SurgeryError, find_candidates, load_workload, open_checkpoint
-from surgery.analysis.ranking import METHODS, RANKING_METHODS, build_manifest, get_method, ranking_method
+from surgery.analysis.ranking import (
+    METHODS,
+    RANKING_METHODS,
+    baseline_method,
+    build_manifest,
+    get_method,
+    methods_that_need,
+    ranking_method,
+)
+from surgery.analysis.ranking.schema import PACKAGED, generated_schema, schema_text
 from surgery.manifest import schema
 from tests.test_profile import planted  # noqa: F401  (the fixture)
 
 ALL = list(RANKING_METHODS)
+GENERATOR = "python -m surgery.analysis.ranking.schema"
+# What each method's manifest records as `method.params`: the keys manifests have always had.
+RECORDED = {"stats": {"settings"}, "seed": {"seed"}, "gold": {"dtype", "chat"}}
 
 
 def test_registry_names_equal_the_schema_enum() -> None:
@@ -22,6 +35,24 @@ def test_registry_names_equal_the_schema_enum() -> None:
     assert list(METHODS) == schema()["properties"]["method"]["properties"]["name"]["enum"]
     committed = json.loads((Path(__file__).parents[1] / "manifests" / "schema.json").read_text())
     assert committed == schema()
+
+
+def test_the_schema_file_is_what_the_generator_writes() -> None:
+    # One schema, generated: a new method's name gets in by `python -m surgery.analysis.ranking.schema`.
+    assert generated_schema()["properties"]["method"]["properties"]["name"]["enum"] == list(RANKING_METHODS)
+    assert PACKAGED.read_text(encoding="utf-8") == schema_text(), f"{PACKAGED} is stale; run {GENERATOR}"
+    assert json.loads(schema_text()) == generated_schema()
+    published = Path(__file__).parents[1] / "manifests" / "schema.json"
+    assert published.resolve() == PACKAGED.resolve(), "manifests/schema.json is a link to the packaged schema"
+
+
+def test_sweeps_baseline_and_the_seed_methods_come_from_what_methods_declare() -> None:
+    assert baseline_method().name == "random" and "seed" in baseline_method().needs
+    assert methods_that_need("seed") == ["random", "random-changed"]
+    assert methods_that_need("stats")[0] == "lae"
+    with pytest.raises(ValueError, match="second baseline"):
+        ranking_method("another-random", baseline=True)(lambda ctx: {})
+    assert "another-random" not in RANKING_METHODS
 
 
 def test_unknown_method_lists_the_registered_ones() -> None:
@@ -55,6 +86,13 @@ def test_every_method_scores_finitely_and_deterministically(planted, method: str
     assert all(math.isfinite(m.score) for m in first.modules)
     assert [m.rank for m in first.modules] == list(range(1, len(first.modules) + 1))
     assert first.method.name == method
+    assert set(first.method.params) == set().union(*(RECORDED[n] for n in RANKING_METHODS[method].needs))
+    if "seed" in RANKING_METHODS[method].needs:
+        assert first.method.params == {"seed": 1}
+    if "stats" in RANKING_METHODS[method].needs:
+        assert first.method.params["settings"] == asdict(src_stats.meta.settings)
+    if "gold" in RANKING_METHODS[method].needs:
+        assert first.method.params == {"dtype": "auto", "chat": True}
     # Equal scores keep module order (candidate order), so the ranking never depends on a hash.
     order = [c.name for c in find_candidates(open_checkpoint(source), open_checkpoint(target)).candidates]
     for a, b in zip(first.modules, first.modules[1:], strict=False):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from surgery.analysis.profiling import profile
-from surgery.analysis.ranking import build_manifest, check_needs, get_method
+from surgery.analysis.ranking import build_manifest, check_needs, get_method, methods_that_need
 from surgery.analysis.stats import Requested, Stats, load_stats
 from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
 from surgery.checkpoints.candidates import find_candidates
@@ -79,7 +79,7 @@ def analyze(
         out: manifest path; stats are cached beside it.
         method: ranking method (see `surgery.analysis.ranking`); `taylor` by default (it needs a workload with
             gold solutions), `lae` for the paper's activation ranking.
-        seed: for the `random` method.
+        seed: for the methods that need one (`random`, `random-changed`).
         max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress, device: as in `profile`.
         overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
 
@@ -101,8 +101,8 @@ def analyze(
     compat = find_candidates(src, tgt, trust_remote_code)
     prompts = load_workload(workload)
     if "gold" in spec.needs:  # refused now, not after the target is loaded
-        hint = " (the default; --method lae ranks by activations, with any prompts)" if method == "taylor" else ""
-        require_solutions(prompts, f"method {method}{hint}")
+        hint = f"--method {methods_that_need('stats')[0]} ranks by activations, with any prompts"
+        require_solutions(prompts, f"method {method} ({hint})")
 
     stats: dict[str, Stats | None] = {"source": None, "target": None}
     if uses_stats:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from surgery.analysis.ranking import METHODS
+from surgery.analysis.ranking import METHODS, methods_that_need
 from surgery.checkpoints.options import ModelOptions
 from surgery.cli.evaluation import SELECT_OPTIONS, echo_selection
 from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
@@ -28,7 +28,7 @@ _profile_options = stack(
     MAX_MEMORY,
     model_options,
 )
-SEED = click.option("--seed", type=int, help="Seed for --method random.")
+SEED = click.option("--seed", type=int, help=f"Seed for --method {', '.join(methods_that_need('seed'))}.")
 
 
 def _method(default: str, why: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

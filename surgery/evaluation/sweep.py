@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from surgery.analysis.ranking import build_manifest
+from surgery.analysis.ranking import baseline_method, build_manifest
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import load_model, load_tokenizer
@@ -99,7 +99,8 @@ def sweep(
     compat = find_candidates(src, tgt, trust_remote_code)
     rankings = [(man.method.name, man.modules)]
     if random:
-        rankings.append(("random", build_manifest("random", src, tgt, compat, seed=random_seed).modules))
+        chance = baseline_method().name  # `random`: the registry's declared baseline
+        rankings.append((chance, build_manifest(chance, src, tgt, compat, seed=random_seed).modules))
     bench, problems = prepare(benchmark, limit, seed, shots)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def _plot(table: dict, path: Path) -> None:
     panels += (("recovery_pct", "recovery_ci95", 1), ("nll_recovery_pct", "nll_recovery_ci95", 1))
     reasons = {"tir": "tir_undefined", "recovery_pct": "recovery_undefined", "nll_recovery_pct": "nll_undefined"}
     for budget in table["max_new_tokens"]:
-        for method, style in ((table["method"], "-o"), ("random", "--x")):
+        for method, style in ((table["method"], "-o"), (baseline_method().name, "--x")):
             rows = [r for r in table["rows"] if r["max_new_tokens"] == budget and r["method"] == method]
             label = f"{method}, {budget} tok"
             for ax, (key, ci, scale) in zip(axes, panels, strict=True):

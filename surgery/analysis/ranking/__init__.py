@@ -12,8 +12,9 @@ One file per method, each registering one scoring function (see `registry.py`):
 - `random-changed`: a seeded shuffle of the modules whose weights differ; the baseline when an
   update touched only some modules.
 
-To add a method: a new file here with one `@ranking_method` function, its import below, and its
-name in the manifest schema's `method.name` enum.
+To add a method: a new file here with one `@ranking_method` function (its needs, and its parameters
+as a dataclass of `params.py`), its import below, then `python -m surgery.analysis.ranking.schema` to
+write its name into the manifest schema's `method.name` enum.
 """
 
 # isort: off
@@ -27,8 +28,10 @@ from surgery.analysis.ranking.registry import (
     RANKING_METHODS,
     RankContext,
     RankingMethod,
+    baseline_method,
     check_needs,
     get_method,
+    methods_that_need,
     ranking_method,
 )
 
@@ -40,10 +43,12 @@ __all__ = [
     "RANKING_METHODS",
     "RankContext",
     "RankingMethod",
+    "baseline_method",
     "build_manifest",
     "check_comparable",
     "check_needs",
     "check_stats_match",
     "get_method",
+    "methods_that_need",
     "ranking_method",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import TYPE_CHECKING
 
 from surgery.analysis.ranking.registry import RankContext, check_needs, get_method
@@ -96,7 +96,6 @@ def build_manifest(
         assert workload is not None
         require_solutions(workload, f"method {method}")
     options = options or ModelOptions()
-    params: dict = {}
     recorded = None  # the workload as the manifest records it
     if uses_stats:
         assert src_stats is not None and tgt_stats is not None
@@ -106,27 +105,31 @@ def build_manifest(
         missing = [n for n in names if n not in src_stats.mean]
         if missing:
             raise SurgeryError(f"stats lack module {missing[0]}; profile these checkpoints again")
-        w, settings = src_stats.meta.workload, src_stats.meta.settings
-        recorded = Workload(w.name, w.sha256, w.prompts, settings.max_new_tokens)
-        params["settings"] = asdict(settings)
-    if "seed" in spec.needs:
-        params["seed"] = seed
+        w = src_stats.meta.workload
+        recorded = Workload(w.name, w.sha256, w.prompts, src_stats.meta.settings.max_new_tokens)
     if uses_gold:
         assert workload is not None
         # Teacher-forced on the gold solutions: nothing is generated, so max_new_tokens is 0.
         recorded = Workload(workload.name, workload.sha256, len(workload.prompts), 0)
-        params |= {"dtype": options.dtype, "chat": options.chat}
+    # Each declared parameter is the request value of its name (the needs check above made it present).
+    request = {
+        "settings": src_stats.meta.settings if src_stats is not None else None,
+        "seed": seed,
+        "dtype": options.dtype,
+        "chat": options.chat,
+    }
+    params = spec.params(**{f.name: request[f.name] for f in fields(spec.params)})
     ctx = RankContext(
-        src,
-        tgt,
-        compat,
-        src_stats if uses_stats else None,
-        tgt_stats if uses_stats else None,
-        seed if "seed" in spec.needs else None,
-        workload if uses_gold else None,
-        options,
-        batch_size,
-        frozenset(only) if only is not None else None,
+        source=src,
+        target=tgt,
+        compat=compat,
+        params=params,
+        src_stats=src_stats if uses_stats else None,
+        tgt_stats=tgt_stats if uses_stats else None,
+        workload=workload if uses_gold else None,
+        options=options,
+        batch_size=batch_size,
+        only=frozenset(only) if only is not None else None,
     )
     scored = ctx.candidates
     if not scored:
@@ -159,7 +162,7 @@ def build_manifest(
         source=_model_ref(src),
         target=_model_ref(tgt),
         workload=recorded,
-        method=Method(method, params),
+        method=Method(method, asdict(params)),
         modules=entries,
         excluded=tuple((e.name, e.reason) for e in compat.excluded) + unscored,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from surgery.analysis.ranking.params import StatsParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 from surgery.errors import SurgeryError
 
@@ -11,7 +12,7 @@ from surgery.errors import SurgeryError
 _SE_FLOOR = 1e-12
 
 
-@ranking_method("consistency", needs=("stats",))
+@ranking_method("consistency", needs=("stats",), params=StatsParams)
 def score(ctx: RankContext) -> dict[str, float]:
     """Mean per-prompt difference over its standard error: a difference that holds on every prompt ranks first."""
     assert ctx.src_stats is not None and ctx.tgt_stats is not None

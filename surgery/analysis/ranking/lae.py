@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from surgery.analysis.ranking.params import StatsParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 
 
-@ranking_method("lae", needs=("stats",), reference="arXiv 2602.16189")
+@ranking_method("lae", needs=("stats",), params=StatsParams, reference="arXiv 2602.16189")
 def score(ctx: RankContext) -> dict[str, float]:
     """The paper's signed difference of mean |activation|, A_src - A_tgt."""
     assert ctx.src_stats is not None and ctx.tgt_stats is not None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from surgery.analysis.ranking.params import StatsParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 
 
-@ranking_method("lae-rel", needs=("stats",))
+@ranking_method("lae-rel", needs=("stats",), params=StatsParams)
 def score(ctx: RankContext) -> dict[str, float]:
     """|A_src - A_tgt| / (A_src + A_tgt): scale-free across modules."""
     assert ctx.src_stats is not None and ctx.tgt_stats is not None

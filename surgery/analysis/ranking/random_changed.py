@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import random
 
+from surgery.analysis.ranking.params import SeedParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 from surgery.checkpoints.streaming import CHUNK_BYTES, ReadOnlyFiles, read_chunks
 
 
-@ranking_method("random-changed", needs=("seed",))
-def score(ctx: RankContext) -> dict[str, float]:
+@ranking_method("random-changed", needs=("seed",), params=SeedParams)
+def score(ctx: RankContext[SeedParams]) -> dict[str, float]:
     """A seeded shuffle of the modules whose weights differ (scores in [0, 1)); unchanged modules score -1."""
-    assert ctx.seed is not None
-    rng = random.Random(ctx.seed)
+    rng = random.Random(ctx.params.seed)
     scores = {}
     with ReadOnlyFiles() as files:
         for c in ctx.candidates:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 
+from surgery.analysis.ranking.params import SeedParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 
 
-@ranking_method("random", needs=("seed",))
-def score(ctx: RankContext) -> dict[str, float]:
+@ranking_method("random", needs=("seed",), params=SeedParams, baseline=True)
+def score(ctx: RankContext[SeedParams]) -> dict[str, float]:
     """A seeded shuffle: the baseline any method must beat."""
-    assert ctx.seed is not None
-    rng = random.Random(ctx.seed)
+    rng = random.Random(ctx.params.seed)
     return {n: rng.random() for n in ctx.names}

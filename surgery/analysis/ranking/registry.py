@@ -2,17 +2,19 @@
 
 A method declares what it needs (`stats`: a profile of both models; `seed`: a seed; `gold`: a
 workload with gold solutions, to measure the task loss on the target), and one
-check here refuses a missing need with the same message for every method. Adding a method is one
-file in this folder with one `@ranking_method` function, plus its import in `__init__.py` and its
-name in the manifest schema's enum (a test keeps the two equal).
+check here refuses a missing need with the same message for every method. It declares the
+parameters its manifest records as a frozen dataclass (`params.py`). Adding a method is one file in
+this folder with one `@ranking_method` function, plus its import in `__init__.py`; the manifest
+schema's enum is generated from the registry (`schema.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from surgery.analysis.ranking.params import NoParams
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:  # torch comes with Stats; the CLI lists method names without 
     from surgery.checkpoints.folder import Checkpoint
 
 Need = Literal["stats", "seed", "gold"]
+P = TypeVar("P")
 # How to satisfy each need, on the command line and in the Python API.
 _NEED_HINTS: dict[str, str] = {
     "stats": "--source-stats and --target-stats",
@@ -31,16 +34,16 @@ _NEED_HINTS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class RankContext:
+@dataclass(frozen=True, kw_only=True)
+class RankContext(Generic[P]):
     """Everything a scoring function may read. Fields a method does not declare in `needs` may be None.
 
     Attributes:
         source, target: the checkpoints (memory-mapped through their headers, never loaded whole).
         compat: the candidate modules of the pair; `names` lists them in module order.
+        params: the method's declared parameters (`params=`), as its manifest records them.
         src_stats, tgt_stats: profile statistics of both models (`needs={"stats"}`), already
             checked to be comparable and to belong to these checkpoints.
-        seed: the seed (`needs={"seed"}`).
         workload: prompts with gold solutions (`needs={"gold"}`).
         options: how to load and prompt the target (`needs={"gold"}`).
         batch_size: problems per forward pass (`needs={"gold"}`).
@@ -50,9 +53,9 @@ class RankContext:
     source: Checkpoint
     target: Checkpoint
     compat: Compatibility
+    params: P
     src_stats: Stats | None = None
     tgt_stats: Stats | None = None
-    seed: int | None = None
     workload: PromptSet | None = None
     options: ModelOptions = field(default_factory=ModelOptions)
     batch_size: int = 8
@@ -73,31 +76,57 @@ Scorer = Callable[[RankContext], dict[str, float]]
 
 @dataclass(frozen=True)
 class RankingMethod:
-    """A registered method: its name (as written in manifests), scorer, needs and one-line summary."""
+    """A registered method: its name (as written in manifests), scorer, needs, parameters and one-line summary.
+
+    `baseline`: the chance ranking that `sweep` evaluates beside the manifest's (exactly one method is).
+    """
 
     name: str
     score: Scorer
     needs: frozenset[Need]
+    params: type
     summary: str
     reference: str | None = None
+    baseline: bool = False
 
 
 RANKING_METHODS: dict[str, RankingMethod] = {}
 
 
 def ranking_method(
-    name: str, *, needs: tuple[Need, ...] = (), reference: str | None = None
+    name: str,
+    *,
+    needs: tuple[Need, ...] = (),
+    params: type = NoParams,
+    reference: str | None = None,
+    baseline: bool = False,
 ) -> Callable[[Scorer], Scorer]:
     """Register `score(ctx) -> {module: score}` (higher = transplant first) under `name`.
 
-    The function's docstring's first line is the method's summary (shown by `--help`).
+    Args:
+        name: the method's name, as `--method` takes it and manifests record it.
+        needs: what it reads from the request; a missing one is refused before any work starts.
+        params: a frozen dataclass (`params.py`) whose fields `build_manifest` fills from the request
+            values of the same names; the manifest records it as `method.params`.
+        reference: where the method comes from, if published.
+        baseline: the chance ranking `sweep` compares against (one method only).
+
+    Returns:
+        The decorator; the function's docstring's first line is the method's summary (shown by `--help`).
+
+    Raises:
+        ValueError: `name` is registered already, or a second baseline is declared.
     """
 
     def register(score: Scorer) -> Scorer:
         if name in RANKING_METHODS:
             raise ValueError(f"ranking method {name!r} is registered twice; give the new one another name")
+        if baseline and any(m.baseline for m in RANKING_METHODS.values()):
+            raise ValueError(f"ranking method {name!r} is a second baseline; sweep compares against one")
         summary = (score.__doc__ or "").strip().splitlines()[0] if score.__doc__ else name
-        RANKING_METHODS[name] = RankingMethod(name, score, frozenset(needs), summary, reference)
+        RANKING_METHODS[name] = RankingMethod(
+            name, score, frozenset(needs), params, summary, reference=reference, baseline=baseline
+        )
         return score
 
     return register
@@ -112,6 +141,16 @@ def get_method(name: str) -> RankingMethod:
     if name not in RANKING_METHODS:
         raise SurgeryError(f"unknown method {name!r}; use one of {', '.join(RANKING_METHODS)}")
     return RANKING_METHODS[name]
+
+
+def baseline_method() -> RankingMethod:
+    """The chance ranking (`baseline=True`) that `sweep` evaluates beside a manifest's."""
+    return next(m for m in RANKING_METHODS.values() if m.baseline)
+
+
+def methods_that_need(need: Need) -> list[str]:
+    """The names of the registered methods that declare `need`, in registration order."""
+    return [m.name for m in RANKING_METHODS.values() if need in m.needs]
 
 
 def check_needs(method: RankingMethod, *, have_stats: bool, seed: int | None, have_gold: bool = False) -> None:

@@ -7,10 +7,11 @@ M0 --max-candidates N` limits it to the top N of another ranking.
 
 from __future__ import annotations
 
+from surgery.analysis.ranking.params import GoldParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 
 
-@ranking_method("swap-nll", needs=("gold",))
+@ranking_method("swap-nll", needs=("gold",), params=GoldParams)
 def score(ctx: RankContext) -> dict[str, float]:
     """Measured drop of the target's gold-solution NLL when the module alone is swapped in."""
     # Imported here: listing the registered methods must not import torch.

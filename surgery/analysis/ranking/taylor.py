@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+from surgery.analysis.ranking.params import GoldParams
 from surgery.analysis.ranking.registry import RankContext, ranking_method
 
 # The float32 logits of one backward batch; the log-softmax and both gradients are as large again.
@@ -40,7 +41,7 @@ def checkpoint_layers(model) -> int:
     return len(layers)
 
 
-@ranking_method("taylor", needs=("gold",))
+@ranking_method("taylor", needs=("gold",), params=GoldParams)
 def score(ctx: RankContext) -> dict[str, float]:
     """First-order predicted drop of the target's gold-solution NLL: -<dL/dW, W_src - W_tgt>."""
     # Imported here: listing the registered methods (the CLI's --method choices) must not import torch.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
@@ -21,6 +22,70 @@ def _load(folder: str | Path) -> tuple[dict, dict[str, bool], dict[str, float]]:
     return summary, {r["id"]: bool(r["correct"]) for r in records}, {r["id"]: r.get("nll", nan) for r in records}
 
 
+Interval = tuple[float, float] | list[float]  # a 95% interval: from the bootstrap, or as read from a summary
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline's results in a report: its folder, accuracy with its 95% Wilson interval, mean gold NLL."""
+
+    folder: str
+    accuracy: float
+    accuracy_ci95: Interval
+    nll: float | None
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One patched model against the baselines; an undefined metric is None and its `*_undefined` says why.
+
+    `nll_source` and `nll_target` are the baselines' gold NLL on the problems all three scored (None, and
+    left out of the JSON, where none has one).
+    """
+
+    patched: str
+    accuracy: float
+    accuracy_ci95: Interval
+    tir: float | None
+    tir_ci95: Interval | None
+    tir_undefined: str | None
+    recovery_pct: float | None
+    recovery_ci95: Interval | None
+    recovery_undefined: str | None
+    nll: float | None
+    nll_source: float | None
+    nll_target: float | None
+    nll_recovery_pct: float | None
+    nll_recovery_ci95: Interval | None
+    nll_undefined: str | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.nll is None:
+            del d["nll_source"], d["nll_target"]
+        return d
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `report` found (`to_dict` is the JSON `report -o` writes)."""
+
+    benchmark: str
+    problems: int
+    source: Baseline
+    target: Baseline
+    rows: tuple[ReportRow, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "benchmark": self.benchmark,
+            "problems": self.problems,
+            "source": asdict(self.source),
+            "target": asdict(self.target),
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
 def _nll_row(s_nll: dict[str, float], t_nll: dict[str, float], p_nll: dict[str, float], samples: int) -> dict:
     """Gold-NLL recovery: the share of the source-target NLL gap the patch closes, on problems all three scored.
 
@@ -28,7 +93,10 @@ def _nll_row(s_nll: dict[str, float], t_nll: dict[str, float], p_nll: dict[str, 
     """
     ids = [i for i in t_nll if all(x[i] == x[i] for x in (s_nll, t_nll, p_nll))]  # x == x drops NaN
     if not ids:
-        return {"nll": None, "nll_recovery_pct": None, "nll_recovery_ci95": None, "nll_undefined": "no gold NLL"}
+        return {
+            **dict.fromkeys(("nll", "nll_source", "nll_target", "nll_recovery_pct", "nll_recovery_ci95")),
+            "nll_undefined": "no gold NLL",
+        }
     s, t, p = ([x[i] for i in ids] for x in (s_nll, t_nll, p_nll))
     mean = [sum(v) / len(ids) for v in (s, t, p)]
     return {
@@ -41,7 +109,7 @@ def _nll_row(s_nll: dict[str, float], t_nll: dict[str, float], p_nll: dict[str, 
     }
 
 
-def report(source: str | Path, target: str | Path, patched: list[str | Path], samples: int = 2000) -> dict:
+def report(source: str | Path, target: str | Path, patched: list[str | Path], samples: int = 2000) -> Report:
     """Compute TIR and Recovery (with paired bootstrap 95% intervals) for each patched result.
 
     Args:
@@ -50,7 +118,7 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
         samples: bootstrap resamples.
 
     Returns:
-        {"source": acc, "target": acc, "rows": [...]}; undefined metrics are None with a reason.
+        The baselines and a row per patched result; undefined metrics are None with a reason.
 
     Raises:
         SurgeryError: the results are of different benchmarks, subsets or settings.
@@ -78,42 +146,32 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
         s, t, p = s_sum["accuracy"], t_sum["accuracy"], p_sum["accuracy"]
         intervals = paired_bootstrap([s_rec[i] for i in ids], [t_rec[i] for i in ids], [p_rec[i] for i in ids], samples)
         rows.append(
-            {
-                "patched": str(folder),
-                "accuracy": p,
-                "accuracy_ci95": p_sum["accuracy_ci95"],
-                "tir": tir(p, t),
-                "tir_ci95": intervals["tir"],
-                "tir_undefined": None if t > 0 else "target accuracy is 0",
-                "recovery_pct": recovery(p, t, s),
-                "recovery_ci95": intervals["recovery"],
-                "recovery_undefined": None if s != t else "source and target accuracies are equal (no gap)",
+            ReportRow(
+                patched=str(folder),
+                accuracy=p,
+                accuracy_ci95=p_sum["accuracy_ci95"],
+                tir=tir(p, t),
+                tir_ci95=intervals["tir"],
+                tir_undefined=None if t > 0 else "target accuracy is 0",
+                recovery_pct=recovery(p, t, s),
+                recovery_ci95=intervals["recovery"],
+                recovery_undefined=None if s != t else "source and target accuracies are equal (no gap)",
                 **_nll_row(s_nll, t_nll, p_nll, samples),
-            }
+            )
         )
-    return {
-        "benchmark": t_sum["benchmark"],
-        "problems": len(ids),
-        "source": {
-            "folder": str(source),
-            "accuracy": s,
-            "accuracy_ci95": s_sum["accuracy_ci95"],
-            "nll": s_sum.get("nll_mean"),
-        },
-        "target": {
-            "folder": str(target),
-            "accuracy": t,
-            "accuracy_ci95": t_sum["accuracy_ci95"],
-            "nll": t_sum.get("nll_mean"),
-        },
-        "rows": rows,
-    }
+    return Report(
+        t_sum["benchmark"],
+        len(ids),
+        Baseline(str(source), s_sum["accuracy"], s_sum["accuracy_ci95"], s_sum.get("nll_mean")),
+        Baseline(str(target), t_sum["accuracy"], t_sum["accuracy_ci95"], t_sum.get("nll_mean")),
+        tuple(rows),
+    )
 
 
-def markdown(result: dict) -> str:
+def markdown(result: Report) -> str:
     """The report as a markdown table."""
 
-    def pct(x: float, ci: list[float] | None = None) -> str:
+    def pct(x: float, ci: Interval | None = None) -> str:
         return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
     def metric(value: float | None, ci, why: str | None, fmt: str) -> str:
@@ -124,25 +182,25 @@ def markdown(result: dict) -> str:
     def nll(value: float | None) -> str:
         return "" if value is None else f" (gold NLL {value:.4f})"
 
-    s, t = result["source"], result["target"]
+    s, t = result.source, result.target
     lines = [
-        f"{result['benchmark']}, {result['problems']} problems. "
-        f"Source {pct(s['accuracy'], s['accuracy_ci95'])}{nll(s['nll'])}, "
-        f"target {pct(t['accuracy'], t['accuracy_ci95'])}{nll(t['nll'])}.",
+        f"{result.benchmark}, {result.problems} problems. "
+        f"Source {pct(s.accuracy, s.accuracy_ci95)}{nll(s.nll)}, "
+        f"target {pct(t.accuracy, t.accuracy_ci95)}{nll(t.nll)}.",
         "",
         "| patched | accuracy [95% CI] | TIR [95% CI] | Recovery % [95% CI] | gold NLL | NLL Recovery % [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in result.rows:
         lines.append(
-            f"| {r['patched']} | {pct(r['accuracy'], r['accuracy_ci95'])} "
-            f"| {metric(r['tir'], r['tir_ci95'], r['tir_undefined'], '.2f')} "
-            f"| {metric(r['recovery_pct'], r['recovery_ci95'], r['recovery_undefined'], '.1f')} "
-            f"| {'-' if r['nll'] is None else format(r['nll'], '.4f')} "
-            f"| {metric(r['nll_recovery_pct'], r['nll_recovery_ci95'], r['nll_undefined'], '.1f')} |"
+            f"| {r.patched} | {pct(r.accuracy, r.accuracy_ci95)} "
+            f"| {metric(r.tir, r.tir_ci95, r.tir_undefined, '.2f')} "
+            f"| {metric(r.recovery_pct, r.recovery_ci95, r.recovery_undefined, '.1f')} "
+            f"| {'-' if r.nll is None else format(r.nll, '.4f')} "
+            f"| {metric(r.nll_recovery_pct, r.nll_recovery_ci95, r.nll_undefined, '.1f')} |"
         )
     return "\n".join(lines)
 
 
-def save_report(result: dict, path: str | Path) -> None:
-    write_json_atomic(Path(path), result)
+def save_report(result: Report, path: str | Path) -> None:
+    write_json_atomic(Path(path), result.to_dict())

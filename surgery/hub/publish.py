@@ -72,7 +72,7 @@ def push(
         # A patch folder (`transplant --patch`): checked whole, sha256 included, before anything is sent.
         modules, what = open_patch(out).modules, "patch"
     else:
-        modules, what = check_output(out).get("modules", []), "transplant"
+        modules, what = list(check_output(out).modules), "transplant"
     api = api if api is not None else make_api()
     message = f"Upload {what}: {len(modules)} modules (surgery {__version__})"
     try:

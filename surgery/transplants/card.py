@@ -27,6 +27,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from surgery.checkpoints.candidates import Candidate
 from surgery.checkpoints.folder import Checkpoint
 from surgery.manifest import Manifest, ModuleEntry
+from surgery.transplants.records import SelectionOptions
 from surgery.version import __version__
 
 TAGS = ["model-transplant", "surgery"]
@@ -51,7 +52,7 @@ def model_card(
     modules: Sequence[Candidate | ModuleEntry],
     *,
     manifest: Manifest | None = None,
-    selection: dict | None = None,
+    selection: SelectionOptions | None = None,
     eval_summaries: Sequence[dict] = (),
     notes: Sequence[str] = (),
     manifest_file: str | None = None,
@@ -63,7 +64,7 @@ def model_card(
         target, source: the checkpoints the output was made from.
         modules: the transplanted modules, in selection order (manifest entries carry score and rank).
         manifest: the manifest they were selected from, if any (its method and workload are shown).
-        selection: the selection options (`top_k`, `only`, `layers`, `patterns`), as in `transplant.json`.
+        selection: the selection options, as in `transplant.json`.
         eval_summaries: evaluation summaries (see `load_eval_summary`) to report.
         notes: lines shown under the evaluation table (e.g. a summary of another model, attached with --force).
         manifest_file: the manifest's file name, for the command that reproduces the output.
@@ -96,7 +97,7 @@ def model_card(
         "",
         "## Selection",
         "",
-        *_selection_lines(manifest, selection or {}),
+        *_selection_lines(manifest, selection or SelectionOptions()),
         "",
         "## Transplanted modules",
         "",
@@ -112,7 +113,7 @@ def model_card(
         "```",
         "",
         "```bash",
-        _command(name, target, source, manifest_file, selection or {}),
+        _command(name, target, source, manifest_file, selection or SelectionOptions()),
         "```",
     ]
     if eval_summaries:
@@ -142,7 +143,7 @@ def patch_card(
     modules: Sequence[Candidate | ModuleEntry],
     *,
     manifest: Manifest | None = None,
-    selection: dict | None = None,
+    selection: SelectionOptions | None = None,
     reversible: bool = False,
 ) -> ModelCard:
     """Build the model card of a patch folder (`transplant --patch`): what it needs and how to apply it.
@@ -194,7 +195,7 @@ def patch_card(
         "",
         "## Selection",
         "",
-        *_selection_lines(manifest, selection or {}),
+        *_selection_lines(manifest, selection or SelectionOptions()),
         "",
         "## Transplanted modules",
         "",
@@ -203,18 +204,20 @@ def patch_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
-def _command(name: str, target: Checkpoint, source: Checkpoint, manifest_file: str | None, selection: dict) -> str:
+def _command(
+    name: str, target: Checkpoint, source: Checkpoint, manifest_file: str | None, selection: SelectionOptions
+) -> str:
     """The `surgery transplant` command that writes this output again (local inputs by folder name)."""
     parts = ["surgery transplant", f"-t {_ref(target)}", f"-s {_ref(source)}", f"-o {name}"]
     if manifest_file is not None:
         parts.append(f"-m {manifest_file}")
-    if selection.get("top_k") is not None and not selection.get("top_k_from"):
-        parts.append(f"-k {selection['top_k']}")
-    if selection.get("only"):
-        parts.append(f"--only {selection['only']}")
-    if selection.get("layers"):
-        parts.append(f"--layers {'-'.join(map(str, selection['layers']))}")
-    parts += [f"--module '{p}'" for p in selection.get("patterns") or ()]
+    if selection.top_k is not None and not selection.top_k_from:
+        parts.append(f"-k {selection.top_k}")
+    if selection.only:
+        parts.append(f"--only {selection.only}")
+    if selection.layers:
+        parts.append(f"--layers {'-'.join(map(str, selection.layers))}")
+    parts += [f"--module '{p}'" for p in selection.patterns]
     return " ".join(parts)
 
 
@@ -234,7 +237,7 @@ def _revision(c: Checkpoint) -> str:
     return f"{asked}`{c.hub.commit}`"
 
 
-def _selection_lines(manifest: Manifest | None, selection: dict) -> list[str]:
+def _selection_lines(manifest: Manifest | None, selection: SelectionOptions) -> list[str]:
     if manifest is None:
         lines = ["- by module name, no manifest"]
     else:
@@ -242,11 +245,11 @@ def _selection_lines(manifest: Manifest | None, selection: dict) -> list[str]:
         workload = f"`{w.name}` ({w.prompts} prompts, {w.max_new_tokens} new tokens)" if w else "none"
         lines = [f"- manifest: method `{manifest.method.name}`, workload {workload}"]
     options = {
-        "top-k": selection.get("top_k"),
-        "K": selection.get("top_k_from"),
-        "only": selection.get("only"),
-        "layers": "-".join(map(str, selection["layers"])) if selection.get("layers") else None,
-        "module patterns": ", ".join(f"`{p}`" for p in selection.get("patterns") or ()) or None,
+        "top-k": selection.top_k,
+        "K": selection.top_k_from,
+        "only": selection.only,
+        "layers": "-".join(map(str, selection.layers)) if selection.layers else None,
+        "module patterns": ", ".join(f"`{p}`" for p in selection.patterns) or None,
     }
     lines += [f"- {k}: {v}" for k, v in options.items() if v is not None]
     return lines

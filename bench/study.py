@@ -44,7 +44,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluation.generate import uses_chat
 from surgery.evaluation.metrics import mean_interval
 from surgery.evaluation.runner import RECORDS, prepare, problem_ids_sha256, read_records
-from surgery.evaluation.select import select
+from surgery.evaluation.select import choose_k
 from surgery.evaluation.summary import EvalSettings
 from surgery.evaluation.sweep import markdown, sweep
 from surgery.importers.from_gguf import import_gguf
@@ -306,7 +306,7 @@ def main() -> None:
     for method, manifest in paths.items() if args.select else ():
         print(f"[{time.perf_counter() - t0:.0f} s] select, {method}", flush=True)
         try:
-            sel = select(manifest, source, target, validation, study / "selected" / f"{method}.json", ks=own_ks[method],
+            sel = choose_k(manifest, source, target, validation, study / "selected" / f"{method}.json", ks=own_ks[method],
                          batch_size=args.batch_size, options=options, log=lambda _: None,
                          overwrite=True).selection  # fmt: skip
             assert sel is not None

@@ -14,8 +14,9 @@ from surgery.transplants.verify import VerificationError, verify
 from surgery.transplants.write import TransplantResult, transplant
 from surgery.version import __version__
 
-# The analysis API needs torch; it is imported on first use so that `import surgery` (and
-# `transplant`/`verify`, which only move bytes) stay free of it.
+# The analysis and evaluation API needs torch (and `push` huggingface_hub's upload client); each
+# is imported on first use so that `import surgery` (and `transplant`/`verify`, which only move
+# bytes) stay free of it.
 _LAZY = {
     "analyze": "surgery.analysis.analyze",
     "profile": "surgery.analysis.profiling",
@@ -24,6 +25,11 @@ _LAZY = {
     "import_gguf": "surgery.importers.from_gguf",
     "load_stats": "surgery.analysis.stats",
     "load_workload": "surgery.analysis.workloads",
+    "evaluate": "surgery.evaluation.runner",
+    "choose_k": "surgery.evaluation.select",
+    "sweep": "surgery.evaluation.sweep",
+    "report": "surgery.evaluation.report",
+    "push": "surgery.hub.publish",
 }
 
 
@@ -54,6 +60,8 @@ __all__ = [
     "apply",
     "apply_patch",
     "build_manifest",
+    "choose_k",
+    "evaluate",
     "find_candidates",
     "import_gguf",
     "load_manifest",
@@ -62,9 +70,12 @@ __all__ = [
     "open_checkpoint",
     "open_patch",
     "profile",
+    "push",
     "rank",
+    "report",
     "save_manifest",
     "select_modules",
+    "sweep",
     "transplant",
     "verify",
     "write_patch",

@@ -72,6 +72,7 @@ def test_records_of_older_versions_load(outputs: dict[str, Path]) -> None:
         ("patch", lambda d: d["tensors"][0].pop("sha256")),
         ("patch", lambda d: d["tensors"][0].update(shape=["4"])),
         ("patch", lambda d: d.pop("card")),
+        ("patch", lambda d: d.update(original=None)),  # reversible, without the target's headers
     ],
 )
 def test_a_malformed_record_is_refused_in_one_line(outputs: dict[str, Path], kind: str, breaks) -> None:

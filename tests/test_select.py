@@ -251,9 +251,9 @@ def test_select_names_the_checkpoint_the_manifest_was_not_ranked_for(pair: dict,
 
 def test_library_select_returns_its_table_and_prints_none(pair: dict, tmp_path: Path, capsys) -> None:
     """The table comes back in the result for the caller to print; stdout stays empty (issue 25 item 11b)."""
-    from surgery.evaluation.select import select
+    from surgery.evaluation.select import choose_k
 
-    result = select(pair["manifest"], pair["source"], pair["target"], pair["validation"], tmp_path / "m2.json",
+    result = choose_k(pair["manifest"], pair["source"], pair["target"], pair["validation"], tmp_path / "m2.json",
                     ks="1,2", min_recovery=99)  # fmt: skip
     assert result.selection.k == 2 and result.table.splitlines()[0] == "| K | mean gold NLL | Recovery [95% CI] |"
     assert "| 2 (chosen) |" in result.table

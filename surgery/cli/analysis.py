@@ -131,10 +131,10 @@ def analyze_cmd(
     manifest = analyze(source, target, workload, out, **settings, **options.kwargs())
     _summarize(manifest, out)
     if validation is not None:
-        from surgery.evaluation.select import select
+        from surgery.evaluation.select import choose_k
 
         batch = settings["batch_size"]
-        result = select(
+        result = choose_k(
             out, source, target, validation, out, **choice, options=options, batch_size=batch, overwrite=True
         )
         echo_selection(result)

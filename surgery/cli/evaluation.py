@@ -152,11 +152,11 @@ def select_cmd(
 ) -> None:
     """Choose K for the manifest (-m M, or MANIFEST) on held-out problems: swap the top K in memory for each K and
     measure Recovery."""
-    from surgery.evaluation.select import select
+    from surgery.evaluation.select import choose_k
 
     if manifest is not None and manifest_option is not None:
         raise SurgeryError("name the manifest either as MANIFEST or with -m, not both")
     manifest = manifest or manifest_option
     if manifest is None:
         raise SurgeryError("select needs a manifest: surgery select -m MANIFEST -s SOURCE -t TARGET ...")
-    echo_selection(select(manifest, out=out, options=options, **settings))
+    echo_selection(choose_k(manifest, out=out, options=options, **settings))

@@ -139,7 +139,7 @@ def check_auto_k(
     check_held_out(held_out, ranking.name, ranking.sha256, ranking.prompts)
 
 
-def select(
+def choose_k(
     manifest: str | Path,
     source: str | Path,
     target: str | Path,

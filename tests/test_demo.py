@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from surgery.cli import main
 from surgery.demo import run as demo
-from surgery.demo.pairs import QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
+from surgery.demo.pairs import ADDITION_SFT, QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
 from surgery.importers.from_gguf import import_gguf
 from tests.conftest import CHAT_TEMPLATE
 from tests.test_gguf_import import write_gguf
@@ -101,13 +101,22 @@ def test_qwen_rollback_recipe_updates_only_the_mlp_up_and_down_projections(tmp_p
 
 def test_the_large_demo_scores_gsm8k_with_a_budget_that_fits_its_answers() -> None:
     """The 1.5B demo's gap is a GSM8K gap (it once inherited the addition benchmark of the default demo)."""
-    qwen = demo.PRESETS["qwen-rollback"]
+    qwen = demo.PAIRS["qwen-rollback"].settings
     assert (qwen.benchmark, qwen.limit, qwen.eval_tokens, qwen.workload) == ("gsm8k", 100, 384, "gsm8k-train:32")
+
+
+def test_each_demo_pair_is_defined_once_and_the_cli_lists_them_all() -> None:
+    assert all(pair.settings.pair == name for name, pair in demo.PAIRS.items())
+    assert next(iter(demo.PAIRS)) == demo.DemoSettings().pair == "smollm2-addition"
+    assert demo.PAIRS["qwen-rollback"].recipe == QWEN_ROLLBACK and demo.PAIRS["qwen-rollback"].work == ".demo-large"
+    assert demo.PAIRS["smollm2-addition"].recipe == ADDITION_SFT
+    helped = CliRunner().invoke(main, ["demo", "--help"]).output
+    assert all(name in helped for name in demo.PAIRS)
 
 
 def test_addition_recipe_teaches_the_eval_format(tmp_path: Path, tiny_gguf: Path) -> None:
     base = import_gguf(tiny_gguf, tmp_path / "base")
-    recipe = Recipe(name="addition-sft", data="addition-train", steps=1, batch_size=2, max_tokens=32)
+    recipe = replace(ADDITION_SFT, steps=1, batch_size=2, max_tokens=32)
     source, target = build_pair(base, tmp_path / "pair", recipe, print)
     assert target == base and source == tmp_path / "pair" / "addition-sft"
     assert json.loads((source / "demo_recipe.json").read_text())["data"] == "addition-train"

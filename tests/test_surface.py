@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner, Result
@@ -216,3 +218,25 @@ def test_device_decides_where_the_model_goes(tmp_path: Path, monkeypatch) -> Non
     model = make_model(tmp_path / "m", 1)
     refused = cli("eval", model, "-b", "gsm8k", "--device", "cuda", "-o", tmp_path / "r")
     assert refused.exit_code == 2 and "torch sees no CUDA GPU" in refused.stderr and not (tmp_path / "r").exists()
+
+
+def test_every_stage_is_exported_from_surgery_and_import_surgery_stays_torch_free() -> None:
+    """evaluate, choose_k (`surgery select`), sweep, report and push from `surgery`, as the README imports them."""
+    code = (
+        "import sys, surgery;"
+        "print(sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules));"
+        "print(' '.join(getattr(surgery, n).__module__ for n in ('evaluate', 'choose_k', 'sweep', 'report', 'push')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    free, modules = done.stdout.splitlines()
+    assert free == "[]"
+    assert modules.split() == [
+        "surgery.evaluation.runner",
+        "surgery.evaluation.select",
+        "surgery.evaluation.sweep",
+        "surgery.evaluation.report",
+        "surgery.hub.publish",
+    ]
+    import surgery
+
+    assert {"evaluate", "choose_k", "sweep", "report", "push"} <= set(surgery.__all__)

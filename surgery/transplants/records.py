@@ -2,9 +2,9 @@
 
 Each record is a frozen dataclass: `to_dict` is the JSON object written (the same keys, in the same
 order, as surgery has always written them) and `from_dict` reads one back, refusing a malformed one in
-one line. Fields added after the first version are optional, so that records of older versions load:
-a transplant's `linked_shards` and `linked_sha256` (`--link`) and `patch` (written by `apply`), a
-patch's `target_config`.
+one line. Fields that not every record has are optional, so that records of older versions load: a
+transplant's `selection`, `linked_shards` and `linked_sha256` (`--link`) and `patch` (written by `apply`),
+a patch's `target_config`.
 """
 
 from __future__ import annotations

@@ -92,8 +92,9 @@ def rankings(
     stats = folder / "activations.json"
     for method in ACTIVATION_METHODS:
         if (method in methods or (method == "lae-rel" and "swap-nll" in methods)) and not paths[method].is_file():
-            analyze(source, target, args.workload, stats, method=method, max_new_tokens=args.analysis_tokens,
-                    batch_size=args.batch_size, dtype=options.dtype, progress=False, overwrite=True)  # fmt: skip
+            analyze(args.workload, stats, source=source, target=target, method=method,
+                    max_new_tokens=args.analysis_tokens, batch_size=args.batch_size, options=options,
+                    overwrite=True)  # fmt: skip
             shutil.copyfile(stats, paths[method])
     common = {"source": source, "target": target, "batch_size": args.batch_size, "options": options}
     # `make demo-large` ranked this pair with taylor on the same workload: reuse it when it did.
@@ -287,22 +288,22 @@ def main() -> None:
     for method in acc_methods:
         print(f"[{time.perf_counter() - t0:.0f} s] accuracy sweep, {method}", flush=True)
         # No random-K over all candidates: random-changed, swept into the same folder, is the baseline.
-        acc[method] = sweep(target, source, paths[method], args.acc_ks, args.budgets, "gsm8k", study / "acc",
-                            limit=args.acc_limit, batch_size=16, dtype=dtype, random=False,
-                            progress=False)  # fmt: skip
+        acc[method] = sweep(paths[method], "gsm8k", study / "acc", source=source, target=target, ks=args.acc_ks,
+                            max_new_tokens=args.budgets, limit=args.acc_limit, batch_size=16, random=False,
+                            options=options)  # fmt: skip
     tables = {}
     for method, manifest in paths.items():
         print(f"[{time.perf_counter() - t0:.0f} s] NLL sweep, {method}", flush=True)
-        tables[method] = sweep(target, source, manifest, own_ks[method], "1", "gsm8k", study / "nll",
-                               limit=args.nll_limit, batch_size=args.batch_size, dtype=dtype,
-                               progress=False)  # fmt: skip
+        tables[method] = sweep(manifest, "gsm8k", study / "nll", source=source, target=target, ks=own_ks[method],
+                               max_new_tokens="1", limit=args.nll_limit, batch_size=args.batch_size,
+                               options=options)  # fmt: skip
     validation = validation_workload(args)
     chosen: dict[str, str] = {}
     for method, manifest in paths.items() if args.select else ():
         print(f"[{time.perf_counter() - t0:.0f} s] select, {method}", flush=True)
         try:
-            sel = choose_k(manifest, source, target, validation, study / "selected" / f"{method}.json",
-                           ks=own_ks[method], batch_size=args.batch_size, options=options, log=lambda _: None,
+            sel = choose_k(manifest, validation, study / "selected" / f"{method}.json", source=source,
+                           target=target, ks=own_ks[method], batch_size=args.batch_size, options=options,
                            overwrite=True).selection  # fmt: skip
             assert sel is not None
             chosen[method] = str(sel.k)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import surgery.evaluation.runner as runner
-from surgery import find_candidates, open_checkpoint, save_manifest, transplant
+from surgery import ModelOptions, find_candidates, open_checkpoint, save_manifest, transplant
 from surgery.analysis.ranking import build_manifest
 from surgery.checkpoints.loading import load_model, load_tokenizer
 from surgery.evaluation.benchmarks import load_benchmark, prompt_messages, prompt_text, select_problems
@@ -89,22 +89,22 @@ def main() -> None:
     try:
         src, tgt = open_checkpoint(args.source), open_checkpoint(args.model)
         manifest = work / "wd.json"
-        save_manifest(build_manifest("weight-delta", src, tgt, find_candidates(src, tgt)), manifest)
+        save_manifest(build_manifest("weight-delta", find_candidates(src, tgt), source=src, target=tgt), manifest)
         ks = [int(k) for k in args.ks.split(",")]
 
         times = timed_evaluations()
         t0 = time.perf_counter()
         sweep(
-            tgt.path,
-            src.path,
             manifest,
-            args.ks,
-            str(args.max_new_tokens),
             "gsm8k",
             work / "sweep",
+            source=src.path,
+            target=tgt.path,
+            ks=args.ks,
+            max_new_tokens=str(args.max_new_tokens),
             limit=args.limit,
             batch_size=16,
-            progress=False,
+            options=ModelOptions(progress=False),
         )
         sweep_wall = time.perf_counter() - t0
         evals = sum(times)
@@ -131,7 +131,7 @@ def main() -> None:
                 limit=args.limit,
                 max_new_tokens=args.max_new_tokens,
                 batch_size=16,
-                progress=False,
+                options=ModelOptions(progress=False),
             )
             shutil.rmtree(out)
         naive = time.perf_counter() - t0

@@ -40,12 +40,15 @@ PARTS = ("generate", "analyze", "big")
 
 
 # Runs surgery.analysis.profiling.profile() with timers wrapped around its model load and its generation loop
-# (`_run`, hooks attached and removed inside). profile() looks both names up as module globals at
-# call time, so replacing them on the module is enough. argv: model workload out new batch max_memory
+# (`_run`, hooks attached and removed inside). profile() looks `_run` up, and `with_model` looks `load_model`
+# up, as module globals at call time, so replacing them on their modules is enough. argv: model workload out new
+# batch max_memory
 SURGERY_CHILD = """
 import json, sys, time
 import torch
 import surgery.analysis.profiling as sp
+import surgery.checkpoints.loading as loading
+from surgery.checkpoints.options import ModelOptions
 
 model, workload, out, new, batch, budget = sys.argv[1:7]
 timing = {}
@@ -60,11 +63,11 @@ def timed(key, fn):
             timing[key[:-2] + "_cpu_s"] = timing.get(key[:-2] + "_cpu_s", 0.0) + time.process_time() - c0
     return wrapper
 
-sp.load_model = timed("load_s", sp.load_model)
+loading.load_model = timed("load_s", loading.load_model)
 sp._run = timed("gen_s", sp._run)
 t0 = time.perf_counter()
 stats = sp.profile(model, workload, out, max_new_tokens=int(new), batch_size=int(batch),
-                   max_memory=budget or None, progress=False, overwrite=True)
+                   max_memory=budget or None, options=ModelOptions(progress=False), overwrite=True)
 timing["call_s"] = time.perf_counter() - t0
 print("BENCH " + json.dumps({**timing, "steps": stats.steps.tolist(), "threads": torch.get_num_threads()}))
 """

@@ -300,7 +300,7 @@ def write_manifest(pair, path: Path) -> Path:
     from surgery.analysis.ranking import build_manifest
 
     src, tgt = open_checkpoint(pair.source), open_checkpoint(pair.target)
-    save_manifest(build_manifest("random", src, tgt, find_candidates(src, tgt), seed=0), path)
+    save_manifest(build_manifest("random", find_candidates(src, tgt), source=src, target=tgt, seed=0), path)
     return path
 
 

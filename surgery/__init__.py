@@ -19,6 +19,7 @@ from surgery.version import __version__
 # bytes) stay free of it.
 _LAZY = {
     "analyze": "surgery.analysis.analyze",
+    "analyze_and_select": "surgery.evaluation.analyze_select",
     "profile": "surgery.analysis.profiling",
     "build_manifest": "surgery.analysis.ranking",
     "rank": "surgery.analysis.rank",
@@ -57,6 +58,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "analyze",
+    "analyze_and_select",
     "apply",
     "apply_patch",
     "build_manifest",

@@ -232,8 +232,25 @@ def ranked_elsewhere(manifest: Manifest, source: Checkpoint, target: Checkpoint)
     return f"manifest was made for {made}, not {' and '.join(str(ckpt.path) for _, _, ckpt in differ)}"
 
 
-def check_ranked_for(manifest: Manifest, source: Checkpoint, target: Checkpoint, force: bool) -> None:
+def check_ranked_for(
+    manifest: Manifest,
+    source: Checkpoint,
+    target: Checkpoint,
+    force: bool = False,
+    *,
+    path: str | Path | None = None,
+    forceable: bool = True,
+) -> None:
     """Refuse a manifest ranked for other checkpoints (see `ranked_elsewhere`); with `force`, warn and go on.
+
+    The one check of every command that takes a manifest with a pair (`transplant`, `sweep`, `select`,
+    `manifest --candidates-from`), with one message.
+
+    Args:
+        manifest, source, target: the manifest and the pair it is used with.
+        force: warn instead of refusing.
+        path: the manifest's file, named first in the message.
+        forceable: whether the command has `--force`; the message offers it only then.
 
     Raises:
         SurgeryError: the fingerprints differ and `force` is off.
@@ -241,8 +258,11 @@ def check_ranked_for(manifest: Manifest, source: Checkpoint, target: Checkpoint,
     msg = ranked_elsewhere(manifest, source, target)
     if msg is None:
         return
+    if path is not None:
+        msg = f"{Path(path).absolute()}: {msg}"
     if not force:
-        raise SurgeryError(f"{msg}; pass the checkpoints it was made for, or --force to use it anyway")
+        offer = ", or --force to use it anyway" if forceable else ""
+        raise SurgeryError(f"{msg}; pass the checkpoints it was made for{offer}")
     print(f"warning: {msg}; continuing because of --force", file=sys.stderr)
 
 

@@ -232,6 +232,19 @@ def test_auto_k_refuses_an_overlapping_validation_set_before_ranking(tmp_path: P
 
 
 def test_analyze_records_absolute_checkpoint_paths(tmp_path: Path, pair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_python_api_chooses_k_after_ranking_with_the_same_checks(tmp_path: Path, pair) -> None:
+    """analyze --auto-k's flow is the library's `analyze_and_select`: it refuses before ranking too (issue 26, 6)."""
+    from surgery import SurgeryError, analyze_and_select
+
+    src, tgt, w = pair
+    validation = tmp_path / "val.jsonl"
+    validation.write_text("".join(json.dumps({"prompt": p, "solution": "7 #### 7"}) + "\n" for p in PROMPTS[1:3]))
+    before = tree_digest(tmp_path)
+    with pytest.raises(SurgeryError, match="shares 2 prompts with the ranking workload"):
+        analyze_and_select(str(w), str(validation), tmp_path / "m.json", source=src, target=tgt, method="lae")
+    assert tree_digest(tmp_path) == before
+
+
     """Checkpoints typed relative are recorded absolute, as transplant.json records them, so that the manifest
     names them from any folder (issue 25 item 10)."""
     src, tgt, w = pair

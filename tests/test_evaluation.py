@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from surgery import open_checkpoint
 from surgery.analysis.nll import gold_nll
+from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.cli import main
 from surgery.evaluation.benchmarks import BENCHMARKS, grade
@@ -48,7 +49,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_eval(setup, out: Path, **kw) -> dict:
     """The summary as `summary.json` holds it."""
-    kw = {"max_new_tokens": 6, "batch_size": 4, "progress": False, **kw}
+    kw = {"max_new_tokens": 6, "batch_size": 4, "options": ModelOptions(progress=False), **kw}
     return evaluate(setup["target"], str(setup["bench"]), out, **kw).to_dict()
 
 
@@ -127,7 +128,7 @@ def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
     assert done.returncode == 0, done.stderr
     resumed = read_records(out / "records.jsonl")
     clean = tmp_path / "clean"
-    evaluate(setup["target"], str(bench), clean, max_new_tokens=6, batch_size=1, progress=False)
+    evaluate(setup["target"], str(bench), clean, max_new_tokens=6, batch_size=1, options=ModelOptions(progress=False))
     fresh = read_records(clean / "records.jsonl")
     assert [r["id"] for r in resumed] == [r["id"] for r in fresh]
     assert [r["output"] for r in resumed] == [r["output"] for r in fresh]
@@ -354,7 +355,9 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
         == 0
     )
     save_tokenizer(patched)
-    disk = evaluate(patched, str(setup["bench"]), tmp_path / "disk", limit=4, max_new_tokens=3, progress=False)
+    disk = evaluate(
+        patched, str(setup["bench"]), tmp_path / "disk", limit=4, max_new_tokens=3, options=ModelOptions(progress=False)
+    )
     in_memory = json.loads((out / "lae-k4-m3" / "summary.json").read_text())
     assert [r["output"] for r in read_records(out / "lae-k4-m3" / "records.jsonl")] == [
         r["output"] for r in read_records(tmp_path / "disk" / "records.jsonl")
@@ -386,6 +389,8 @@ def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
     single = tmp_path / "single"
     run_eval(setup, single, batch_size=2)
     args = ["eval", str(setup["target"]), "-b", str(setup["bench"]), "--max-new-tokens", "6", "--batch-size", "2"]
+    # Its settings are built as eval builds them: the dtype the weights were computed in, not --dtype's `auto`.
+    assert in_memory["settings"] == disk.settings.to_dict() and disk.settings.dtype == "float32"
     done = torchrun([*args, "-q", "-o", str(tmp_path / "dp")])
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = (read_records(d / "records.jsonl") for d in (single, tmp_path / "dp"))

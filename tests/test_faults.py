@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 
 import surgery.analysis.profiling
 from surgery import load_stats, profile, transplant
+from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints import staging
 from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, SyncBehind, output_lock
 from surgery.cli import main
@@ -280,7 +281,7 @@ def test_interrupted_profile_leaves_no_stats_file(
 
     monkeypatch.setattr(surgery.analysis.profiling, "_generate_batch", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        profile(model, str(workload), out, max_new_tokens=2, batch_size=2, progress=False)
+        profile(model, str(workload), out, max_new_tokens=2, batch_size=2, options=ModelOptions(progress=False))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -289,7 +290,7 @@ def test_profile_interrupted_while_writing_keeps_the_old_stats_whole(
 ) -> None:
     model, workload = chatty
     out = tmp_path / "s.safetensors"
-    profile(model, str(workload), out, max_new_tokens=2, progress=False)
+    profile(model, str(workload), out, max_new_tokens=2, options=ModelOptions(progress=False))
     before = out.read_bytes()
 
     def interrupt(fd: int) -> None:
@@ -297,7 +298,7 @@ def test_profile_interrupted_while_writing_keeps_the_old_stats_whole(
 
     monkeypatch.setattr(os, "fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        profile(model, str(workload), out, max_new_tokens=3, progress=False, overwrite=True)
+        profile(model, str(workload), out, max_new_tokens=3, options=ModelOptions(progress=False), overwrite=True)
     monkeypatch.undo()
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
     assert load_stats(out).meta.settings.max_new_tokens == 2

@@ -62,7 +62,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _rank(pair: dict, method: str, **kw):
     src, tgt = open_checkpoint(pair["source"]), open_checkpoint(pair["target"])
     return build_manifest(
-        method, src, tgt, find_candidates(src, tgt), workload=load_workload(pair["workload"]), batch_size=2, **kw
+        method,
+        find_candidates(src, tgt),
+        source=src,
+        target=tgt,
+        workload=load_workload(pair["workload"]),
+        batch_size=2,
+        **kw,
     )
 
 
@@ -157,9 +163,11 @@ def test_a_workload_without_solutions_is_refused(pair: dict, tmp_path: Path) -> 
             SurgeryError, match=f"method {method} needs gold solutions, and workload plain.jsonl has none"
         ):
             src, tgt = open_checkpoint(pair["source"]), open_checkpoint(pair["target"])
-            build_manifest(method, src, tgt, find_candidates(src, tgt), workload=load_workload(str(plain)))
+            build_manifest(
+                method, find_candidates(src, tgt), source=src, target=tgt, workload=load_workload(str(plain))
+            )
         with pytest.raises(SurgeryError, match=f"method {method} needs --workload with gold solutions"):
-            build_manifest(method, src, tgt, find_candidates(src, tgt))
+            build_manifest(method, find_candidates(src, tgt), source=src, target=tgt)
     r = CliRunner().invoke(
         main,
         ["manifest", "-s", str(pair["source"]), "-t", str(pair["target"]), "--method", "taylor", "-w", str(plain),

@@ -154,3 +154,14 @@ def test_a_manifest_for_other_checkpoints_names_each_that_differs(
     assert ranked_elsewhere(man, tgt, src) == (
         f"manifest was made for source source ({fs}…) and target target ({ft}…), not {tgt.path} and {src.path}"
     )
+    # One check with one message for every command (issue 26 item 4); --force is offered where the command has it.
+    from surgery.manifest import check_ranked_for
+
+    made = f"manifest was made for target target ({ft}…), not {src.path}; pass the checkpoints it was made for"
+    with pytest.raises(SurgeryError) as e:
+        check_ranked_for(man, src, src, path="m.json", forceable=False)
+    assert str(e.value) == f"{Path('m.json').absolute()}: {made}"
+    with pytest.raises(SurgeryError) as e:
+        check_ranked_for(man, src, src)
+    assert str(e.value) == f"{made}, or --force to use it anyway"
+    check_ranked_for(man, src, src, force=True)  # a warning, no refusal

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from surgery import SurgeryError, find_candidates, open_checkpoint
+from surgery import ModelOptions, SurgeryError, find_candidates, open_checkpoint
 from surgery.analysis.profiling import profile
 from surgery.analysis.ranking import build_manifest
 from surgery.analysis.stats import load_stats
@@ -124,7 +124,7 @@ def test_stats_file_is_deterministic_and_complete(tmp_path: Path, model: Path) -
 def test_no_chat_changes_the_prompts(tmp_path: Path, model: Path) -> None:
     w = workload(tmp_path, PROMPTS[:2])
     chat = profile(model, w, None, max_new_tokens=2)
-    plain = profile(model, w, None, max_new_tokens=2, chat=False)
+    plain = profile(model, w, None, max_new_tokens=2, options=ModelOptions(chat=False))
     assert plain.meta.settings.chat is False and chat.meta.settings.chat is True
     assert plain.mean != chat.mean
 
@@ -161,7 +161,9 @@ def planted(tmp_path_factory: pytest.TempPathFactory):
 
 def _manifest(method: str, source: Path, target: Path, src_stats=None, tgt_stats=None):
     src, tgt = open_checkpoint(source), open_checkpoint(target)
-    return build_manifest(method, src, tgt, find_candidates(src, tgt), src_stats=src_stats, tgt_stats=tgt_stats)
+    return build_manifest(
+        method, find_candidates(src, tgt), source=src, target=tgt, src_stats=src_stats, tgt_stats=tgt_stats
+    )
 
 
 def test_planted_last_down_proj_is_the_only_difference(planted) -> None:
@@ -206,15 +208,15 @@ def test_ranking_methods(planted) -> None:
     assert rel.score == pytest.approx(abs(m.a_src - m.a_tgt) / (m.a_src + m.a_tgt))
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     compat = find_candidates(src, tgt)
-    r1 = build_manifest("random", src, tgt, compat, seed=7)
-    r2 = build_manifest("random", src, tgt, compat, seed=7)
-    r3 = build_manifest("random", src, tgt, compat, seed=8)
+    r1 = build_manifest("random", compat, source=src, target=tgt, seed=7)
+    r2 = build_manifest("random", compat, source=src, target=tgt, seed=7)
+    r3 = build_manifest("random", compat, source=src, target=tgt, seed=8)
     assert r1 == r2 and [m.name for m in r1.modules] != [m.name for m in r3.modules]
     assert r1.workload is None and r1.modules[0].a_src is None
     with pytest.raises(SurgeryError, match="method random needs --seed"):
-        build_manifest("random", src, tgt, compat)
+        build_manifest("random", compat, source=src, target=tgt)
     with pytest.raises(SurgeryError, match="method lae needs --source-stats and --target-stats"):
-        build_manifest("lae", src, tgt, compat)
+        build_manifest("lae", compat, source=src, target=tgt)
 
 
 def test_incomparable_stats_are_refused(tmp_path: Path, planted, model: Path) -> None:
@@ -224,12 +226,12 @@ def test_incomparable_stats_are_refused(tmp_path: Path, planted, model: Path) ->
     compat = find_candidates(src, tgt)
     longer = profile(source, workload(tmp_path, PROMPTS[:4]), None, max_new_tokens=2)
     with pytest.raises(SurgeryError, match="stats differ in settings max_new_tokens: source has 2, target has 1"):
-        build_manifest("lae", src, tgt, compat, src_stats=longer, tgt_stats=tgt_stats)
+        build_manifest("lae", compat, source=src, target=tgt, src_stats=longer, tgt_stats=tgt_stats)
     other = profile(source, workload(tmp_path, PROMPTS[4:]), None, max_new_tokens=1)
     with pytest.raises(SurgeryError, match="stats differ in workload sha256"):
-        build_manifest("lae", src, tgt, compat, src_stats=other, tgt_stats=tgt_stats)
+        build_manifest("lae", compat, source=src, target=tgt, src_stats=other, tgt_stats=tgt_stats)
     with pytest.raises(SurgeryError, match=r"source stats were measured on .* not .*fingerprint differs"):
-        build_manifest("lae", src, tgt, compat, src_stats=tgt_stats, tgt_stats=tgt_stats)
+        build_manifest("lae", compat, source=src, target=tgt, src_stats=tgt_stats, tgt_stats=tgt_stats)
     small = profile(model, workload(tmp_path, PROMPTS[:4]), None, max_new_tokens=1)
     with pytest.raises(SurgeryError, match="stats cover different modules"):
-        build_manifest("lae", src, tgt, compat, src_stats=small, tgt_stats=tgt_stats)
+        build_manifest("lae", compat, source=src, target=tgt, src_stats=small, tgt_stats=tgt_stats)

@@ -73,7 +73,7 @@ def _rank(method: str, source: Path, target: Path, src_stats, tgt_stats, seed: i
         path = target.parent / "gold.jsonl"
         path.write_text("".join(json.dumps({"prompt": p, "solution": f"{p} 42"}) + "\n" for p in ("1+1?", "Hi")))
         extra["workload"] = load_workload(str(path))
-    return build_manifest(method, src, tgt, find_candidates(src, tgt), seed=seed, **extra)
+    return build_manifest(method, find_candidates(src, tgt), source=src, target=tgt, seed=seed, **extra)
 
 
 @pytest.mark.parametrize("method", ALL)

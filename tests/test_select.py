@@ -245,7 +245,7 @@ def test_select_names_the_checkpoint_the_manifest_was_not_ranked_for(pair: dict,
     ref = load_manifest(pair["manifest"]).source
     assert r.output == (
         f"error: {pair['manifest']}: manifest was made for source {ref.path} ({ref.fingerprint[:19]}…), "
-        f"not {Path(pair['target']).resolve()}; pass the source and target it names\n"
+        f"not {Path(pair['target']).resolve()}; pass the checkpoints it was made for\n"
     )
 
 
@@ -253,8 +253,8 @@ def test_library_select_returns_its_table_and_prints_none(pair: dict, tmp_path: 
     """The table comes back in the result for the caller to print; stdout stays empty (issue 25 item 11b)."""
     from surgery.evaluation.select import choose_k
 
-    result = choose_k(pair["manifest"], pair["source"], pair["target"], pair["validation"], tmp_path / "m2.json",
-                    ks="1,2", min_recovery=99)  # fmt: skip
+    result = choose_k(pair["manifest"], pair["validation"], tmp_path / "m2.json", source=pair["source"],
+                    target=pair["target"], ks="1,2", min_recovery=99)  # fmt: skip
     assert result.selection.k == 2 and result.table.splitlines()[0] == "| K | mean gold NLL | Recovery [95% CI] |"
     assert "| 2 (chosen) |" in result.table
     assert capsys.readouterr().out == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from surgery import open_checkpoint
+from surgery import ModelOptions, open_checkpoint
 from surgery.cli import main
 from surgery.cli.options import size
 from tests.conftest import make_model, tree_digest, write_manifest
@@ -208,10 +208,10 @@ def test_device_decides_where_the_model_goes(tmp_path: Path, monkeypatch) -> Non
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    loading.load_model(tmp_path, device="auto")
-    loading.load_model(tmp_path, device="cpu")
-    loading.load_model(tmp_path, device="cpu", max_memory="1GiB")
-    loading.load_model(tmp_path, device="auto", max_memory="1GiB")
+    loading.load_model(tmp_path, ModelOptions(device="auto"))
+    loading.load_model(tmp_path, ModelOptions(device="cpu"))
+    loading.load_model(tmp_path, ModelOptions(device="cpu"), max_memory="1GiB")
+    loading.load_model(tmp_path, ModelOptions(device="auto"), max_memory="1GiB")
     assert seen[0]["device_map"] == "cuda" and "device_map" not in seen[1]
     assert seen[2]["max_memory"] == {"cpu": 2**30} and seen[3]["max_memory"] == {0: 2**30, 1: 2**30, "cpu": 2**30}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -34,7 +34,7 @@ def stats_paths(manifest_path: Path) -> tuple[Path, Path]:
     )
 
 
-def _cached(path: Path, ckpt: Checkpoint, prompts: PromptSet, max_new_tokens: int, chat: bool, dtype: str):
+def _cached(path: Path, ckpt: Checkpoint, prompts: PromptSet, max_new_tokens: int, options: ModelOptions):
     """The cached stats at `path` if they were made for exactly this request, else None."""
     if not path.is_file():
         return None
@@ -47,46 +47,48 @@ def _cached(path: Path, ckpt: Checkpoint, prompts: PromptSet, max_new_tokens: in
         meta.model.fingerprint == ckpt.fingerprint
         and meta.workload.sha256 == prompts.sha256
         and meta.settings.max_new_tokens == max_new_tokens
-        and meta.requested == Requested(chat, dtype)
+        and meta.requested == Requested(options.chat, options.dtype)
     )
     return stats if same else None
 
 
 def analyze(
-    source: str | Path,
-    target: str | Path,
     workload: str,
     out: str | Path,
     *,
+    source: str | Path,
+    target: str | Path,
     method: str = "taylor",
     seed: int | None = None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
-    chat: bool = True,
-    dtype: str = "auto",
     max_memory: str | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
+    options: ModelOptions | None = None,
     overwrite: bool = False,
-    device: str = "auto",
 ) -> Manifest:
     """Profile both models one at a time on `workload` and write a ranked manifest to `out`.
 
     Args:
-        source: checkpoint that is good at the task.
-        target: checkpoint to be patched.
         workload: workload spec (see `surgery.analysis.workloads.load_workload`).
         out: manifest path; stats are cached beside it.
+        source: checkpoint that is good at the task.
+        target: checkpoint to be patched.
         method: ranking method (see `surgery.analysis.ranking`); `taylor` by default (it needs a workload with
             gold solutions), `lae` for the paper's activation ranking.
-        seed: for the methods that need one (`random`, `random-changed`).
-        max_new_tokens, batch_size, chat, dtype, max_memory, trust_remote_code, progress, device: as in `profile`.
+        seed: for the `random` method.
+        max_new_tokens, batch_size, max_memory, options: as in `profile` (`options` also for the loss-based
+            methods, which load the target themselves).
         overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
 
     Returns:
         The manifest written; it names the checkpoints by absolute path (a Hub input by its repo id and commit),
         so that it reads the same from any folder.
+
+    Raises:
+        SurgeryError: bad settings, an output that exists (without `overwrite`), a workload the method cannot
+            use, or a checkpoint that cannot be read.
     """
+    options = options or ModelOptions()
     out = Path(out)
     check_new_file(out.absolute(), overwrite)
     # Validate everything before the (slow) profiling starts.
@@ -94,20 +96,20 @@ def analyze(
     uses_stats = "stats" in spec.needs
     # Stats come from the profiles below; every other need is checked now.
     check_needs(spec, have_stats=True, seed=seed, have_gold=True)
-    check_generation_options(max_new_tokens, batch_size, max_memory, device)
+    check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out.absolute()} should end in .json")
     src, tgt = open_checkpoint(source), open_checkpoint(target)
-    compat = find_candidates(src, tgt, trust_remote_code)
+    compat = find_candidates(src, tgt, options.trust_remote_code)
     prompts = load_workload(workload)
     if "gold" in spec.needs:  # refused now, not after the target is loaded
-        hint = f"--method {methods_that_need('stats')[0]} ranks by activations, with any prompts"
-        require_solutions(prompts, f"method {method} ({hint})")
+        by_activations = ", ".join(methods_that_need("stats"))
+        require_solutions(prompts, f"method {method} (--method {by_activations} rank by activations, with any prompts)")
 
     stats: dict[str, Stats | None] = {"source": None, "target": None}
     if uses_stats:
         for (what, ckpt), path in zip((("source", src), ("target", tgt)), stats_paths(out), strict=True):
-            cached = _cached(path, ckpt, prompts, max_new_tokens, chat, dtype)
+            cached = _cached(path, ckpt, prompts, max_new_tokens, options)
             if cached is not None:
                 print(f"{what}: reusing {path}", file=sys.stderr)
                 stats[what] = cached
@@ -119,26 +121,20 @@ def analyze(
                 path,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
-                chat=chat,
-                dtype=dtype,
                 max_memory=max_memory,
-                trust_remote_code=trust_remote_code,
-                progress=progress,
+                options=options,
                 overwrite=True,  # a cache entry of ours, stale or from an interrupted run
-                device=device,
             )
     manifest = build_manifest(
         method,
-        src,
-        tgt,
         compat,
+        source=src,
+        target=tgt,
         src_stats=stats["source"],
         tgt_stats=stats["target"],
         seed=seed,
         workload=prompts,
-        options=ModelOptions(
-            dtype=dtype, chat=chat, trust_remote_code=trust_remote_code, progress=progress, device=device
-        ),  # type: ignore[arg-type]
+        options=options,
         batch_size=batch_size,
     )
     save_manifest(manifest, out)

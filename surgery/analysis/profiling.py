@@ -11,9 +11,7 @@ counting, and left-padding never counts because only the last position is read.
 
 from __future__ import annotations
 
-import gc
 import inspect
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from surgery.analysis.stats import ModelInfo, ProfileSettings, Requested, Stats,
 from surgery.analysis.workloads import PromptSet, load_workload
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
-from surgery.checkpoints.loading import chat_text, check_generation_options, input_device, load_model, load_tokenizer
+from surgery.checkpoints.loading import chat_text, check_generation_options, input_device, load_tokenizer, with_model
+from surgery.checkpoints.options import ModelOptions
 from surgery.distributed import all_sum, barrier, dist_info, init, mine
 from surgery.fileio import check_new_file
 from surgery.progress import progress_bar
@@ -160,13 +159,9 @@ def profile(
     *,
     max_new_tokens: int = 128,
     batch_size: int = 8,
-    chat: bool = True,
-    dtype: str = "auto",
     max_memory: str | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
+    options: ModelOptions | None = None,
     overwrite: bool = False,
-    device: str = "auto",
 ) -> Stats:
     """Record the activation statistics of every candidate module of one model.
 
@@ -176,13 +171,10 @@ def profile(
         out: where to write the stats file; None to only return the stats.
         max_new_tokens: greedy decoding steps per prompt at most.
         batch_size: prompts per forward pass (does not change the result beyond float noise).
-        chat: apply the tokenizer's chat template when it has one.
-        dtype: compute dtype: `auto` (the checkpoint's), `float32`, `bfloat16`, `float16`.
         max_memory: RAM budget such as `2GiB`; larger models are offloaded to disk.
-        trust_remote_code: allow custom model code.
-        progress: show a progress bar over prompts (only on a terminal).
+        options: how the model is loaded and prompted (dtype, chat template, device, trust_remote_code,
+            a progress bar over prompts); default `ModelOptions()`.
         overwrite: replace an existing `out`.
-        device: `auto`, `cpu` or `cuda` (see `load_model`).
 
     Returns:
         The statistics (also written to `out`).
@@ -190,41 +182,38 @@ def profile(
     Raises:
         SurgeryError: bad settings, workload, or checkpoint.
     """
+    options = options or ModelOptions()
     if out is not None:
         check_new_file(Path(out), overwrite)
-    check_generation_options(max_new_tokens, batch_size, max_memory, device)
+    check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
     prompt_set = load_workload(workload) if isinstance(workload, str) else workload
     ckpt = open_checkpoint(model)
     # The candidates of a model against itself: every leaf Linear it could give or receive.
-    names = [c.name for c in find_candidates(ckpt, ckpt, trust_remote_code).candidates]
-    tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
-    texts, used_chat = render_prompts(tokenizer, prompt_set.prompts, chat)
+    names = [c.name for c in find_candidates(ckpt, ckpt, options.trust_remote_code).candidates]
+    tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
+    texts, used_chat = render_prompts(tokenizer, prompt_set.prompts, options.chat)
     encoded = [tokenizer(t, add_special_tokens=not used_chat)["input_ids"] for t in texts]
     # Under torchrun each rank profiles every WORLD_SIZE-th prompt; the sums are all-reduced below.
     rank, world = dist_info()
     init(world)
     share = mine(len(encoded), rank, world)
     recorder = _Recorder(names, len(share))
-    with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload_dir:
-        lm = load_model(
-            ckpt.path, dtype, max_memory, trust_remote_code, Path(offload_dir), progress=progress, device=device
+
+    def run(lm) -> tuple[torch.Tensor, str]:
+        steps = _run(
+            lm,
+            tokenizer,
+            [encoded[i] for i in share],
+            recorder,
+            max_new_tokens,
+            batch_size,
+            f"profile {ckpt.path.name}",
+            options.progress,
         )
-        try:
-            my_steps = _run(
-                lm,
-                tokenizer,
-                [encoded[i] for i in share],
-                recorder,
-                max_new_tokens,
-                batch_size,
-                f"profile {ckpt.path.name}",
-                progress,
-            )
-            dtype_used = str(next(lm.parameters()).dtype).removeprefix("torch.")
-        finally:
-            # Free the model before returning: `analyze` profiles the next one right after.
-            del lm
-            gc.collect()
+        return steps, str(next(lm.parameters()).dtype).removeprefix("torch.")
+
+    # The model is freed before this returns: `analyze` profiles the next one right after.
+    my_steps, dtype_used = with_model(ckpt.path, options, run, max_memory=max_memory)
 
     # Every rank's prompts into their columns; the other columns are 0, so the sum is the whole.
     all_sums = torch.zeros(len(names), len(encoded), dtype=torch.float64)
@@ -241,7 +230,7 @@ def profile(
         workload=WorkloadInfo(prompt_set.name, prompt_set.sha256, len(texts)),
         settings=ProfileSettings(max_new_tokens, used_chat, dtype_used),
         # What was asked for, so a cached stats file can be matched to a request without loading the model.
-        requested=Requested(chat, dtype),
+        requested=Requested(options.chat, options.dtype),
         modules=tuple(names),
         batch_size=batch_size,
         versions=library_versions(),

@@ -13,7 +13,7 @@ from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.fileio import check_new_file
-from surgery.manifest import Manifest, load_manifest, ranked_elsewhere, save_manifest
+from surgery.manifest import Manifest, check_ranked_for, load_manifest, save_manifest
 
 
 def rank(
@@ -73,17 +73,14 @@ def rank(
     only, why = None, "not scored"
     if candidates_from is not None:
         prior = load_manifest(candidates_from)
-        elsewhere = ranked_elsewhere(prior, src, tgt)
-        if elsewhere is not None:
-            where = Path(candidates_from).absolute()
-            raise SurgeryError(f"--candidates-from {where}: {elsewhere}; rank this pair first")
+        check_ranked_for(prior, src, tgt, path=candidates_from, forceable=False)
         only = [m.name for m in prior.modules[:max_candidates]]
         why = f"outside the top {len(only)} of {Path(candidates_from).name} ({prior.method.name})"
     manifest = build_manifest(
         method,
-        src,
-        tgt,
         find_candidates(src, tgt, options.trust_remote_code),
+        source=src,
+        target=tgt,
         src_stats=stats["source"],
         tgt_stats=stats["target"],
         seed=seed,

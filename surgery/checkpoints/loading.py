@@ -8,19 +8,23 @@ place from the checkpoint's safetensors files, so a model larger than RAM still 
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
-from surgery.checkpoints.options import DEVICES
+from surgery.checkpoints.options import DEVICES, ModelOptions
 from surgery.errors import SurgeryError, one_line
 
 _DTYPES = {"auto": "auto", "fast": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU flags of native bfloat16 matmuls (Linux /proc/cpuinfo names).
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+T = TypeVar("T")
 
 
 def native_bf16() -> bool:
@@ -103,40 +107,68 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(
-    path: Path,
-    dtype: str = "auto",
-    max_memory: str | None = None,
-    trust_remote_code: bool = False,
-    offload_dir: Path | None = None,
-    *,
-    progress: bool = True,
-    device: str = "auto",
-):
-    """Load a causal LM for inference, on the GPU if there is one (unless `device` says otherwise).
+def with_model(path: Path, options: ModelOptions, work: Callable[[Any], T], *, max_memory: str | None = None) -> T:
+    """Load the model at `path` (see `load_model`), run `work(model)`, then free the model before returning.
+
+    The one way surgery's commands load a model: one model in memory at a time (`analyze` profiles the
+    source, then the target; `select` and `sweep` measure the source, then the target), and with
+    `max_memory`, a temporary offload folder, removed afterwards.
 
     Args:
         path: a validated checkpoint folder.
-        dtype: `auto` (the checkpoint's), `fast` (see `native_bf16`), `float32`, `bfloat16` or `float16`.
+        options: dtype, device, trust_remote_code, progress.
+        work: what to do with the loaded model; its result is returned.
+        max_memory: a RAM budget (see `parse_memory`); weights that do not fit stay on disk.
+
+    Returns:
+        What `work` returned.
+
+    Raises:
+        SurgeryError: as `load_model`.
+    """
+    with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
+        model = load_model(path, options, max_memory=max_memory, offload_dir=Path(offload))
+        try:
+            return work(model)
+        finally:
+            # `work` has returned, so this is the last reference: the model is freed before the next one loads.
+            del model
+            gc.collect()
+
+
+def load_model(
+    path: Path, options: ModelOptions | None = None, *, max_memory: str | None = None, offload_dir: Path | None = None
+):
+    """Load a causal LM for inference, on the GPU if there is one (unless `options.device` says otherwise).
+
+    Args:
+        path: a validated checkpoint folder.
+        options: `dtype`: `auto` (the checkpoint's), `fast` (see `native_bf16`), `float32`, `bfloat16` or
+            `float16`; `device`: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu` or `cuda`
+            (refused when torch sees no GPU); `trust_remote_code`: allow custom model code; `progress`: False
+            silences transformers' own bars ("Loading weights") for this load (`-q`); they are silent in a log
+            (stderr not a terminal) too. Default `ModelOptions()`.
         max_memory: a RAM budget (see `parse_memory`); weights that do not fit stay on disk. Also
-            tunes glibc's malloc for the whole process so freed weights leave the resident set.
-        trust_remote_code: allow custom model code.
+            tunes glibc's malloc for the whole process so freed weights leave the resident set. With it,
+            `auto`/`cuda` spread the model over the GPUs, the CPU and the disk (accelerate's
+            `device_map="auto"`); `cpu` over the CPU and the disk.
         offload_dir: where accelerate may re-save weights it cannot read in place (safetensors
             weights are read in place and need none).
-        device: `auto` (the first CUDA GPU when torch sees one, else the CPU), `cpu` or `cuda` (refused
-            when torch sees no GPU). With `max_memory`, `auto`/`cuda` spread the model over the GPUs,
-            the CPU and the disk (accelerate's `device_map="auto"`); `cpu` over the CPU and the disk.
-        progress: False silences transformers' own bars ("Loading weights") for this load (`-q`); they
-            are silent in a log (stderr not a terminal) too.
 
     Returns:
         The model, in eval mode.
     """
     from transformers import AutoModelForCausalLM
 
+    options = options or ModelOptions()
+    device = options.device
     check_device(device)
     gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
-    kwargs: dict = {"dtype": resolve_dtype(dtype), "local_files_only": True, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {
+        "dtype": resolve_dtype(options.dtype),
+        "local_files_only": True,
+        "trust_remote_code": options.trust_remote_code,
+    }
     if max_memory is not None:
         _return_large_frees_to_os()
         budget = parse_memory(max_memory)
@@ -148,7 +180,7 @@ def load_model(
     elif gpus:
         kwargs["device_map"] = "cuda"
     try:
-        with transformers_bars(progress):
+        with transformers_bars(options.progress):
             return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     except MemoryError:
         raise

@@ -1,8 +1,9 @@
-"""How a checkpoint is loaded and prompted: one set of options shared by profile, analyze, eval and sweep."""
+"""How a checkpoint is loaded and prompted: one set of options, the `options` argument of profile, analyze, evaluate,
+sweep, select, rank and build_manifest."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 Dtype = Literal["auto", "fast", "float32", "bfloat16", "float16"]
@@ -32,7 +33,3 @@ class ModelOptions:
     trust_remote_code: bool = False
     progress: bool = True
     device: Device = "auto"
-
-    def kwargs(self) -> dict[str, object]:
-        """As keyword arguments of `profile`, `analyze`, `evaluate` and `sweep`."""
-        return asdict(self)

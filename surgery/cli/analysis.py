@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -11,8 +10,8 @@ from click.core import ParameterSource
 
 from surgery.analysis.ranking import METHODS, methods_that_need
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.evaluation import SELECT_OPTIONS, echo_selection
-from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
+from surgery.cli.evaluation import echo_selection
+from surgery.cli.options import MAX_MEMORY, OVERWRITE, SELECT_OPTIONS, model_options, stack
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
 
@@ -48,12 +47,30 @@ def _summarize(manifest: Manifest, out: str, top: int = 5) -> None:
 @_profile_options
 @click.option("--out", "-o", required=True, help="Stats file to write (.safetensors).")
 @OVERWRITE
-def profile_cmd(model: str, workload: str, out: str, options: ModelOptions, **settings: Any) -> None:
+def profile_cmd(
+    model: str,
+    workload: str,
+    max_new_tokens: int,
+    batch_size: int,
+    max_memory: str | None,
+    options: ModelOptions,
+    out: str,
+    overwrite: bool,
+) -> None:
     """Record activation statistics of every candidate module of MODEL on a workload."""
     # Imported here, not at the top: torch costs ~2 s and ~200 MiB that `transplant` does not need.
     from surgery.analysis.profiling import profile
 
-    stats = profile(model, workload, out, **settings, **options.kwargs())
+    stats = profile(
+        model,
+        workload,
+        out,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        options=options,
+        overwrite=overwrite,
+    )
     click.echo(
         f"wrote {out}: {len(stats.modules)} modules, {stats.meta.workload.prompts} prompts, "
         f"{int(stats.steps.sum())} decoding steps"
@@ -78,11 +95,39 @@ def profile_cmd(model: str, workload: str, out: str, options: ModelOptions, **se
 @model_options
 @click.option("--out", "-o", required=True, help="Manifest to write (.json).")
 @OVERWRITE
-def manifest_cmd(out: str, **request: Any) -> None:
+def manifest_cmd(
+    source_stats: str | None,
+    target_stats: str | None,
+    source: str | None,
+    target: str | None,
+    method: str,
+    seed: int | None,
+    workload: str | None,
+    candidates_from: str | None,
+    max_candidates: int | None,
+    batch_size: int,
+    options: ModelOptions,
+    out: str,
+    overwrite: bool,
+) -> None:
     """Rank the candidate modules of a source/target pair into a manifest."""
     from surgery.analysis.rank import rank
 
-    manifest = rank(out=out, **request)
+    manifest = rank(
+        out,
+        source_stats=source_stats,
+        target_stats=target_stats,
+        source=source,
+        target=target,
+        method=method,
+        seed=seed,
+        workload=workload,
+        candidates_from=candidates_from,
+        max_candidates=max_candidates,
+        batch_size=batch_size,
+        options=options,
+        overwrite=overwrite,
+    )
     _summarize(manifest, out)
 
 
@@ -101,40 +146,64 @@ def analyze_cmd(
     source: str,
     target: str,
     workload: str,
-    out: str,
+    max_new_tokens: int,
+    batch_size: int,
+    max_memory: str | None,
     options: ModelOptions,
+    method: str,
+    seed: int | None,
     auto_k: bool,
     validation: str | None,
     ks: str | None,
     min_recovery: float,
     metric: str,
-    **settings: Any,
+    out: str,
+    overwrite: bool,
 ) -> None:
     """Profile SOURCE, then TARGET (never both in memory), and write a ranked manifest."""
-    from surgery.analysis.analyze import analyze
-
     if auto_k != (validation is not None):
         raise SurgeryError("--auto-k and --validation W go together: K is chosen on the validation problems")
-    choice = {"ks": ks, "min_recovery": min_recovery, "metric": metric}
     ctx = click.get_current_context()
+    choice = ("ks", "min_recovery", "metric")
     given = [name for name in choice if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
-    if given and not auto_k:
+    if given and validation is None:
         raise SurgeryError(f"--{given[0].replace('_', '-')} applies with --auto-k --validation W, which chooses K")
-    if validation is not None:
-        # Refused before the (slow) ranking, so that a refusal never leaves a manifest without its K.
-        from surgery.evaluation.select import check_auto_k
+    if validation is None:
+        from surgery.analysis.analyze import analyze
 
-        check_auto_k(
-            source, target, workload, validation, Path(out), **choice, overwrite=settings["overwrite"],
-            trust_remote_code=options.trust_remote_code,
-        )  # fmt: skip
-    manifest = analyze(source, target, workload, out, **settings, **options.kwargs())
-    _summarize(manifest, out)
-    if validation is not None:
-        from surgery.evaluation.select import choose_k
-
-        batch = settings["batch_size"]
-        result = choose_k(
-            out, source, target, validation, out, **choice, options=options, batch_size=batch, overwrite=True
+        manifest = analyze(
+            workload,
+            out,
+            source=source,
+            target=target,
+            method=method,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_memory=max_memory,
+            options=options,
+            overwrite=overwrite,
         )
-        echo_selection(result)
+        _summarize(manifest, out)
+        return
+    from surgery.evaluation.analyze_select import analyze_and_select
+
+    result = analyze_and_select(
+        workload,
+        validation,
+        out,
+        source=source,
+        target=target,
+        method=method,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        ks=ks,
+        min_recovery=min_recovery,
+        metric=metric,
+        options=options,
+        overwrite=overwrite,
+    )
+    _summarize(result.manifest, out)
+    echo_selection(result)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.options import MAX_MEMORY, OVERWRITE, model_options, stack
+from surgery.cli.options import MAX_MEMORY, OVERWRITE, SELECT_OPTIONS, ks_option, model_options, stack
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import BENCHMARKS
+from surgery.evaluation.k_grid import SWEEP_SMALLEST_K
 from surgery.fileio import check_new_file
 
 if TYPE_CHECKING:
@@ -41,11 +41,37 @@ _eval_options = stack(
     show_default=True,
     help="surgery: answer-format instruction, chat template; lm-eval: lm-eval-harness's gsm8k prompt (comparable).",
 )
-def eval_cmd(model: str, benchmark: str, out: str, options: ModelOptions, **settings: Any) -> None:
+def eval_cmd(
+    model: str,
+    benchmark: str,
+    out: str,
+    options: ModelOptions,
+    limit: int | None,
+    seed: int,
+    shots: int,
+    batch_size: int,
+    max_new_tokens: int,
+    max_memory: str | None,
+    patch: str | None,
+    prompt: str,
+) -> None:
     """Score MODEL on a math benchmark with greedy decoding."""
     from surgery.evaluation.runner import evaluate
 
-    s = evaluate(model, benchmark, out, **settings, **options.kwargs())
+    s = evaluate(
+        model,
+        benchmark,
+        out,
+        limit=limit,
+        seed=seed,
+        shots=shots,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        patch=patch,
+        prompt=prompt,
+        options=options,
+    )
     lo, hi = s.accuracy_ci95
     nll = f"{s.nll_mean:.3f}" if s.nll_mean is not None else "n/a"
     click.echo(
@@ -72,29 +98,6 @@ def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | No
         save_report(result, out)
 
 
-def ks_option(default: str) -> Callable[[Any], Any]:
-    """`--ks` (also `-k`, `--k`): the K values of `sweep`, `select` and `analyze --auto-k`, one spelling for all."""
-    return click.option(
-        "--ks", "-k", "--k", "ks", help=f"Comma-separated K values [default: {default}, up to the manifest's modules]."
-    )
-
-
-# How `select` chooses K; `analyze --auto-k` takes the same flags.
-SELECT_OPTIONS = stack(
-    ks_option("1,2,4,...,128"),
-    click.option(
-        "--min-recovery", type=float, default=90.0, show_default=True, help="Choose the smallest K reaching this %."
-    ),
-    click.option(
-        "--metric",
-        type=click.Choice(["nll", "accuracy"]),
-        default="nll",
-        show_default=True,
-        help="Gold-solution NLL (one pass per K) or accuracy (generate and grade, as eval does).",
-    ),
-)
-
-
 def echo_selection(result: SelectResult) -> None:
     """Print what `select` chose: the curve's table, then where it went."""
     click.echo(result.table)
@@ -105,7 +108,7 @@ def echo_selection(result: SelectResult) -> None:
 @click.option("--target", "-t", required=True, help="Checkpoint to patch (loaded once).")
 @click.option("--source", "-s", required=True, help="Checkpoint modules come from (memory-mapped).")
 @click.option("--manifest", "-m", required=True, help="Ranking to take the top K from.")
-@ks_option("8,16,32,64,128")
+@ks_option(SWEEP_SMALLEST_K)
 @click.option("--max-new-tokens", default="256", show_default=True, help="Comma-separated budgets (eval's default).")
 @_eval_options
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of the random-K baseline.")
@@ -117,11 +120,43 @@ def echo_selection(result: SelectResult) -> None:
 )
 @click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints.")
 @click.option("--out", "-o", required=True, help="Folder for the evaluations, sweep.md/json and sweep.png.")
-def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
+def sweep_cmd(
+    target: str,
+    source: str,
+    manifest: str,
+    ks: str | None,
+    max_new_tokens: str,
+    benchmark: str,
+    limit: int | None,
+    seed: int,
+    shots: int,
+    batch_size: int,
+    options: ModelOptions,
+    random_seed: int,
+    random: bool,
+    force: bool,
+    out: str,
+) -> None:
     """Accuracy, TIR and Recovery against K, swapping modules in memory (no checkpoint per K)."""
     from surgery.evaluation.sweep import markdown, sweep
 
-    table = sweep(out=out, **settings, **options.kwargs())
+    table = sweep(
+        manifest,
+        benchmark,
+        out,
+        source=source,
+        target=target,
+        ks=ks,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        seed=seed,
+        shots=shots,
+        batch_size=batch_size,
+        random_seed=random_seed,
+        random=random,
+        force=force,
+        options=options,
+    )
     click.echo(markdown(table))
     click.echo(f"table and plot in {out}")
 
@@ -148,7 +183,19 @@ def sweep_cmd(out: str, options: ModelOptions, **settings: Any) -> None:
 )
 @OVERWRITE
 def select_cmd(
-    manifest: str | None, manifest_option: str | None, out: str, options: ModelOptions, **settings: Any
+    manifest: str | None,
+    manifest_option: str | None,
+    source: str,
+    target: str,
+    validation: str,
+    ks: str | None,
+    min_recovery: float,
+    metric: str,
+    batch_size: int,
+    max_new_tokens: int,
+    options: ModelOptions,
+    out: str,
+    overwrite: bool,
 ) -> None:
     """Choose K for the manifest (-m M, or MANIFEST) on held-out problems: swap the top K in memory for each K and
     measure Recovery."""
@@ -159,4 +206,18 @@ def select_cmd(
     manifest = manifest or manifest_option
     if manifest is None:
         raise SurgeryError("select needs a manifest: surgery select -m MANIFEST -s SOURCE -t TARGET ...")
-    echo_selection(choose_k(manifest, out=out, options=options, **settings))
+    result = choose_k(
+        manifest,
+        validation,
+        out,
+        source=source,
+        target=target,
+        ks=ks,
+        min_recovery=min_recovery,
+        metric=metric,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        options=options,
+        overwrite=overwrite,
+    )
+    echo_selection(result)

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from surgery.checkpoints.options import DEVICES, DTYPES, ModelOptions
+from surgery.evaluation.k_grid import default_grid
 
 OUT_FOLDER = click.option("--out", "-o", required=True, help="Output folder; must not exist unless --overwrite.")
 OVERWRITE = click.option(
@@ -71,6 +72,31 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, options=options, **kwargs)
 
     return stack(NO_CHAT, DTYPE, DEVICE, TRUST_REMOTE_CODE, QUIET)(wrapper)
+
+
+def ks_option(smallest: int = 1) -> Callable[[Any], Any]:
+    """`--ks` (also `-k`, `--k`): the K values of `sweep`, `select` and `analyze --auto-k`, one spelling for all;
+    the default grid (`k_grid.DEFAULT_KS`) from `smallest` on."""
+    grid = ",".join(map(str, default_grid(smallest)))
+    return click.option(
+        "--ks", "-k", "--k", "ks", help=f"Comma-separated K values [default: {grid}, up to the manifest's modules]."
+    )
+
+
+# How `select` chooses K; `analyze --auto-k` takes the same flags.
+SELECT_OPTIONS = stack(
+    ks_option(),
+    click.option(
+        "--min-recovery", type=float, default=90.0, show_default=True, help="Choose the smallest K reaching this %."
+    ),
+    click.option(
+        "--metric",
+        type=click.Choice(["nll", "accuracy"]),
+        default="nll",
+        show_default=True,
+        help="Gold-solution NLL (one pass per K) or accuracy (generate and grade, as eval does).",
+    ),
+)
 
 
 def size(nbytes: int) -> str:

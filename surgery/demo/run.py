@@ -244,6 +244,7 @@ def run_demo(
     from surgery.analysis.analyze import analyze
     from surgery.checkpoints.folder import open_checkpoint
     from surgery.checkpoints.loading import native_bf16
+    from surgery.checkpoints.options import ModelOptions
     from surgery.demo.pairs import build_pair
     from surgery.evaluation.report import markdown, report, save_report
     from surgery.evaluation.runner import evaluate
@@ -282,14 +283,13 @@ def run_demo(
     else:
         log(f"writing {manifest_path}")
         manifest = analyze(
-            source,
-            target,
             s.workload,
             manifest_path,
+            source=source,
+            target=target,
             method=s.method,
             max_new_tokens=s.analysis_tokens,
-            dtype=s.dtype,
-            progress=True,
+            options=ModelOptions(dtype=s.dtype),
             overwrite=True,  # the demo's own file: a stale one is replaced
         )
     top = ", ".join(m.name for m in sorted(manifest.modules, key=lambda m: m.rank)[:5])
@@ -321,7 +321,7 @@ def run_demo(
             seed=s.seed,
             max_new_tokens=s.eval_tokens,
             batch_size=s.batch_size,
-            dtype=s.dtype,
+            options=ModelOptions(dtype=s.dtype),
         )
         results[role] = folder
         log(

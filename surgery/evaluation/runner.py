@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from surgery.analysis.nll import gold_nll
 from surgery.checkpoints.folder import open_checkpoint
-from surgery.checkpoints.loading import check_generation_options, load_model, load_tokenizer
+from surgery.checkpoints.loading import check_generation_options, load_tokenizer, with_model
+from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.streaming import cast_reader
 from surgery.distributed import barrier, dist_info, init
 from surgery.errors import SurgeryError
@@ -112,6 +112,41 @@ def problem_ids_sha256(problems: list[Problem]) -> str:
     return hashlib.sha256("\n".join(p.id for p in problems).encode()).hexdigest()
 
 
+def eval_settings(
+    lm,
+    tokenizer,
+    bench: Benchmark,
+    problems: list[Problem],
+    *,
+    limit: int | None,
+    seed: int,
+    shots: int,
+    chat: bool,
+    max_new_tokens: int,
+    fingerprint: str,
+    prompt: str = "surgery",
+) -> EvalSettings:
+    """The settings of an evaluation of the loaded `lm` (`evaluate`'s and each of `sweep`'s), as used, not as asked.
+
+    `chat` is recorded as used: a tokenizer without a template gets plain prompts, and lm-eval's prompt is
+    plain. `dtype` is that of the loaded weights, because `--dtype auto` (the checkpoint's) and `fast` (the
+    hardware's) name no dtype: results computed in bfloat16 must not resume, or be compared, as float32 ones.
+    """
+    return EvalSettings(
+        benchmark=bench.name,
+        benchmark_sha256=bench.sha256,
+        problem_ids_sha256=problem_ids_sha256(problems),
+        limit=limit,
+        seed=seed,
+        shots=shots,
+        chat=uses_chat(tokenizer, chat and prompt != "lm-eval"),
+        max_new_tokens=max_new_tokens,
+        dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
+        model_fingerprint=fingerprint,
+        prompt=prompt,
+    )
+
+
 def evaluate(
     model: str | Path,
     benchmark: str,
@@ -120,16 +155,12 @@ def evaluate(
     limit: int | None = None,
     seed: int = 42,
     shots: int = 0,
-    chat: bool = True,
     max_new_tokens: int = 256,
     batch_size: int = 16,
-    dtype: str = "auto",
     max_memory: str | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
     patch: str | Path | None = None,
     prompt: str = "surgery",
-    device: str = "auto",
+    options: ModelOptions | None = None,
 ) -> EvalSummary:
     """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
 
@@ -139,21 +170,24 @@ def evaluate(
         out: results folder; a rerun with the same settings resumes.
         limit, seed: score a seeded random subset of `limit` problems (the paper: 50, 42).
         shots: 0 (zero-shot) to 8 fixed chain-of-thought exemplars from the train split.
-        chat: use the tokenizer's chat template when it has one.
         max_new_tokens, batch_size: greedy decoding budget and batch size.
-        dtype, max_memory, trust_remote_code: as in `profile`.
-        progress: progress bar (only on a terminal).
+        max_memory: as in `profile`.
         patch: a patch folder (`transplant --patch`) to apply to the model in memory first; the summary
             then carries the fingerprint of the checkpoint `surgery apply` would write, so `report`
             treats the two alike. Not with `max_memory` (an offloaded weight cannot take the patch).
-        device: `auto`, `cpu` or `cuda` (see `load_model`).
-        prompt: `surgery` (the answer-format instruction; the chat template when `chat` and present) or
+        prompt: `surgery` (the answer-format instruction; the chat template when `options.chat` and present) or
             `lm-eval` (lm-eval-harness's gsm8k prompt and stop strings, never a chat template).
+        options: how the model is loaded and prompted (dtype, chat template, device, trust_remote_code,
+            a progress bar); default `ModelOptions()`.
 
     Returns:
         The summary (also in `out/summary.json`, as `summary.to_dict()`).
+
+    Raises:
+        SurgeryError: bad settings, benchmark, checkpoint or patch, or `out` holding results of other settings.
     """
-    check_generation_options(max_new_tokens, batch_size, max_memory, device)
+    options = options or ModelOptions()
+    check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
     if patch is not None and max_memory is not None:
         # What keeps --max-memory off sweep: changing weights in place needs them all in memory.
         raise SurgeryError(
@@ -166,32 +200,31 @@ def evaluate(
     ckpt = open_checkpoint(model)
     ckpt.check_config()  # before transformers builds anything from it
     patched = open_patch(patch, originals=False) if patch is not None else None
-    tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
-    with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
-        lm = load_model(
-            ckpt.path, dtype, max_memory, trust_remote_code, Path(offload), progress=progress, device=device
-        )
+    tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
+
+    def run(lm) -> EvalSummary:
         fingerprint, label = ckpt.fingerprint, str(ckpt.path)
         if patched is not None:
             apply_patch(lm, patched)
             readers = {n: cast_reader(t.data.path, t.data.offset, t.dtype, t.dtype) for n, t in patched.tensors.items()}
             fingerprint = ckpt.fingerprint_with(readers)
             label = f"{ckpt.path} + patch {patched.path}"
-        settings = EvalSettings(
-            benchmark=bench.name,
-            benchmark_sha256=bench.sha256,
-            problem_ids_sha256=problem_ids_sha256(problems),
+        settings = eval_settings(
+            lm,
+            tokenizer,
+            bench,
+            problems,
             limit=limit,
             seed=seed,
             shots=shots,
-            # What is used: a tokenizer without a template gets plain prompts, and lm-eval's prompt is plain.
-            chat=uses_chat(tokenizer, chat and prompt != "lm-eval"),
+            chat=options.chat,
             max_new_tokens=max_new_tokens,
-            dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
-            model_fingerprint=fingerprint,
+            fingerprint=fingerprint,
             prompt=prompt,
         )
-        return evaluate_loaded(lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, progress)
+        return evaluate_loaded(lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, options.progress)
+
+    return with_model(ckpt.path, options, run, max_memory=max_memory)
 
 
 def evaluate_loaded(

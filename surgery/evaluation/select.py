@@ -10,7 +10,6 @@ best K, and the rule says so. When the baselines' own gap is within noise, no K 
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +18,7 @@ from pathlib import Path
 from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
-from surgery.checkpoints.loading import load_model, load_tokenizer
+from surgery.checkpoints.loading import load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.errors import SurgeryError
@@ -33,21 +32,20 @@ from surgery.evaluation.benchmarks import (
     prompt_text,
 )
 from surgery.evaluation.generate import greedy_generate, render
+from surgery.evaluation.k_grid import parse_ks
 from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
-from surgery.evaluation.sweep import clip_grid
 from surgery.fileio import check_new_file
 from surgery.manifest import (
     CurvePoint,
     Manifest,
     Selection,
+    check_ranked_for,
     load_manifest,
-    ranked_elsewhere,
     save_manifest,
     select_modules,
 )
 
 METRICS = ("nll", "accuracy")
-DEFAULT_KS = "1,2,4,8,16,32,64,128"
 
 
 @dataclass(frozen=True)
@@ -73,27 +71,6 @@ class SelectResult:
         return self.manifest.selection
 
 
-def parse_ks(text: str | None, limit: int) -> list[int]:
-    """The K values of `--ks`, sorted; each between 1 and `limit` (the manifest's modules).
-
-    None gives the default grid, 1,2,4,...,128 cut to `limit` (and including it).
-
-    Raises:
-        SurgeryError: not a list of integers, a value below 1, or one above `limit`.
-    """
-    if text is None:
-        return clip_grid([int(k) for k in DEFAULT_KS.split(",")], limit)
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SurgeryError(f"--ks {text!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
-    if not values or min(values) < 1:
-        raise SurgeryError(f"--ks {text!r} must list K values of at least 1, e.g. 1,2,4,8")
-    if max(values) > limit:
-        raise SurgeryError(f"--ks {max(values)} is more than the manifest's {limit} modules; list K up to {limit}")
-    return sorted(set(values))
-
-
 def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float) -> None:
     """Refuse a bad `--metric` or `--min-recovery`, and outputs that are not new: the manifest `out` and its PNG.
 
@@ -111,17 +88,17 @@ def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float) 
 
 
 def check_auto_k(
-    source: str | Path,
-    target: str | Path,
     workload: str,
     validation: str,
     out: Path,
     *,
+    source: str | Path,
+    target: str | Path,
     ks: str | None,
     min_recovery: float,
     metric: str,
     overwrite: bool,
-    trust_remote_code: bool = False,
+    options: ModelOptions | None = None,
 ) -> None:
     """What `analyze --auto-k` checks before it ranks, so that a refusal never leaves a manifest without a K.
 
@@ -132,7 +109,8 @@ def check_auto_k(
         SurgeryError: as `select` does.
     """
     check_options(out, overwrite, metric, min_recovery)
-    parse_ks(ks, len(find_candidates(open_checkpoint(source), open_checkpoint(target), trust_remote_code).candidates))
+    trust = (options or ModelOptions()).trust_remote_code
+    parse_ks(ks, len(find_candidates(open_checkpoint(source), open_checkpoint(target), trust).candidates))
     held_out = load_workload(validation)
     _problems(held_out, metric)  # gold solutions, and final answers for accuracy
     ranking = load_workload(workload)
@@ -141,11 +119,11 @@ def check_auto_k(
 
 def choose_k(
     manifest: str | Path,
-    source: str | Path,
-    target: str | Path,
     validation: str,
     out: str | Path,
     *,
+    source: str | Path,
+    target: str | Path,
     ks: str | None = None,
     min_recovery: float = 90.0,
     metric: str = "nll",
@@ -161,10 +139,10 @@ def choose_k(
 
     Args:
         manifest: the ranking (from `analyze` or `manifest`).
-        source, target: the checkpoints it ranks (fingerprints must match).
         validation: a workload with gold solutions, disjoint from the ranking's (see `load_workload`).
         out: where to write the manifest with its `selection` (a PNG of the curve goes beside it).
-        ks: comma-separated K values; default 1,2,4,...,128 up to the manifest's module count (and that count).
+        source, target: the checkpoints it ranks (fingerprints must match).
+        ks: comma-separated K values; default `k_grid.DEFAULT_KS` up to the manifest's module count (and that count).
         min_recovery: the Recovery, in percent, that the chosen K must reach.
         metric: `nll` or `accuracy`.
         batch_size: problems per forward pass (or `generate` call).
@@ -186,9 +164,7 @@ def choose_k(
     man = load_manifest(manifest)
     k_values = parse_ks(ks, len(man.modules))
     src, tgt = open_checkpoint(source), open_checkpoint(target)
-    elsewhere = ranked_elsewhere(man, src, tgt)
-    if elsewhere is not None:
-        raise SurgeryError(f"{Path(manifest).absolute()}: {elsewhere}; pass the source and target it names")
+    check_ranked_for(man, src, tgt, path=manifest, forceable=False)
     prompts = load_workload(validation)
     problems = _problems(prompts, metric)
     _check_disjoint(man, prompts)
@@ -272,14 +248,7 @@ def _with_model(ckpt: Checkpoint, options: ModelOptions, work: Callable[..., dic
     """Run `work(model, tokenizer)` on `ckpt`, then free the model: one model in memory at a time."""
     ckpt.check_config()
     tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
-    lm = load_model(
-        ckpt.path, options.dtype, None, options.trust_remote_code, progress=options.progress, device=options.device
-    )
-    try:
-        return work(lm, tokenizer)
-    finally:
-        del lm
-        gc.collect()
+    return with_model(ckpt.path, options, lambda lm: work(lm, tokenizer))
 
 
 def _problems(prompts: PromptSet, metric: str) -> list[Problem]:

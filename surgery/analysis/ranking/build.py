@@ -46,10 +46,10 @@ def check_stats_match(stats: Stats, ckpt: Checkpoint, what: str) -> None:
 
 def build_manifest(
     method: str,
-    src: Checkpoint,
-    tgt: Checkpoint,
     compat: Compatibility,
     *,
+    source: Checkpoint,
+    target: Checkpoint,
     src_stats: Stats | None = None,
     tgt_stats: Stats | None = None,
     seed: int | None = None,
@@ -63,8 +63,8 @@ def build_manifest(
 
     Args:
         method: a registered method (`surgery.analysis.ranking.RANKING_METHODS`).
-        src, tgt: the checkpoints.
-        compat: their candidates and exclusions.
+        compat: the candidates and exclusions of the pair.
+        source, target: the checkpoints.
         src_stats, tgt_stats: profile stats, required by methods that need `stats`.
         seed: required by methods that need `seed` (`random`).
         workload: prompts with gold solutions, for methods that need `gold` (`taylor`, `swap-nll`).
@@ -79,7 +79,7 @@ def build_manifest(
         SurgeryError: unknown method, a missing need, stats of other checkpoints, or non-finite scores.
 
     Example:
-        >>> m = build_manifest("weight-delta", src, tgt, find_candidates(src, tgt))  # doctest: +SKIP
+        >>> m = build_manifest("weight-delta", find_candidates(src, tgt), source=src, target=tgt)  # doctest: +SKIP
         >>> m.modules[0].name  # doctest: +SKIP
         'model.layers.3.mlp.down_proj'
     """
@@ -100,8 +100,8 @@ def build_manifest(
     if uses_stats:
         assert src_stats is not None and tgt_stats is not None
         check_comparable(src_stats, tgt_stats)
-        check_stats_match(src_stats, src, "source")
-        check_stats_match(tgt_stats, tgt, "target")
+        check_stats_match(src_stats, source, "source")
+        check_stats_match(tgt_stats, target, "target")
         missing = [n for n in names if n not in src_stats.mean]
         if missing:
             raise SurgeryError(f"stats lack module {missing[0]}; profile these checkpoints again")
@@ -120,8 +120,8 @@ def build_manifest(
     }
     params = spec.params(**{f.name: request[f.name] for f in fields(spec.params)})
     ctx = RankContext(
-        source=src,
-        target=tgt,
+        source=source,
+        target=target,
         compat=compat,
         params=params,
         src_stats=src_stats if uses_stats else None,
@@ -159,8 +159,8 @@ def build_manifest(
     unscored = tuple((c.name, only_reason) for c in compat.candidates if c not in scored)
     return Manifest(
         created_by=f"surgery {__version__}",
-        source=_model_ref(src),
-        target=_model_ref(tgt),
+        source=_model_ref(source),
+        target=_model_ref(target),
         workload=recorded,
         method=Method(method, asdict(params)),
         modules=entries,

@@ -19,14 +19,7 @@ def target_and_gold(ctx: RankContext) -> Iterator[tuple[object, GoldSet]]:
     solutions = require_solutions(ctx.workload, "this method")
     tokenizer = load_tokenizer(ctx.target.path, ctx.options.trust_remote_code)
     gold = encode_gold(tokenizer, ctx.workload.prompts, solutions, ctx.options.chat)
-    model = load_model(
-        ctx.target.path,
-        ctx.options.dtype,
-        None,
-        ctx.options.trust_remote_code,
-        progress=ctx.options.progress,
-        device=ctx.options.device,
-    )
+    model = load_model(ctx.target.path, ctx.options)
     try:
         yield model, gold
     finally:

@@ -231,7 +231,6 @@ def test_auto_k_refuses_an_overlapping_validation_set_before_ranking(tmp_path: P
     )  # fmt: skip
 
 
-def test_analyze_records_absolute_checkpoint_paths(tmp_path: Path, pair, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_python_api_chooses_k_after_ranking_with_the_same_checks(tmp_path: Path, pair) -> None:
     """analyze --auto-k's flow is the library's `analyze_and_select`: it refuses before ranking too (issue 26, 6)."""
     from surgery import SurgeryError, analyze_and_select
@@ -245,6 +244,7 @@ def test_the_python_api_chooses_k_after_ranking_with_the_same_checks(tmp_path: P
     assert tree_digest(tmp_path) == before
 
 
+def test_analyze_records_absolute_checkpoint_paths(tmp_path: Path, pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints typed relative are recorded absolute, as transplant.json records them, so that the manifest
     names them from any folder (issue 25 item 10)."""
     src, tgt, w = pair

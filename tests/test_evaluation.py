@@ -369,6 +369,8 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
         == open_checkpoint(patched).fingerprint
         == (disk.settings.model_fingerprint)
     )
+    # Its settings are built as eval builds them: the dtype the weights were computed in, not --dtype's `auto`.
+    assert in_memory["settings"] == disk.settings.to_dict() and disk.settings.dtype == "float32"
 
     # A second manifest (another ranking) swept into the same folder reuses the baselines and the
     # random-K runs, which do not depend on the manifest, and adds only its own rows.
@@ -389,8 +391,6 @@ def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
     single = tmp_path / "single"
     run_eval(setup, single, batch_size=2)
     args = ["eval", str(setup["target"]), "-b", str(setup["bench"]), "--max-new-tokens", "6", "--batch-size", "2"]
-    # Its settings are built as eval builds them: the dtype the weights were computed in, not --dtype's `auto`.
-    assert in_memory["settings"] == disk.settings.to_dict() and disk.settings.dtype == "float32"
     done = torchrun([*args, "-q", "-o", str(tmp_path / "dp")])
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = (read_records(d / "records.jsonl") for d in (single, tmp_path / "dp"))

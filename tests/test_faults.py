@@ -20,8 +20,8 @@ from click.testing import CliRunner, Result
 
 import surgery.analysis.profiling
 from surgery import load_stats, profile, transplant
-from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints import staging
+from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, SyncBehind, output_lock
 from surgery.cli import main
 from surgery.errors import SurgeryError

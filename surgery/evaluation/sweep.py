@@ -8,136 +8,127 @@ same way beside it: the baseline the ranking must beat.
 
 from __future__ import annotations
 
-import gc
 import sys
-import tempfile
 from pathlib import Path
 
 from surgery.analysis.ranking import baseline_method, build_manifest
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
-from surgery.checkpoints.loading import load_model, load_tokenizer
+from surgery.checkpoints.loading import load_tokenizer, with_model
+from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.distributed import dist_info
-from surgery.errors import SurgeryError
-from surgery.evaluation.generate import uses_chat
+from surgery.evaluation.k_grid import SWEEP_SMALLEST_K, default_grid, parse_ints, parse_ks
 from surgery.evaluation.report import report
-from surgery.evaluation.runner import evaluate_loaded, prepare, problem_ids_sha256
-from surgery.evaluation.summary import EvalSettings
+from surgery.evaluation.runner import eval_settings, evaluate_loaded, prepare
 from surgery.fileio import write_atomic, write_json_atomic
 from surgery.manifest import check_ranked_for, file_sha256, load_manifest, select_modules
 from surgery.transplants.write import output_fingerprint
 
 
-def _parse_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SurgeryError(f"{what} {text!r} is not a comma-separated list of integers, e.g. 8,16,32") from None
-    if not values or any(v <= 0 for v in values):
-        raise SurgeryError(f"{what} {text!r} must list positive integers, e.g. 8,16,32")
-    return sorted(set(values))
-
-
-DEFAULT_KS = "8,16,32,64,128"
-
-
-def clip_grid(grid: list[int], modules: int) -> list[int]:
-    """A default K grid cut to a manifest of `modules` modules, ending at min(modules, largest K)."""
-    return sorted({k for k in grid if k < modules} | {min(modules, max(grid))})
-
-
 def sweep(
-    target: str | Path,
-    source: str | Path,
     manifest: str | Path,
-    ks: str | None,
-    max_new_tokens: str,
     benchmark: str,
     out: str | Path,
     *,
+    source: str | Path,
+    target: str | Path,
+    ks: str | None = None,
+    max_new_tokens: str = "256",
     limit: int | None = None,
     seed: int = 42,
     shots: int = 0,
-    chat: bool = True,
     batch_size: int = 16,
-    dtype: str = "auto",
     random_seed: int = 0,
     random: bool = True,
     force: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-    device: str = "auto",
+    options: ModelOptions | None = None,
 ) -> dict:
     """Evaluate source, target, and the target patched with the top-K (and random-K) modules.
 
     Args:
-        target, source: checkpoint folders.
         manifest: the ranking to take the top K from.
-        ks: comma-separated K values, e.g. "8,16,32"; None for DEFAULT_KS, clipped to the manifest's modules.
-        max_new_tokens: comma-separated decoding budgets, e.g. "64,128".
-        benchmark, limit, seed, shots, chat, batch_size, dtype: as in `evaluate`.
+        benchmark: as in `evaluate`.
         out: folder for every evaluation, the table (sweep.md, sweep.json) and the plot (sweep.png).
+        source, target: checkpoint folders.
+        ks: comma-separated K values, e.g. "8,16,32"; None for `k_grid.DEFAULT_KS` from `SWEEP_SMALLEST_K`,
+            clipped to the manifest's modules.
+        max_new_tokens: comma-separated decoding budgets, e.g. "64,128".
+        limit, seed, shots, batch_size: as in `evaluate`.
         random_seed: seed of the random-K baseline.
         random: also evaluate the random-K baseline at every K (one more evaluation per K and budget).
         force: accept a manifest made for other checkpoints (with a warning).
+        options: how the models are loaded and prompted (no `max_memory`: swapping weights in place needs
+            them all in memory); default `ModelOptions()`.
 
     Returns:
         The table as a dict (also in sweep.json).
+
+    Raises:
+        SurgeryError: bad K values or budgets, a manifest for other checkpoints (without `force`), or a bad
+            benchmark or checkpoint.
     """
-    default_ks = ks is None
-    k_values, budgets = _parse_list(ks or DEFAULT_KS, "--ks"), _parse_list(max_new_tokens, "--max-new-tokens")
+    options = options or ModelOptions()
+    budgets = parse_ints(max_new_tokens, "--max-new-tokens")
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     man = load_manifest(manifest)
-    check_ranked_for(man, src, tgt, force)
-    if k_values[-1] > len(man.modules):
-        if not default_ks:
-            raise SurgeryError(f"--ks {k_values[-1]} is more than the manifest's {len(man.modules)} modules")
+    check_ranked_for(man, src, tgt, force, path=manifest)
+    k_values = parse_ks(ks, len(man.modules), SWEEP_SMALLEST_K)
+    if ks is None and max(default_grid(SWEEP_SMALLEST_K)) > len(man.modules):
         # The default grid is clipped to the manifest's modules (and includes all of them), and says so.
-        k_values = clip_grid(k_values, len(man.modules))
         print(f"note: the manifest ranks {len(man.modules)} modules; K = {k_values}", file=sys.stderr)
-    compat = find_candidates(src, tgt, trust_remote_code)
+    compat = find_candidates(src, tgt, options.trust_remote_code)
     rankings = [(man.method.name, man.modules)]
     if random:
         chance = baseline_method().name  # `random`: the registry's declared baseline
-        rankings.append((chance, build_manifest(chance, src, tgt, compat, seed=random_seed).modules))
+        rankings.append((chance, build_manifest(chance, compat, source=src, target=tgt, seed=random_seed).modules))
     bench, problems = prepare(benchmark, limit, seed, shots)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     def run(lm, tokenizer, label: str, fingerprint: str, budget: int) -> None:
-        used = uses_chat(tokenizer, chat)
-        settings = EvalSettings(
-            bench.name, bench.sha256, problem_ids_sha256(problems), limit, seed, shots, used, budget, dtype, fingerprint
+        settings = eval_settings(
+            lm,
+            tokenizer,
+            bench,
+            problems,
+            limit=limit,
+            seed=seed,
+            shots=shots,
+            chat=options.chat,
+            max_new_tokens=budget,
+            fingerprint=fingerprint,
         )
         evaluate_loaded(
-            lm, tokenizer, bench, problems, settings, out / f"{label}-m{budget}", label, batch_size, progress
+            lm, tokenizer, bench, problems, settings, out / f"{label}-m{budget}", label, batch_size, options.progress
         )
 
-    for ckpt in (src, tgt):
-        tokenizer = load_tokenizer(ckpt.path, trust_remote_code)
-        with tempfile.TemporaryDirectory(prefix="surgery-offload-") as offload:
-            lm = load_model(ckpt.path, dtype, None, trust_remote_code, Path(offload), progress=progress, device=device)
-            name = "source" if ckpt is src else "target"
-            for budget in budgets:
-                run(lm, tokenizer, name, ckpt.fingerprint, budget)
-                if ckpt is src:
-                    continue
-                for k in k_values:
-                    for method, ranking in rankings:
-                        chosen = [t for m in select_modules(ranking, top_k=k) for t in m.tensors]
-                        # The fingerprint of the checkpoint `transplant` would write: its card can carry this.
-                        with swapped(lm, src, chosen):
-                            run(lm, tokenizer, f"{method}-k{k}", output_fingerprint(tgt, src, chosen), budget)
-            del lm
-            gc.collect()
+    def on_source(lm) -> None:
+        for budget in budgets:
+            run(lm, src_tokenizer, "source", src.fingerprint, budget)
+
+    def on_target(lm) -> None:
+        for budget in budgets:
+            run(lm, tgt_tokenizer, "target", tgt.fingerprint, budget)
+            for k in k_values:
+                for method, ranking in rankings:
+                    chosen = [t for m in select_modules(ranking, top_k=k) for t in m.tensors]
+                    # The fingerprint of the checkpoint `transplant` would write: its card can carry this.
+                    with swapped(lm, src, chosen):
+                        run(lm, tgt_tokenizer, f"{method}-k{k}", output_fingerprint(tgt, src, chosen), budget)
+
+    # One model in memory at a time: the source, then the target with each selection swapped in.
+    src_tokenizer = load_tokenizer(src.path, options.trust_remote_code)
+    with_model(src.path, options, on_source)
+    tgt_tokenizer = load_tokenizer(tgt.path, options.trust_remote_code)
+    with_model(tgt.path, options, on_target)
 
     about = {
         "benchmark": bench.name,
         "problems": len(problems),
         "seed": seed,
         "shots": shots,
-        "dtype": dtype,
+        "dtype": options.dtype,
         "source": str(src.path),
         "target": str(tgt.path),
         "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},

@@ -423,3 +423,23 @@ def test_sweep_without_the_random_baseline_evaluates_only_the_ranking(tmp_path: 
     assert [(r["k"], r["method"]) for r in table["rows"]] == [(2, "lae"), (4, "lae")]
     assert table["random_seed"] is None and "no random-K baseline" in (out / "sweep.md").read_text()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["lae-k2-m1", "lae-k4-m1", "source-m1", "target-m1"]
+
+
+def test_a_sweep_folder_that_recorded_the_dtype_asked_for_still_reports(tmp_path: Path, setup) -> None:
+    """Sweeps recorded `--dtype` (`auto`), eval the dtype used; both now record the one used (issue 26 item 4).
+    A folder written the old way still reports, and a rerun into it refuses instead of mixing dtypes."""
+    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    out = tmp_path / "sweep"
+    args = ["sweep", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "--k", "2", "--no-random",
+            "--max-new-tokens", "1", "-b", setup["bench"], "--limit", 2, "-q", "-o", out]  # fmt: skip
+    assert cli(*args).exit_code == 0
+    for folder in ("source-m1", "target-m1", "lae-k2-m1"):
+        assert json.loads((out / folder / "settings.json").read_text())["dtype"] == "float32"
+        for name in ("settings.json", "summary.json"):
+            obj = json.loads((out / folder / name).read_text())
+            (obj.get("settings") or obj)["dtype"] = "auto"  # as a sweep before issue 26 wrote it
+            (out / folder / name).write_text(json.dumps(obj))
+    r = cli("report", "-s", out / "source-m1", "-t", out / "target-m1", "-p", out / "lae-k2-m1")
+    assert r.exit_code == 0, r.output
+    again = cli(*args)
+    assert again.exit_code == 2 and "holds results for other settings (dtype: 'auto', now 'float32')" in again.output

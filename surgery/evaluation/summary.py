@@ -11,6 +11,12 @@ class EvalSettings:
 
     `chat` is whether the chat template was used: asked for and present in the tokenizer (a model
     without one gets plain prompts, and `chat` says false, as `prompt_format` says `plain`).
+
+    `dtype` is the dtype the weights were computed in (`runner.eval_settings`, for `eval` and `sweep`
+    alike), not the `--dtype` asked for: `auto` (the checkpoint's) and `fast` (the hardware's) name no
+    dtype, so a rerun in another dtype must not resume those results. `sweep` folders written before
+    surgery recorded it this way hold the `--dtype` asked for: `report` reads them as before (it compares
+    no dtype), and a sweep rerun into one refuses it in one line rather than mixing dtypes.
     """
 
     benchmark: str

@@ -123,7 +123,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for k in ks:
             out = work / f"patched-k{k}"
-            transplant(tgt.path, src.path, out, manifest=manifest, top_k=k, progress=False)
+            transplant(target=tgt.path, source=src.path, out=out, manifest=manifest, top_k=k, progress=False)
             runner.evaluate(
                 out,
                 "gsm8k",

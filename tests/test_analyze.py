@@ -111,7 +111,8 @@ def test_transplant_with_matching_manifest_never_imports_torch(tmp_path: Path, p
     assert cli("manifest", "-s", src, "-t", tgt, "--method", "weight-delta", "-o", manifest).exit_code == 0
     code = (
         "import sys, surgery;"
-        f"surgery.transplant({str(tgt)!r}, {str(src)!r}, {str(tmp_path / 'out')!r}, manifest={str(manifest)!r},"
+        f"surgery.transplant(target={str(tgt)!r}, source={str(src)!r}, out={str(tmp_path / 'out')!r},"
+        f" manifest={str(manifest)!r},"
         " top_k=3, progress=False);"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )

@@ -291,7 +291,7 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
 
     monkeypatch.setattr(OutputFile, "copy", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        module.transplant(tgt, src, tmp_path / "out", modules=["*"], progress=False)
+        module.transplant(target=tgt, source=src, out=tmp_path / "out", modules=["*"], progress=False)
     assert len(calls) == 3
     assert tree_digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "source", "target"]

@@ -12,7 +12,7 @@ import pytest
 from surgery import apply, transplant, verify, write_patch
 from surgery.checkpoints import direct_write
 from surgery.checkpoints.direct_write import ALIGN, BLOCK_BYTES, BlockWriter
-from surgery.transplants import write
+from surgery.transplants import plan, write
 from tests.conftest import make_model
 
 GIB = 2**30
@@ -103,17 +103,19 @@ def test_o_direct_is_for_patches_and_outputs_too_large_to_stay_cached_unless_the
     direct: bool,
 ) -> None:
     if setting is None:
-        monkeypatch.delenv(direct_write.DIRECT_ENV, raising=False)
+        monkeypatch.delenv(plan.DIRECT_ENV, raising=False)
     else:
-        monkeypatch.setenv(direct_write.DIRECT_ENV, setting)
-    monkeypatch.setattr(direct_write, "_mem_available", lambda: available)
-    assert direct_write.wants_direct(nbytes, read_next=read_next) is direct
+        monkeypatch.setenv(plan.DIRECT_ENV, setting)
+    monkeypatch.setattr(plan, "_mem_available", lambda: available)
+    mode = plan.choose_mode(nbytes, read_next=read_next)
+    assert mode.direct is direct
+    assert mode.why  # the plan says why (`transplant --dry-run` prints it)
 
 
 def test_memory_available_is_read_on_linux() -> None:
     if not Path("/proc/meminfo").is_file():
         pytest.skip("no /proc/meminfo")
-    assert direct_write._mem_available() > 0
+    assert plan._mem_available() > 0
 
 
 @pytest.mark.parametrize("setting", ["1", "0"])
@@ -121,15 +123,15 @@ def test_a_transplant_writes_the_same_bytes_either_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     src, tgt = make_model(tmp_path / "source", 1, shard="20KB"), make_model(tmp_path / "target", 2, shard="20KB")
-    monkeypatch.setenv(direct_write.DIRECT_ENV, setting)
-    transplant(tgt, src, tmp_path / "out", modules=["model.layers.*.mlp.*"], progress=False)
-    monkeypatch.setenv(direct_write.DIRECT_ENV, "0" if setting == "1" else "1")
-    transplant(tgt, src, tmp_path / "other", modules=["model.layers.*.mlp.*"], progress=False)
+    monkeypatch.setenv(plan.DIRECT_ENV, setting)
+    transplant(target=tgt, source=src, out=tmp_path / "out", modules=["model.layers.*.mlp.*"], progress=False)
+    monkeypatch.setenv(plan.DIRECT_ENV, "0" if setting == "1" else "1")
+    transplant(target=tgt, source=src, out=tmp_path / "other", modules=["model.layers.*.mlp.*"], progress=False)
     shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     assert len(shards) > 1
     for name in shards:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
-    verify(tmp_path / "out", tgt, src)
+    verify(tmp_path / "out", target=tgt, source=src)
 
 
 @pytest.mark.parametrize("reversible", [False, True])
@@ -139,16 +141,17 @@ def test_a_patch_is_written_with_o_direct_and_holds_the_same_bytes_through_the_p
     src, tgt = make_model(tmp_path / "source", 1, shard="20KB"), make_model(tmp_path / "target", 2, shard="20KB")
     chosen: list[bool] = []
 
-    def spy(nbytes: int, *, read_next: bool) -> bool:
-        chosen.append(direct_write.wants_direct(nbytes, read_next=read_next))
-        return chosen[-1]
+    def spy(*, direct: bool) -> BlockWriter:
+        chosen.append(direct)
+        return BlockWriter(direct=direct)
 
-    monkeypatch.setattr(write, "wants_direct", spy)
-    monkeypatch.delenv(direct_write.DIRECT_ENV, raising=False)
-    write_patch(tgt, src, tmp_path / "direct", modules=["model.layers.*.mlp.*"], reversible=reversible, progress=False)
+    monkeypatch.setattr(write, "BlockWriter", spy)
+    monkeypatch.delenv(plan.DIRECT_ENV, raising=False)
+    mlp = ["model.layers.*.mlp.*"]
+    write_patch(target=tgt, source=src, out=tmp_path / "direct", modules=mlp, reversible=reversible, progress=False)
     assert chosen == [True] * (1 + reversible)  # the patch's tensors, and the target's originals
-    monkeypatch.setenv(direct_write.DIRECT_ENV, "0")
-    write_patch(tgt, src, tmp_path / "paged", modules=["model.layers.*.mlp.*"], reversible=reversible, progress=False)
+    monkeypatch.setenv(plan.DIRECT_ENV, "0")
+    write_patch(target=tgt, source=src, out=tmp_path / "paged", modules=mlp, reversible=reversible, progress=False)
     assert chosen[1 + reversible :] == [False] * (1 + reversible)
     files = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
     assert files == (["original.safetensors", "patch.safetensors"] if reversible else ["patch.safetensors"])
@@ -156,7 +159,7 @@ def test_a_patch_is_written_with_o_direct_and_holds_the_same_bytes_through_the_p
         assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "paged" / name).read_bytes()
     applied = apply(tmp_path / "direct", tgt, tmp_path / "applied", progress=False)
     assert applied.tensors
-    verify(tmp_path / "applied", tgt, src)
+    verify(tmp_path / "applied", target=tgt, source=src)
 
 
 def test_many_files_through_one_writer(tmp_path: Path, mode: str) -> None:

@@ -107,7 +107,7 @@ def _gguf_garbage(w: Path) -> None:
 
 def _patch(target: str = "target", source: str = "source") -> Callable[[Path], None]:
     def apply(w: Path) -> None:
-        write_patch(w / target, w / source, w / "p", modules=["model.layers.1.mlp.*"], progress=False)
+        write_patch(target=w / target, source=w / source, out=w / "p", modules=["model.layers.1.mlp.*"], progress=False)
 
     return apply
 
@@ -182,7 +182,12 @@ SETUPS: dict[str, Callable[[Path], None]] = {
     ),
     "a reversible patch missing its originals": lambda w: (
         write_patch(
-            w / "target", w / "source", w / "p", modules=["model.layers.1.mlp.*"], reversible=True, progress=False
+            target=w / "target",
+            source=w / "source",
+            out=w / "p",
+            modules=["model.layers.1.mlp.*"],
+            reversible=True,
+            progress=False,
         ),
         (w / "p" / "original.safetensors").unlink(),
     ),

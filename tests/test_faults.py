@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +24,8 @@ from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, SyncBehind, output_lock
 from surgery.cli import main
 from surgery.errors import SurgeryError
-from surgery.transplants.write import HOLD_ENV, PIECE_DELAY_ENV
 from tests.conftest import make_model, save_tokenizer, tree_digest, write_manifest
+from tests.paused import spawn
 
 KILLS = 20
 SEED = 2026
@@ -49,15 +48,6 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def transplant_args(big: dict[str, Path], out: Path, *extra: str) -> list[str]:
     args = ["transplant", "-t", big["target"], "-s", big["source"], "-m", big["manifest"], "-k", "16", "-o", out]
     return [str(a) for a in [*args, "-q", *extra]]
-
-
-def spawn(args: list[str], delay: float = 0, hold: Path | None = None) -> subprocess.Popen:
-    """`surgery ARGS` as a real process whose writer, after each piece, sleeps `delay` seconds and waits
-    while the file `hold` exists (the test hooks)."""
-    env = {**os.environ, PIECE_DELAY_ENV: str(delay), **({HOLD_ENV: str(hold)} if hold else {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "surgery", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -231,7 +221,7 @@ def test_rerun_removes_only_stale_temp_folders_of_its_own_output(
     for folder in [stale, running, *others]:
         folder.mkdir()
         (folder / "model-00001-of-00007.safetensors").write_bytes(b"partial")
-    transplant(tgt, src, tmp_path / "out", modules=["*.q_proj"], progress=False)
+    transplant(target=tgt, source=src, out=tmp_path / "out", modules=["*.q_proj"], progress=False)
     err = capsys.readouterr().err
     assert not stale.exists() and f"note: removed {stale}, left unfinished by an interrupted run (pid {gone})" in err
     assert running.exists() and f"note: left {running} alone: process {alive}, which made it, is still running" in err
@@ -244,14 +234,14 @@ def test_rerun_restores_an_output_a_killed_overwrite_had_moved_aside(
 ) -> None:
     src, tgt = pair
     out = tmp_path / "out"
-    transplant(tgt, src, out, modules=["*.q_proj"], progress=False)
+    transplant(target=tgt, source=src, out=out, modules=["*.q_proj"], progress=False)
     before = tree_digest(out)
     # What a kill between _publish's two renames leaves: no `out`, the old one inside an `old` temp folder.
     aside = tmp_path / f"{TMP_PREFIX}out-old-{dead_pid()}-zz9"
     aside.mkdir()
     out.rename(aside / "out")
     with pytest.raises(SurgeryError, match="already exists; choose a new path or pass --overwrite"):
-        transplant(tgt, src, out, modules=["*.k_proj"], progress=False)
+        transplant(target=tgt, source=src, out=out, modules=["*.k_proj"], progress=False)
     assert "note: restored" in capsys.readouterr().err
     assert tree_digest(out) == before and not aside.exists()
 

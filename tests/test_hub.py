@@ -126,7 +126,7 @@ def test_card_of_a_transplant_from_repo_ids(hub: dict, tmp_path: Path) -> None:
 
 def test_card_of_local_folders_names_them_without_paths(hub: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    transplant(hub["target"], hub["source"], out, modules=["*.0.mlp.down_proj"], progress=False)
+    transplant(target=hub["target"], source=hub["source"], out=out, modules=["*.0.mlp.down_proj"], progress=False)
     card = ModelCard.load(out / "README.md")
     # Local folders have no Hub id: base_model is left out rather than filled with something the Hub rejects.
     assert card.data.base_model is None and card.data.eval_results is None
@@ -146,7 +146,7 @@ def test_target_readme_is_replaced_by_the_card(hub: dict, tmp_path: Path) -> Non
     shutil.copytree(hub["target"], tgt)
     (tgt / "README.md").write_text("---\nlicense: mit\n---\n# The target's own card\n")
     out = tmp_path / "out"
-    transplant(tgt, hub["source"], out, modules=["*.0.mlp.up_proj"], progress=False)
+    transplant(target=tgt, source=hub["source"], out=out, modules=["*.0.mlp.up_proj"], progress=False)
     assert "The target's own card" not in (out / "README.md").read_text()
     assert ModelCard.load(out / "README.md").data.tags == ["model-transplant", "surgery"]
     ok = cli("verify", out, "-t", tgt, "-s", hub["source"])
@@ -210,7 +210,7 @@ def fake_api(pr: bool = False) -> HfApi:
 @pytest.fixture
 def output(hub: dict, tmp_path: Path) -> Path:
     out = tmp_path / "out"
-    transplant("org/target", "org/source", out, manifest=hub["manifest"], top_k=2, progress=False)
+    transplant(target="org/target", source="org/source", out=out, manifest=hub["manifest"], top_k=2, progress=False)
     return out
 
 
@@ -383,7 +383,7 @@ def test_a_push_without_network_is_one_line(output: Path, monkeypatch: pytest.Mo
 
 def test_push_uploads_a_patch_folder_with_a_card_naming_its_base(hub: dict, tmp_path: Path) -> None:
     patch = tmp_path / "patch"
-    write_patch("org/target", "org/source", patch, manifest=hub["manifest"], top_k=2, progress=False)
+    write_patch(target="org/target", source="org/source", out=patch, manifest=hub["manifest"], top_k=2, progress=False)
     api = fake_api()
     push(patch, "org/my-patch", api=api)
     assert api.upload_folder.call_args.kwargs["commit_message"].startswith("Upload patch: 2 modules")

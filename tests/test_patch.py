@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +17,10 @@ from surgery import SurgeryError, apply, apply_patch, open_checkpoint, open_patc
 from surgery.checkpoints.staging import TMP_PREFIX
 from surgery.cli import main
 from surgery.transplants.apply import AppliedPatch
-from surgery.transplants.patch import MAX_SHARD_BYTES, PATCH_RECORD
-from surgery.transplants.write import HOLD_ENV
+from surgery.transplants.patch import PATCH_RECORD
+from surgery.transplants.plan import MAX_SHARD_BYTES
 from tests.conftest import make_model, tree_digest
+from tests.paused import spawn
 
 MODULES = ["model.layers.1.mlp.*", "model.layers.0.self_attn.q_proj"]
 
@@ -51,7 +49,9 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_patch_then_apply_equals_a_direct_transplant_byte_for_byte(tmp_path: Path, models: dict) -> None:
     before = {k: tree_digest(v) for k, v in models.items()}
-    direct = transplant(models["target"], models["source"], tmp_path / "direct", modules=MODULES, progress=False)
+    direct = transplant(
+        target=models["target"], source=models["source"], out=tmp_path / "direct", modules=MODULES, progress=False
+    )
     made = patch_of(models, tmp_path / "p")
     assert made.exit_code == 0, made.output
     assert "wrote patch" in made.output
@@ -70,7 +70,7 @@ def test_patch_then_apply_equals_a_direct_transplant_byte_for_byte(tmp_path: Pat
     direct_record = json.loads((tmp_path / "direct" / "transplant.json").read_text())
     assert record["tensors"] == direct_record["tensors"]
     assert record["patch"]["path"] == str((tmp_path / "p").resolve())
-    verify(tmp_path / "applied", models["target"], models["source"])
+    verify(tmp_path / "applied", target=models["target"], source=models["source"])
     assert {k: tree_digest(v) for k, v in models.items()} == before
 
 
@@ -144,7 +144,7 @@ def test_apply_link_shares_inodes_only_for_untouched_shards(tmp_path: Path, mode
     assert linked.stderr.count("editing the target in place changes this output too") == 1
     for name in shards:
         assert ((out / name).stat().st_ino == (models["target"] / name).stat().st_ino) == (name not in touched), name
-    verify(out, models["target"], models["source"])
+    verify(out, target=models["target"], source=models["source"])
     # A linked revert still gives the original back exactly, linking the shards the patch left alone.
     back = tmp_path / "back"
     assert cli("apply", tmp_path / "p", "-t", out, "-o", back, "--revert", "--link", "-q").exit_code == 0
@@ -155,8 +155,10 @@ def test_apply_link_shares_inodes_only_for_untouched_shards(tmp_path: Path, mode
 
 
 def test_apply_patch_in_memory_then_undo_is_exact(tmp_path: Path, models: dict) -> None:
-    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
-    direct = transplant(models["target"], models["source"], tmp_path / "direct", modules=MODULES, progress=False)
+    write_patch(target=models["target"], source=models["source"], out=tmp_path / "p", modules=MODULES, progress=False)
+    direct = transplant(
+        target=models["target"], source=models["source"], out=tmp_path / "direct", modules=MODULES, progress=False
+    )
     model = AutoModelForCausalLM.from_pretrained(models["target"])
     original = {k: v.clone() for k, v in model.state_dict().items()}
     handle = apply_patch(model, tmp_path / "p")
@@ -173,7 +175,7 @@ def test_eval_with_patch_equals_evaluating_the_applied_checkpoint(tmp_path: Path
 
     for m in models.values():
         save_tokenizer(m)
-    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    write_patch(target=models["target"], source=models["source"], out=tmp_path / "p", modules=MODULES, progress=False)
     apply(tmp_path / "p", models["target"], tmp_path / "a", progress=False)
     rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(3)]
     bench = tmp_path / "b.jsonl"
@@ -190,11 +192,10 @@ def test_eval_with_patch_equals_evaluating_the_applied_checkpoint(tmp_path: Path
 
 
 def test_a_kill_inside_apply_leaves_no_output(tmp_path: Path, models: dict) -> None:
-    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    write_patch(target=models["target"], source=models["source"], out=tmp_path / "p", modules=MODULES, progress=False)
     out, hold = tmp_path / "out", tmp_path / "hold"
     hold.touch()
-    args = [sys.executable, "-m", "surgery", "apply", str(tmp_path / "p"), "-t", str(models["target"]), "-o", str(out)]
-    proc = subprocess.Popen([*args, "-q"], env={**os.environ, HOLD_ENV: str(hold)}, stderr=subprocess.PIPE)
+    proc = spawn(["apply", str(tmp_path / "p"), "-t", str(models["target"]), "-o", str(out), "-q"], hold=hold)
     staging = tmp_path  # the temp folder is made beside OUT
     for _ in range(6000):
         if any(p.name.startswith(TMP_PREFIX) for p in staging.iterdir()) or proc.poll() is not None:
@@ -208,7 +209,7 @@ def test_a_kill_inside_apply_leaves_no_output(tmp_path: Path, models: dict) -> N
     rerun = cli("apply", tmp_path / "p", "-t", models["target"], "-o", out, "-q")
     assert rerun.exit_code == 0, rerun.output
     assert "left unfinished by an interrupted run" in rerun.stderr
-    verify(out, models["target"], models["source"])
+    verify(out, target=models["target"], source=models["source"])
 
 
 def corrupt(patch: Path, how: str) -> None:
@@ -294,13 +295,13 @@ def test_patch_options_that_do_not_apply_are_refused(tmp_path: Path, models: dic
 
 
 def test_large_patches_are_sharded(tmp_path: Path, models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("surgery.transplants.patch.MAX_SHARD_BYTES", 5000)
+    monkeypatch.setattr("surgery.transplants.plan.MAX_SHARD_BYTES", 5000)
     assert MAX_SHARD_BYTES == 5 * 10**9
-    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    write_patch(target=models["target"], source=models["source"], out=tmp_path / "p", modules=MODULES, progress=False)
     files = sorted(p.name for p in (tmp_path / "p").glob("patch*.safetensors"))
     assert len(files) > 1 and files[0] == f"patch-00001-of-{len(files):05d}.safetensors"
     apply(tmp_path / "p", models["target"], tmp_path / "a", progress=False)
-    verify(tmp_path / "a", models["target"], models["source"])
+    verify(tmp_path / "a", target=models["target"], source=models["source"])
 
 
 def test_apply_records_the_target_it_was_given_and_refuses_another_config_without_force(
@@ -333,10 +334,18 @@ def test_apply_records_the_target_it_was_given_and_refuses_another_config_withou
 
 
 def test_the_card_of_an_applied_patch_is_named_after_the_output(tmp_path: Path, models: dict) -> None:
-    write_patch(models["target"], models["source"], tmp_path / "demo.patch", modules=MODULES, progress=False)
+    write_patch(
+        target=models["target"], source=models["source"], out=tmp_path / "demo.patch", modules=MODULES, progress=False
+    )
     for folder in ("direct", "applied"):
         (tmp_path / folder).mkdir()
-    transplant(models["target"], models["source"], tmp_path / "direct" / "out", modules=MODULES, progress=False)
+    transplant(
+        target=models["target"],
+        source=models["source"],
+        out=tmp_path / "direct" / "out",
+        modules=MODULES,
+        progress=False,
+    )
     apply(tmp_path / "demo.patch", models["target"], tmp_path / "applied" / "out", progress=False)
     card = (tmp_path / "applied" / "out" / "README.md").read_text()
     assert "# out\n" in card and 'from_pretrained("out"' in card and " -o out" in card
@@ -385,7 +394,7 @@ def test_a_reversible_patch_missing_or_with_damaged_originals_applies_forward_bu
 
 
 def test_apply_patch_as_a_context_manager_undoes_the_patch_on_exit(tmp_path: Path, models: dict) -> None:
-    write_patch(models["target"], models["source"], tmp_path / "p", modules=MODULES, progress=False)
+    write_patch(target=models["target"], source=models["source"], out=tmp_path / "p", modules=MODULES, progress=False)
     model = AutoModelForCausalLM.from_pretrained(models["target"])
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="inside the block"), apply_patch(model, tmp_path / "p") as handle:

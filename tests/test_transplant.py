@@ -107,7 +107,7 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
     name = "model.layers.1.mlp.up_proj.weight"
     ref = open_checkpoint(out).tensors[name]
     with open(ref.shard.path, "r+b") as f:
-        f.seek(ref.shard.data_start + ref.info.begin + 3)
+        f.seek(ref.offset + 3)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))
@@ -120,55 +120,55 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
 def patched(tmp_path: Path, pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
     """A fresh transplant output of layer 0's MLP: (out, target, source)."""
     src, tgt = pair
-    transplant(tgt, src, tmp_path / "out", modules=["*.0.mlp.*"], progress=False)
+    transplant(target=tgt, source=src, out=tmp_path / "out", modules=["*.0.mlp.*"], progress=False)
     return tmp_path / "out", tgt, src
 
 
 def test_flipped_byte_in_untouched_tensor_is_caught(patched: tuple[Path, Path, Path]) -> None:
     ref = open_checkpoint(patched[0]).tensors["model.embed_tokens.weight"]
     data = bytearray(ref.shard.path.read_bytes())
-    data[ref.shard.data_start + ref.info.begin + ref.info.nbytes - 1] ^= 0x80
+    data[ref.offset + ref.info.nbytes - 1] ^= 0x80
     ref.shard.path.write_bytes(data)
     with pytest.raises(VerificationError, match=r"'model.embed_tokens.weight': byte 16383 differs from the target"):
-        verify(*patched)
+        verify(patched[0], target=patched[1], source=patched[2])
 
 
 def test_changed_copied_file_is_caught(patched: tuple[Path, Path, Path]) -> None:
     (patched[0] / "tokenizer_config.json").write_text("{}")
     with pytest.raises(VerificationError, match=r"file tokenizer_config.json"):
-        verify(*patched)
+        verify(patched[0], target=patched[1], source=patched[2])
 
 
 def test_verify_against_wrong_checkpoint(tmp_path: Path, patched: tuple[Path, Path, Path]) -> None:
     out, tgt, src = patched
     other = make_model(tmp_path / "other", 5, intermediate_size=48)
     with pytest.raises(VerificationError, match="was not made from source"):
-        verify(out, tgt, other)
+        verify(out, target=tgt, source=other)
     with pytest.raises(SurgeryError, match="no such transplant record; pass a folder written by `surgery transplant`"):
-        verify(tgt, tgt, src)
+        verify(tgt, target=tgt, source=src)
 
 
 def test_bf16_source_into_fp32_target_is_cast(tmp_path: Path) -> None:
     src = make_model(tmp_path / "source", 1, dtype=torch.bfloat16)
     tgt = make_model(tmp_path / "target", 2, dtype=torch.float32, shard="20KB")
     out = tmp_path / "out"
-    result = transplant(tgt, src, out, modules=["model.layers.0.*"], progress=False)
+    result = transplant(target=tgt, source=src, out=out, modules=["model.layers.0.*"], progress=False)
     assert len(result.modules) == 7
     got, want_src = tensors(out), tensors(src)
     for name in result.tensors:
         assert got[name].dtype == torch.float32
         assert torch.equal(got[name], want_src[name].to(torch.float32)), name
-    assert verify(out, tgt, src).from_source == 7
+    assert verify(out, target=tgt, source=src).from_source == 7
 
 
 def test_python_api_and_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     src, tgt = pair
     out = tmp_path / "out"
-    first = transplant(tgt, src, out, modules=["*.q_proj"], progress=False)
+    first = transplant(target=tgt, source=src, out=out, modules=["*.q_proj"], progress=False)
     assert first.modules == ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
     with pytest.raises(SurgeryError, match="already exists; choose a new path or pass --overwrite"):
-        transplant(tgt, src, out, modules=["*.k_proj"], progress=False)
-    second = transplant(tgt, src, out, modules=["*.k_proj"], overwrite=True, progress=False)
+        transplant(target=tgt, source=src, out=out, modules=["*.k_proj"], progress=False)
+    second = transplant(target=tgt, source=src, out=out, modules=["*.k_proj"], overwrite=True, progress=False)
     assert json.loads((out / "transplant.json").read_text())["modules"] == list(second.modules)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temp folders left behind"
     umask = os.umask(0)
@@ -206,19 +206,51 @@ def test_link_shares_inodes_only_for_untouched_shards(tmp_path: Path) -> None:
     for name in shards:
         same = (out / name).stat().st_ino == (tgt / name).stat().st_ino
         assert same == (name not in touched), name
-    verify(out, tgt, src)
+    verify(out, target=tgt, source=src)
     assert tree_digest(tgt) == before, "the target must not change"
     # The bytes equal a plain transplant's, shard for shard, except the provenance in rewritten headers.
     plain = tmp_path / "plain"
-    transplant(tgt, src, plain, modules=["model.layers.1.mlp.*"], progress=False)
+    transplant(target=tgt, source=src, out=plain, modules=["model.layers.1.mlp.*"], progress=False)
     a, b = open_checkpoint(out), open_checkpoint(plain)
     for t, ref in a.tensors.items():
         assert _tensor_bytes(ref) == _tensor_bytes(b.tensors[t]), t
 
 
+def test_dry_run_prints_the_write_plan_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_model(tmp_path / "source", 1, shard="20KB")
+    tgt = make_model(tmp_path / "target", 2, shard="20KB")
+    monkeypatch.delenv("SURGERY_DIRECT_IO", raising=False)
+    before = tree_digest(tmp_path)
+    refs = {n: ref for n, ref in open_checkpoint(tgt).tensors.items() if n.startswith("model.layers.1.mlp.")}
+    taken, nbytes = sorted(refs), sum(ref.nbytes for ref in refs.values())
+    args = ["transplant", "-t", tgt, "-s", src, "-o", tmp_path / "out", "--module", "model.layers.1.mlp.*"]
+
+    planned = cli(*args, "--link", "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert "page cache (" in planned.stdout  # a small checkpoint stays cached for the next command: the mode and why
+    assert "fits in half the memory available" in planned.stdout
+    assert "hard link to" in planned.stdout  # the shards no selected tensor touches
+    assert f"{len(taken)} tensors ({nbytes} bytes, 0 cast) from the source" in planned.stdout
+    assert all(name in planned.stdout for name in taken)
+    assert "nothing written (--dry-run)" in planned.stdout
+
+    patch = cli(*args, "--patch", "--reversible", "--dry-run")
+    assert patch.exit_code == 0, patch.output
+    assert "patch.safetensors (patch)" in patch.stdout and "original.safetensors (original)" in patch.stdout
+    assert "O_DIRECT (a patch is written once" in patch.stdout
+    assert all(name in patch.stdout for name in taken)
+
+    monkeypatch.setenv("SURGERY_DIRECT_IO", "1")
+    forced = cli(*args, "--dry-run")
+    assert forced.exit_code == 0, forced.output
+    assert "O_DIRECT (SURGERY_DIRECT_IO=1)" in forced.stdout
+    assert tree_digest(tmp_path) == before  # nothing written: no output, temp folder or lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "target"]
+
+
 def _tensor_bytes(ref) -> bytes:
     with open(ref.shard.path, "rb") as f:
-        f.seek(ref.shard.data_start + ref.info.begin)
+        f.seek(ref.offset)
         return f.read(ref.info.nbytes)
 
 
@@ -230,11 +262,11 @@ def test_link_across_filesystems_copies_with_a_note(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(os, "link", cross_device)
     out = tmp_path / "out"
-    transplant(tgt, src, out, modules=["model.layers.1.mlp.*"], link=True, progress=False)
+    transplant(target=tgt, source=src, out=out, modules=["model.layers.1.mlp.*"], link=True, progress=False)
     assert "copying them" in capfd.readouterr().err
     assert json.loads((out / "transplant.json").read_text())["linked_shards"] == []
     assert all(p.stat().st_nlink == 1 for p in out.glob("*.safetensors"))
-    verify(out, tgt, src)
+    verify(out, target=tgt, source=src)
 
 
 def test_verify_finds_an_edit_of_the_target_in_place_through_a_linked_shard(tmp_path: Path) -> None:
@@ -262,7 +294,7 @@ def test_verify_finds_an_edit_of_the_target_in_place_through_a_linked_shard(tmp_
     ref = next(ref for ref in ckpt.tensors.values() if ref.shard.path.name == linked[0])
     assert ref.info.nbytes > 1000
     with open(ref.shard.path, "r+b") as f:
-        f.seek(ref.shard.data_start + ref.info.begin + 100)
+        f.seek(ref.offset + 100)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))

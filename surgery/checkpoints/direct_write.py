@@ -17,10 +17,10 @@ last block is padded to `ALIGN` and the file truncated to its true size after. A
 refuses O_DIRECT at `open` (tmpfs, some FUSE and network filesystems) or at a write gets the
 file through the page cache instead.
 
-`wants_direct` chooses: O_DIRECT for a patch, and for a checkpoint larger than half the memory
-available, unless `SURGERY_DIRECT_IO` says otherwise. Either way each file is fsynced (on a worker
-thread) before the writer is done, and the inputs are read through the page cache, where they may
-already be.
+Which mode a file gets is chosen by the caller (`transplants.plan.choose_mode`, the one place),
+for all the files of a `BlockWriter`; the fallbacks above are this module's. Either way each file is
+fsynced (on a worker thread) before the writer is done, and the inputs are read through the page
+cache, where they may already be.
 """
 
 from __future__ import annotations
@@ -51,46 +51,6 @@ BLOCKS = 3
 ALIGN = 4096
 # 0 where the platform has no O_DIRECT: files are then always written through the page cache.
 O_DIRECT = getattr(os, "O_DIRECT", 0) if fcntl is not None else 0
-# "1" writes every output with O_DIRECT (where the filesystem takes it), "0" none; unset, `wants_direct`
-# decides by what the output is and its size.
-DIRECT_ENV = "SURGERY_DIRECT_IO"
-
-
-def wants_direct(nbytes: int, *, read_next: bool) -> bool:
-    """Whether to write an output of `nbytes` with O_DIRECT.
-
-    As `SURGERY_DIRECT_IO` says, if set to 1 or 0. Otherwise, an output that is `read_next` (a
-    checkpoint, read whole by the command that usually comes next: `verify`, `eval`, `push`, a load)
-    goes through the page cache if it fits in half the memory available, and stays there for that
-    command: on our test VM, reading a fresh 3.93 GiB O_DIRECT output took 7.8 s, and the same from
-    the page cache 0.2 s. One that does not fit could not stay there anyway, and would only evict
-    everything else on its way through. An output that is not `read_next` (a patch: kept, pushed,
-    or applied once, and never loaded whole) is written with O_DIRECT whatever its size: writing is
-    what its user waits for: O_DIRECT wrote a 745 MiB patch in 0.83 s against 2.40 s through the
-    page cache (medians of 5 rounds of bench/transplant_bench.py), at the cost of the one later read
-    (`apply` of it took 8.21 s, of the other 6.71 s).
-    """
-    forced = os.environ.get(DIRECT_ENV, "").strip().lower()
-    if forced in ("1", "true", "yes", "on"):
-        return True
-    if forced in ("0", "false", "no", "off"):
-        return False
-    if not read_next:
-        return True
-    available = _mem_available()
-    return available is not None and nbytes > available // 2
-
-
-def _mem_available() -> int | None:
-    """Bytes of memory available without swapping (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 class BlockWriter:

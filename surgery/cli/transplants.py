@@ -3,16 +3,16 @@ an output byte for byte, publish it."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from surgery.cli.options import OUT_FOLDER, OVERWRITE, QUIET, TRUST_REMOTE_CODE, size
 from surgery.errors import SurgeryError
 from surgery.manifest import parse_layer_range
+from surgery.transplants.command import transplant_output
+from surgery.transplants.patch import PatchResult
+from surgery.transplants.plan import WritePlan
 from surgery.transplants.verify import verify as run_verify
 from surgery.transplants.write import TransplantResult
-from surgery.transplants.write import transplant as run_transplant
 
 
 @click.command()
@@ -42,8 +42,27 @@ from surgery.transplants.write import transplant as run_transplant
 @click.option("--reversible", is_flag=True, help="With --patch: also keep the target's originals, for apply --revert.")
 @click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--dry-run", is_flag=True, help="Print the write plan (each file's mode and why); write nothing.")
 def transplant(
-    layers: str | None, quiet: bool, patch: bool, reversible: bool, push_to: str | None, private: bool, **selection: Any
+    target: str,
+    source: str,
+    out: str,
+    manifest: str | None,
+    top_k: int | None,
+    only: str | None,
+    layers: str | None,
+    modules: tuple[str, ...],
+    force: bool,
+    overwrite: bool,
+    quiet: bool,
+    trust_remote_code: bool,
+    eval_results: tuple[str, ...],
+    link: bool,
+    patch: bool,
+    reversible: bool,
+    push_to: str | None,
+    private: bool,
+    dry_run: bool,
 ) -> None:
     """Write a copy of the target with the selected modules taken from the source.
 
@@ -55,40 +74,54 @@ def transplant(
         from surgery.hub import check_push_options
 
         check_push_options(push_to)  # a bad repo id is refused before the output is written
+        if dry_run:
+            raise SurgeryError("--dry-run writes nothing to push; drop --push-to-hub, or --dry-run")
     elif private:
         raise SurgeryError("--private only applies with --push-to-hub ORG/NAME")
-    if reversible and not patch:
-        raise SurgeryError("--reversible only applies with --patch")
-    if patch and (selection["link"] or selection["eval_results"]):
-        raise SurgeryError("--link and --eval-results apply to full checkpoints, not to --patch")
-    # The remaining flags are named as `surgery.transplant`'s arguments and go to it unchanged.
-    layer_range = parse_layer_range(layers) if layers else None
-    if patch:
-        from surgery.transplants.patch import write_patch
-
-        del selection["link"], selection["eval_results"]
-        made = write_patch(layers=layer_range, progress=not quiet, reversible=reversible, **selection)
-        out = made.out
-        click.echo(
-            f"wrote patch {out}: {len(made.modules)} modules ({len(made.tensors)} tensors, "
-            f"{size(made.bytes_written)}) from the source"
-        )
-    else:
-        result = run_transplant(layers=layer_range, progress=not quiet, **selection)
-        out = result.out
-        click.echo(
-            f"wrote {out}: {len(result.modules)} modules ({len(result.tensors)} tensors, "
-            f"{size(result.source_bytes)}) from the source; {size(result.total_bytes)} in all{_linked(result)}"
-        )
-    if push_to is not None:
+    made = transplant_output(
+        target=target,
+        source=source,
+        out=out,
+        manifest=manifest,
+        top_k=top_k,
+        only=only,
+        layers=parse_layer_range(layers) if layers else None,
+        modules=modules,
+        force=force,
+        overwrite=overwrite,
+        progress=not quiet,
+        trust_remote_code=trust_remote_code,
+        eval_results=eval_results,
+        link=link,
+        patch=patch,
+        reversible=reversible,
+        dry_run=dry_run,
+    )
+    click.echo(_said(made))
+    if push_to is not None and not isinstance(made, WritePlan):
         from surgery.hub import push
 
         try:
-            url = push(out, push_to, private=private)
+            url = push(made.out, push_to, private=private)
         except SurgeryError as e:
-            retry = f"surgery push {out} --repo-id {push_to}" + (" --private" if private else "")
-            raise SurgeryError(f"{e} (the output is at {out}; retry with `{retry}`)") from None
+            retry = f"surgery push {made.out} --repo-id {push_to}" + (" --private" if private else "")
+            raise SurgeryError(f"{e} (the output is at {made.out}; retry with `{retry}`)") from None
         click.echo(f"pushed to {url}")
+
+
+def _said(made: TransplantResult | PatchResult | WritePlan) -> str:
+    """The line `transplant` prints: what was written, or the plan of a dry run."""
+    if isinstance(made, WritePlan):
+        return made.describe()
+    if isinstance(made, PatchResult):
+        return (
+            f"wrote patch {made.out}: {len(made.modules)} modules ({len(made.tensors)} tensors, "
+            f"{size(made.bytes_written)}) from the source"
+        )
+    return (
+        f"wrote {made.out}: {len(made.modules)} modules ({len(made.tensors)} tensors, "
+        f"{size(made.source_bytes)}) from the source; {size(made.total_bytes)} in all{_linked(made)}"
+    )
 
 
 def _linked(result: TransplantResult) -> str:
@@ -138,7 +171,7 @@ def apply_cmd(
 @click.option("--source", "-s", help="The source the output was made from [default: the one transplant.json names].")
 def verify(out: str, target: str | None, source: str | None) -> None:
     """Check every byte of the transplant output OUT against its target and source."""
-    report = run_verify(out, target, source)
+    report = run_verify(out, target=target, source=source)
     linked = (
         f"; {report.linked_shards} of {report.shards} shards are hard links to the target"
         if report.linked_shards

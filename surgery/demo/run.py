@@ -297,11 +297,13 @@ def run_demo(
 
     step(f"4/7 transplant the top {s.top_k} modules into the target")
     patched = run / f"patched-k{s.top_k}"
-    result = transplant(target, source, patched, manifest=manifest_path, top_k=s.top_k, overwrite=True)
+    result = transplant(
+        target=target, source=source, out=patched, manifest=manifest_path, top_k=s.top_k, overwrite=True
+    )
     log(f"wrote {patched} ({len(result.modules)} modules, {len(result.tensors)} tensors from the source)")
 
     step("5/7 verify the patched checkpoint")
-    verify(patched, target, source)
+    verify(patched, target=target, source=source)
     log("verify: OK (every tensor matches its origin)")
 
     step(f"6/7 evaluate on {s.benchmark} (test split, {s.limit} problems, seed {s.seed}, {s.eval_tokens} new tokens)")

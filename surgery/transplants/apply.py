@@ -26,7 +26,7 @@ import struct
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,12 +41,14 @@ from surgery.manifest import file_sha256
 from surgery.transplants.patch import (
     PATCH_RECORD,
     Patch,
-    architecture,
     check_copied_digests,
     check_patch_digests,
     open_patch,
 )
-from surgery.transplants.write import TransplantResult, _origin, provenance_header, write_checkpoint
+from surgery.transplants.plan import checkpoint_plan
+from surgery.transplants.records import Architecture, Origin, PatchRef, TransplantRecord
+from surgery.transplants.selection import provenance_header
+from surgery.transplants.write import TransplantResult, write_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +97,7 @@ def apply(
     _check_layout(p, tgt)
     # A target that is not the recorded one (by fingerprint) has its patched tensors hashed first, so
     # that another model is named by its first differing tensor, and what else differs refuses it.
-    checked_first = not revert and tgt.fingerprint != p.record["target"]["fingerprint"]
+    checked_first = not revert and tgt.fingerprint != p.record.provenance.target.fingerprint
     if checked_first:
         _check_digests(p, tgt, revert=False)
         _check_fingerprint(p, tgt, force)
@@ -137,7 +139,7 @@ def _check_inputs(p: Patch, tgt: Checkpoint, revert: bool, checked_first: bool) 
 def _check_fingerprint(p: Patch, tgt: Checkpoint, force: bool) -> None:
     """Refuse (or, with `force`, warn about) a target whose fingerprint differs from the patch's record,
     naming what differs: config keys, else tensors the patch leaves alone."""
-    recorded = p.record.get("target_config")
+    recorded = p.record.target_config
     if recorded is None:  # a patch written before patches recorded the target's config
         what = "its config.json or the tensors the patch leaves alone"
     else:
@@ -168,43 +170,44 @@ def _write(
     modules = tuple(p.modules)
     if revert:
         headers = _original_headers(p, tgt)
-        original = p.record["original"]
+        original = p.record.original
+        assert original is not None  # PatchRecord.from_dict refuses a reversible one without
         replacements = {n: t.original for n, t in p.tensors.items() if t.original is not None}
+        # Only a shard whose header is already the original's is linked: the others get theirs back.
+        plan = checkpoint_plan(
+            tgt, replacements, lambda shard: headers[shard.path.name], link=link, link_same_header=True
+        )
         written = write_checkpoint(
             out,
             tgt,
-            replacements,
-            lambda shard: headers[shard.path.name],
-            None,
-            original["card"],
-            overwrite,
-            link,
-            progress,
-            index_text=original["index"],
-            link_same_header=True,
+            plan,
+            record=None,
+            card=original.card,
+            overwrite=overwrite,
+            link=link,
+            progress=progress,
+            index_text=original.index,
             poll=poll,
             check=check,
         )
         return TransplantResult.made(out, modules, written, tgt)
     # The target is the one given (it may be a copy of the recorded one, or differ with --force).
-    provenance = {**{k: p.record[k] for k in ("tool", "source", "manifest")}, "target": _origin(tgt)}
-    record = {
-        **provenance,
-        "selection": p.record["selection"],
-        "modules": list(modules),
-        "patch": {"path": str(p.path), "sha256": file_sha256(p.path / PATCH_RECORD)},
-    }
+    provenance = replace(p.record.provenance, target=Origin.of(tgt))
+    patch_ref = PatchRef(str(p.path), file_sha256(p.path / PATCH_RECORD))
+    record = TransplantRecord(provenance, p.record.selection, modules, patch=patch_ref)
+    plan = checkpoint_plan(
+        tgt, {n: t.data for n, t in p.tensors.items()}, partial(provenance_header, provenance), link=link
+    )
     written = write_checkpoint(
         out,
         tgt,
-        {n: t.data for n, t in p.tensors.items()},
-        partial(provenance_header, provenance),
-        record,
-        partial(_card, p.record["card"], out.name),
-        overwrite,
-        link,
-        progress,
-        source_dtypes={t["name"]: t["source_dtype"] for t in p.record["tensors"]},
+        plan,
+        record=record,
+        card=partial(_card, p.record.card, out.name),
+        overwrite=overwrite,
+        link=link,
+        progress=progress,
+        source_dtypes={t.name: t.source_dtype for t in p.record.tensors},
         poll=poll,
         check=check,
     )
@@ -219,7 +222,8 @@ def _card(card: str, name: str) -> str:
 
 
 def _made_for(p: Patch) -> str:
-    return f"{p.record['target']['path']} ({p.record['target']['fingerprint'][:19]}…)"
+    target = p.record.provenance.target
+    return f"{target.path} ({target.fingerprint[:19]}…)"
 
 
 def _check_layout(p: Patch, ckpt: Checkpoint) -> None:
@@ -263,20 +267,17 @@ def _check_digests(p: Patch, ckpt: Checkpoint, *, revert: bool) -> None:
 
 def check_architecture(p: Patch, config: dict, what: str) -> None:
     """Refuse a model whose config names another architecture than the patch's target."""
-    want, have = p.record["architecture"], architecture(config)
-    # `architectures` is compared where both name it: a model built from a config may leave it empty.
-    if have["model_type"] != want["model_type"] or (
-        have["architectures"] and want["architectures"] and have["architectures"] != want["architectures"]
-    ):
+    want, have = p.record.architecture, Architecture.of(config)
+    if want.differs(have):
         raise SurgeryError(
-            f"{what} is {have['model_type']} {have['architectures']}, but this patch is for "
-            f"{want['model_type']} {want['architectures']}; apply it to {p.record['target']['path']}"
+            f"{what} is {have}, but this patch is for {want}; apply it to {p.record.provenance.target.path}"
         )
 
 
 def _original_headers(p: Patch, ckpt: Checkpoint) -> dict[str, bytes]:
     """The original target's shard headers (length prefix included), checked against the patched layout."""
-    stored_headers = p.record["original"]["shard_headers"]
+    assert p.record.original is not None  # PatchRecord.from_dict refuses a reversible one without
+    stored_headers = p.record.original.shard_headers
     if sorted(stored_headers) != sorted(s.path.name for s in ckpt.shards):
         raise SurgeryError(f"{ckpt.path}: its shard files differ from the target's this patch recorded")
     headers = {}
@@ -343,7 +344,7 @@ def apply_patch(model: torch.nn.Module, patch: str | Path | Patch) -> AppliedPat
             have = "missing" if param is None else f"of shape {list(param.shape)}"
             raise SurgeryError(
                 f"the model is not the one this patch is for: parameter {t.name} is {have}, the patch's is "
-                f"{list(t.shape)}; load {p.record['target']['path']}"
+                f"{list(t.shape)}; load {p.record.provenance.target.path}"
             )
     for t in p.tensors.values():
         param = params[t.name]
@@ -352,7 +353,7 @@ def apply_patch(model: torch.nn.Module, patch: str | Path | Patch) -> AppliedPat
             if hashlib.sha256(data).hexdigest() != t.target_sha256:
                 raise SurgeryError(
                     f"the model's parameter {t.name} differs from the target this patch was made for (sha256); "
-                    f"load {p.record['target']['path']} (or undo the patch applied before)"
+                    f"load {p.record.provenance.target.path} (or undo the patch applied before)"
                 )
     handle = AppliedPatch(p, model)
     with ReadOnlyFiles() as files, torch.no_grad():

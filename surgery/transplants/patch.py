@@ -18,29 +18,30 @@ damaged (`apply` warns), `apply --revert` refuses it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from surgery.checkpoints.digests import tensor_digests
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE
-from surgery.checkpoints.folder import Checkpoint
-from surgery.checkpoints.header import DTYPE_SIZES, TensorInfo, encode_header, read_header
+from surgery.checkpoints.folder import Checkpoint, TensorRef
+from surgery.checkpoints.header import read_header
 from surgery.checkpoints.staging import staged_folder
 from surgery.checkpoints.streaming import ReadOnlyFiles, sha256_range
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.transplants.write import Piece, ShardPlan, Stored, select, stored, write_shards
-
-PATCH_RECORD = "patch.json"
-PATCH_FORMAT = "surgery-patch"
-PATCH_VERSION = 1
-# save_pretrained's default max_shard_size ("5GB").
-MAX_SHARD_BYTES = 5 * 10**9
-# The command that writes a patch, and how a refusal of a broken patch folder ends (`fix` adds --reversible).
-_WRITE = "surgery transplant --patch"
-_FIX = f"rewrite it with `{_WRITE}`"
+from surgery.transplants.plan import WritePlan, choose_mode, packed_plan
+from surgery.transplants.records import (
+    PATCH_FIX,
+    PATCH_RECORD,
+    Architecture,
+    Originals,
+    PatchedTensor,
+    PatchRecord,
+)
+from surgery.transplants.selection import Selected, select_transplant
+from surgery.transplants.write import write_files
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ class PatchTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    data: Stored
+    data: TensorRef
     sha256: str
     target_sha256: str
-    original: Stored | None
+    original: TensorRef | None
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Patch:
     """
 
     path: Path
-    record: dict
+    record: PatchRecord
     tensors: dict[str, PatchTensor]
     originals_problem: str | None = None
 
@@ -78,18 +79,18 @@ class Patch:
 
     @property
     def modules(self) -> list[str]:
-        return list(self.record["modules"])
+        return list(self.record.modules)
 
     def summary(self) -> dict:
         """What `surgery inspect` prints of a patch: what it is for, what it holds, whether it reverts."""
-        target, source = self.record["target"], self.record["source"]
+        target, source = self.record.provenance.target, self.record.provenance.source
         return {
             "path": str(self.path),
             "kind": "patch (surgery transplant --patch); apply it with surgery apply",
-            "target": _named(target),
-            "target_fingerprint": target["fingerprint"],
-            "source": _named(source),
-            "model_type": self.record["architecture"]["model_type"],
+            "target": target.named,
+            "target_fingerprint": target.fingerprint,
+            "source": source.named,
+            "model_type": self.record.architecture.model_type,
             "modules": self.modules,
             "tensors": len(self.tensors),
             "total_bytes": sum(t.data.nbytes for t in self.tensors.values()),
@@ -98,20 +99,9 @@ class Patch:
         }
 
 
-def _named(origin: dict) -> str:
-    """An input as a record names it: its Hub repo at the commit, else its folder."""
-    hub = origin.get("hub")
-    return f"{hub['repo_id']}@{hub['commit']}" if isinstance(hub, dict) else str(origin["path"])
-
-
 def is_patch(folder: str | Path) -> bool:
     """Whether `folder` is a patch folder (it holds a patch record), not a checkpoint."""
     return Path(folder).is_dir() and (Path(folder) / PATCH_RECORD).is_file()
-
-
-def fix(record: dict) -> str:
-    """How a refusal of a broken patch ends: the command that writes it again, `--reversible` included."""
-    return f"rewrite it with `{_WRITE} --reversible`" if record.get("original_files") else _FIX
 
 
 @dataclass(frozen=True)
@@ -125,30 +115,52 @@ class PatchResult:
 
 
 def write_patch(
+    *,
     target: str | Path,
     source: str | Path,
     out: str | Path,
-    *,
     reversible: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    **selection: Any,
+    manifest: str | Path | None = None,
+    top_k: int | None = None,
+    only: str | None = None,
+    layers: tuple[int, int] | None = None,
+    modules: Sequence[str] = (),
+    force: bool = False,
+    trust_remote_code: bool = False,
 ) -> PatchResult:
     """Write a patch folder holding only the selected modules' tensors (see the module docstring).
 
     Args:
         target, source, out, overwrite, progress: as in `transplant`.
         reversible: also store the target's original tensors, shard headers, index and card.
-        selection: `transplant`'s selection arguments (`manifest`, `top_k`, `only`, `layers`,
-            `modules`, `force`, `trust_remote_code`), with the same refusals.
+        manifest, top_k, only, layers, modules, force, trust_remote_code: `transplant`'s selection
+            arguments, with the same refusals.
+
+    Returns:
+        What was written.
 
     Raises:
         SurgeryError: any input is invalid; nothing is written in that case.
     """
     out = Path(out)
-    sel = select(target, source, out=out, overwrite=overwrite, **selection)
+    sel = select_transplant(
+        target=target,
+        source=source,
+        manifest=manifest,
+        top_k=top_k,
+        only=only,
+        layers=layers,
+        modules=modules,
+        force=force,
+        trust_remote_code=trust_remote_code,
+        out=out,
+        overwrite=overwrite,
+    )
     out = out.resolve()
     tgt, src = sel.target, sel.source
+    plan = plan_patch(sel, reversible=reversible)
     infos = {n: tgt.tensors[n].info for n in sel.tensors}
 
     def cards() -> tuple[str, str]:
@@ -160,95 +172,70 @@ def write_patch(
         )
         return sel.card(out.name).content, card.content
 
-    patch_plans = _pack("patch", [(infos[n], stored(src.tensors[n])) for n in sel.tensors])
-    original_plans = _pack("original", [(infos[n], stored(tgt.tensors[n])) for n in sel.tensors]) if reversible else []
-    plans = patch_plans + original_plans
-    with staged_folder(out, overwrite, sum(len(p.header) + sum(x.nbytes for x in p.pieces) for p in plans)) as tmp:
+    patch_plan, original_plan = plan.only("patch"), plan.only("original")
+    with staged_folder(out, overwrite, plan.nbytes) as tmp:
         # The target's side (its digests, or its original tensors) is read, and the cards are made, on
         # other threads while the patch is written: copying, hashing and pread release the GIL.
         with ThreadPoolExecutor(2, thread_name_prefix="surgery-patch") as pool:
             target_side = (
-                pool.submit(write_shards, tmp, original_plans, False, read_next=False)
+                pool.submit(lambda: write_files(original_plan, tmp, progress=False).hashes)
                 if reversible
                 else pool.submit(tensor_digests, tgt, sel.tensors)
             )
             made = pool.submit(cards)
-            hashes = write_shards(tmp, patch_plans, progress, read_next=False)
+            hashes = write_files(patch_plan, tmp, progress=progress).hashes
             originals = target_side.result()
             applied_card, card = made.result()
-        record = {
-            "format": PATCH_FORMAT,
-            "version": PATCH_VERSION,
-            **sel.provenance,
-            "selection": sel.selection,
-            "modules": [c.name for c in sel.modules],
-            "architecture": architecture(tgt.config),
-            "target_config": tgt.config,
-            "files": [p.name for p in patch_plans],
-            "original_files": [p.name for p in original_plans] if reversible else None,
-            "tensors": [
-                {
-                    "name": n,
-                    "dtype": infos[n].dtype,
-                    "shape": list(infos[n].shape),
-                    "source_dtype": src.tensors[n].info.dtype,
-                    "sha256": hashes[n],
-                    "target_sha256": originals[n],
-                }
+        record = PatchRecord(
+            sel.provenance,
+            sel.selection,
+            tuple(c.name for c in sel.modules),
+            Architecture.of(tgt.config),
+            tgt.config,
+            tuple(f.name for f in patch_plan.files),
+            tuple(f.name for f in original_plan.files) if reversible else None,
+            tuple(
+                PatchedTensor(n, infos[n].dtype, infos[n].shape, src.tensors[n].info.dtype, hashes[n], originals[n])
                 for n in sel.tensors
-            ],
-            "card": applied_card,
-            "original": _originals(tgt) if reversible else None,
-        }
+            ),
+            applied_card,
+            _originals(tgt) if reversible else None,
+        )
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         with open(tmp / PATCH_RECORD, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+            json.dump(record.to_dict(), f, indent=2)
             f.write("\n")
     return PatchResult(out, tuple(c.name for c in sel.modules), hashes, sum(i.nbytes for i in infos.values()))
 
 
-def architecture(config: dict) -> dict:
-    """What a patch records of its target's config to refuse another architecture by name."""
-    return {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
+def plan_patch(sel: Selected, *, reversible: bool = False) -> WritePlan:
+    """The plan of the patch `write_patch` writes for a selection (`select_transplant`); nothing is written.
 
+    The patch's files hold the selected tensors cast to the target's dtypes (the bytes `transplant` would
+    write); with `reversible`, the original files hold the target's own bytes of them.
 
-def _pack(stem: str, tensors: list[tuple[TensorInfo, Stored]]) -> list[ShardPlan]:
-    """Plans for files holding `tensors` (each in its target dtype), split past MAX_SHARD_BYTES.
+    Args:
+        sel: what the patch takes from the source.
+        reversible: plan the original files too.
 
-    Within a file, tensors are laid out by element size, largest first, then by name, as safetensors
-    does, so every tensor stays aligned to its element size.
+    Returns:
+        Every output file, with the mode it is written in and why.
     """
-    order = sorted(tensors, key=lambda t: (-DTYPE_SIZES[t[0].dtype], t[0].name))
-    groups: list[list[tuple[TensorInfo, Stored]]] = [[]]
-    size = 0
-    for t in order:
-        if groups[-1] and size + t[0].nbytes > MAX_SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t[0].nbytes
-    plans = []
-    for i, group in enumerate(groups, 1):
-        name = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
-        entries, begin = [], 0
-        for info, _ in group:
-            entries.append(TensorInfo(info.name, info.dtype, info.shape, begin, begin + info.nbytes))
-            begin += info.nbytes
-        header = encode_header(entries, {"format": "pt"})
-        pieces = tuple(
-            Piece(s.path, s.offset, s.nbytes, len(header) + e.begin, e.nbytes, s.dtype, e.dtype, tensor=e.name)
-            for e, (_, s) in zip(entries, group, strict=True)
-        )
-        plans.append(ShardPlan(name, header, pieces))
-    return plans
+    mode = choose_mode(sum(sel.target.tensors[n].nbytes for n in sel.tensors), read_next=False)
+    infos = [sel.target.tensors[n].info for n in sel.tensors]
+    patch = packed_plan("patch", [(i, sel.source.tensors[i.name]) for i in infos], mode)
+    if not reversible:
+        return patch
+    original = packed_plan("original", [(i, sel.target.tensors[i.name]) for i in infos], mode)
+    return WritePlan(patch.files + original.files, mode)
 
 
-def sha256_of(files: ReadOnlyFiles, where: Stored) -> str:
+def sha256_of(files: ReadOnlyFiles, where: TensorRef) -> str:
     """sha256 of the bytes at `where`."""
     return sha256_range(files.fd(where.path), where.offset, where.nbytes)
 
 
-def _originals(tgt: Checkpoint) -> dict:
+def _originals(tgt: Checkpoint) -> Originals:
     """What `apply --revert` needs besides the tensors to give the target back byte for byte."""
     headers = {}
     for shard in tgt.shards:
@@ -257,11 +244,11 @@ def _originals(tgt: Checkpoint) -> dict:
             headers[shard.path.name] = f.read(shard.data_start - 8).decode("utf-8")
     index = tgt.path / INDEX_FILE
     card = tgt.path / CARD_FILE
-    return {
-        "shard_headers": headers,
-        "index": index.read_text(encoding="utf-8") if tgt.index is not None else None,
-        "card": card.read_text(encoding="utf-8") if card.is_file() else None,
-    }
+    return Originals(
+        headers,
+        index.read_text(encoding="utf-8") if tgt.index is not None else None,
+        card.read_text(encoding="utf-8") if card.is_file() else None,
+    )
 
 
 def open_patch(folder: str | Path, *, check_digests: bool = True, originals: bool = True) -> Patch:
@@ -284,50 +271,41 @@ def open_patch(folder: str | Path, *, check_digests: bool = True, originals: boo
             f"{folder}: no {PATCH_RECORD}, so not a patch; pass the output of `surgery transplant --patch`"
         )
     path = path.resolve()
-    record = read_json_object(path / PATCH_RECORD, "patch record", _FIX)
-    if record.get("format") != PATCH_FORMAT or record.get("version") != PATCH_VERSION:
-        raise SurgeryError(
-            f"{path / PATCH_RECORD}: not a {PATCH_FORMAT} version {PATCH_VERSION} record; {_FIX} with this surgery"
-        )
+    record = PatchRecord.from_dict(
+        read_json_object(path / PATCH_RECORD, "patch record", PATCH_FIX), path / PATCH_RECORD
+    )
     problem = None
+    listed = {t.name: (t.dtype, t.shape) for t in record.tensors}
+    where = _held(path, record, "patch", listed)
     try:
-        listed = {t["name"]: (t["dtype"], tuple(t["shape"])) for t in record["tensors"]}
-        where = _held(path, record, "patch", listed)
-        try:
-            found = _held(path, record, "original", listed) if record.get("original_files") else {}
-        except SurgeryError as e:
-            if originals:
-                raise
-            found, problem = {}, str(e)
-        tensors = {
-            t["name"]: PatchTensor(
-                t["name"], *listed[t["name"]], where[t["name"]], t["sha256"], t["target_sha256"], found.get(t["name"])
-            )
-            for t in record["tensors"]
-        }
-        _ = record["modules"], record["target"]["fingerprint"], record["card"], record["selection"]
-        _ = record["architecture"]["model_type"], record["architecture"]["architectures"]
-    except (KeyError, TypeError, AttributeError) as e:
-        raise SurgeryError(
-            f"{path / PATCH_RECORD}: malformed record ({e!r} missing or mistyped); {fix(record)}"
-        ) from None
+        found = _held(path, record, "original", listed) if record.original_files else {}
+    except SurgeryError as e:
+        if originals:
+            raise
+        found, problem = {}, str(e)
+    tensors = {
+        t.name: PatchTensor(t.name, t.dtype, t.shape, where[t.name], t.sha256, t.target_sha256, found.get(t.name))
+        for t in record.tensors
+    }
     patch = Patch(path, record, tensors, problem)
     if check_digests:
         check_patch_digests(patch, originals=originals)
     return patch
 
 
-def _held(folder: Path, record: dict, kind: str, listed: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, Stored]:
+def _held(
+    folder: Path, record: PatchRecord, kind: str, listed: dict[str, tuple[str, tuple[int, ...]]]
+) -> dict[str, TensorRef]:
     """Where each listed tensor lies in the patch's (`kind` "patch") or original files, checked against the record."""
-    found = _locate(folder, record["files" if kind == "patch" else "original_files"], fix(record))
+    found = _locate(folder, (record.files if kind == "patch" else record.original_files) or (), record.fix)
     for name, (dtype, shape) in listed.items():
         if name not in found:
-            raise SurgeryError(f"{folder}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {fix(record)}")
-        if (found[name][1].dtype, found[name][1].shape) != (dtype, shape):
-            raise SurgeryError(f"{folder}: {kind} tensor {name} is not {dtype} {list(shape)}; {fix(record)}")
+            raise SurgeryError(f"{folder}: tensor {name} is in {PATCH_RECORD} but in no {kind} file; {record.fix}")
+        if (found[name].dtype, found[name].info.shape) != (dtype, shape):
+            raise SurgeryError(f"{folder}: {kind} tensor {name} is not {dtype} {list(shape)}; {record.fix}")
     if set(found) != set(listed):
-        raise SurgeryError(f"{folder}: the {kind} files hold tensors {PATCH_RECORD} does not list; {fix(record)}")
-    return {name: at for name, (at, _) in found.items()}
+        raise SurgeryError(f"{folder}: the {kind} files hold tensors {PATCH_RECORD} does not list; {record.fix}")
+    return found
 
 
 def check_patch_digests(patch: Patch, *, tensors: bool = True, originals: bool = True) -> None:
@@ -339,7 +317,7 @@ def check_patch_digests(patch: Patch, *, tensors: bool = True, originals: bool =
     """
     with ReadOnlyFiles() as files:
         for t in patch.tensors.values():
-            checks: list[tuple[str, Stored, str]] = []
+            checks: list[tuple[str, TensorRef, str]] = []
             if tensors:
                 checks.append(("tensor", t.data, t.sha256))
             if originals and t.original is not None:
@@ -365,12 +343,12 @@ def tampered(patch: Patch, kind: str, name: str) -> SurgeryError:
     """The refusal of a patch whose tensor `name` differs from its recorded sha256."""
     return SurgeryError(
         f"{patch.path}: {kind} {name} differs from its sha256 in {PATCH_RECORD}: the patch was modified or is "
-        f"corrupt; {fix(patch.record)}"
+        f"corrupt; {patch.record.fix}"
     )
 
 
-def _locate(folder: Path, names: list[str], fix_text: str) -> dict[str, tuple[Stored, TensorInfo]]:
-    """Every tensor of the named files in `folder`: where its bytes lie and its header entry."""
+def _locate(folder: Path, names: tuple[str, ...], fix_text: str) -> dict[str, TensorRef]:
+    """Every tensor of the named files in `folder`: where its bytes lie, with its header entry."""
     out = {}
     for name in names:
         file = folder / name
@@ -378,5 +356,5 @@ def _locate(folder: Path, names: list[str], fix_text: str) -> dict[str, tuple[St
             raise SurgeryError(f"{folder}: {name} is missing; the patch is incomplete; {fix_text}")
         header = read_header(file)
         for info in header.tensors:
-            out[info.name] = (Stored(file, header.data_start + info.begin, info.nbytes, info.dtype), info)
+            out[info.name] = TensorRef(header, info)
     return out

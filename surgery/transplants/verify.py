@@ -17,6 +17,7 @@ from surgery.checkpoints.streaming import ReadOnlyFiles, converted_chunks, read_
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.transplants.patch import is_patch
+from surgery.transplants.records import Origin, TransplantRecord
 
 
 class VerificationError(SurgeryError):
@@ -35,7 +36,7 @@ class VerifyReport:
     linked_shards: int
 
 
-def verify(out: str | Path, target: str | Path | None = None, source: str | Path | None = None) -> VerifyReport:
+def verify(out: str | Path, *, target: str | Path | None = None, source: str | Path | None = None) -> VerifyReport:
     """Check a transplant output against its target and source, byte by byte.
 
     Every tensor must have the target's name, dtype and shape; tensors recorded in
@@ -63,15 +64,17 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
     # What the caller named is checked first; an input left out is then taken from the record.
     patched = open_checkpoint(out)
     given = {what: open_checkpoint(path) for what, path in (("target", target), ("source", source)) if path is not None}
-    record = read_json_object(
-        patched.path / RECORD_FILE, "transplant record", "pass a folder written by `surgery transplant`"
+    file = patched.path / RECORD_FILE
+    record = TransplantRecord.from_dict(
+        read_json_object(file, "transplant record", "pass a folder written by `surgery transplant`"), file
     )
-    tgt, src = (given.get(what) or open_checkpoint(_recorded(record, what)) for what in ("target", "source"))
+    origins = {"source": record.provenance.source, "target": record.provenance.target}
+    tgt, src = (given.get(what) or open_checkpoint(_recorded(origins[what], what)) for what in ("target", "source"))
     for what, ckpt in (("source", src), ("target", tgt)):
-        if record.get(what, {}).get("fingerprint") != ckpt.fingerprint:
+        if origins[what].fingerprint != ckpt.fingerprint:
             raise VerificationError(f"{out} was not made from {what} {ckpt.path} (fingerprint differs)")
-    expected = {t["name"]: t["sha256"] for t in record.get("tensors", [])}
-    recorded = {**(record.get("linked_sha256") or {}), **expected}
+    expected = {t.name: t.sha256 for t in record.tensors}
+    recorded = {**(record.linked_sha256 or {}), **expected}
 
     if [s.path.name for s in patched.shards] != [s.path.name for s in tgt.shards]:
         raise VerificationError(f"{out}: shard files differ from the target's")
@@ -124,17 +127,13 @@ def verify(out: str | Path, target: str | Path | None = None, source: str | Path
     )
 
 
-def _recorded(record: dict, what: str) -> str:
+def _recorded(origin: Origin, what: str) -> str:
     """The input `transplant.json` records as `what`: its folder, or its Hub repo at the recorded commit."""
-    origin = record.get(what)
-    if not isinstance(origin, dict) or not isinstance(origin.get("path"), str):
-        raise SurgeryError(f"{RECORD_FILE} records no {what}; pass it with --{what}")
-    hub = origin.get("hub")
-    if not Path(origin["path"]).is_dir() and isinstance(hub, dict) and hub.get("repo_id") and hub.get("commit"):
-        return f"{hub['repo_id']}@{hub['commit']}"
-    if not Path(origin["path"]).is_dir():
-        raise SurgeryError(f"the {what} recorded in {RECORD_FILE}, {origin['path']}, is gone; pass it with --{what}")
-    return origin["path"]
+    if Path(origin.path).is_dir():
+        return origin.path
+    if origin.hub is not None:
+        return origin.named
+    raise SurgeryError(f"the {what} recorded in {RECORD_FILE}, {origin.path}, is gone; pass it with --{what}")
 
 
 def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, files: ReadOnlyFiles) -> str:
@@ -142,10 +141,8 @@ def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, files: R
     want = origin.tensors[name]
     out_fd = files.fd(ref.shard.path)
     exp_fd = files.fd(want.shard.path)
-    got_chunks = read_chunks(out_fd, ref.shard.data_start + ref.info.begin, ref.info.nbytes)
-    exp_chunks = converted_chunks(
-        exp_fd, want.shard.data_start + want.info.begin, want.info.nbytes, want.info.dtype, ref.info.dtype
-    )
+    got_chunks = read_chunks(out_fd, ref.offset, ref.nbytes)
+    exp_chunks = converted_chunks(exp_fd, want.offset, want.nbytes, want.dtype, ref.dtype)
     h = hashlib.sha256()
     pending = b""
     pos = 0

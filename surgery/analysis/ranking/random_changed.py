@@ -31,8 +31,8 @@ def _differs(tensors: tuple[str, ...], ctx: RankContext, files: ReadOnlyFiles) -
         s, g = ctx.source.tensors[t], ctx.target.tensors[t]
         if s.info.dtype != g.info.dtype:
             return True
-        a = read_chunks(files.fd(s.shard.path), s.shard.data_start + s.info.begin, s.info.nbytes, CHUNK_BYTES)
-        b = read_chunks(files.fd(g.shard.path), g.shard.data_start + g.info.begin, g.info.nbytes, CHUNK_BYTES)
+        a = read_chunks(files.fd(s.shard.path), s.offset, s.nbytes, CHUNK_BYTES)
+        b = read_chunks(files.fd(g.shard.path), g.offset, g.nbytes, CHUNK_BYTES)
         if any(x != y for x, y in zip(a, b, strict=True)):
             return True
     return False

@@ -248,6 +248,23 @@ def test_dry_run_prints_the_write_plan_and_writes_nothing(tmp_path: Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "target"]
 
 
+def test_the_python_api_refuses_the_flag_combinations_the_cli_does(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    from surgery.transplants.command import transplant_output
+
+    src, tgt = pair
+    common = {"target": tgt, "source": src, "out": tmp_path / "out", "modules": ["*.q_proj"], "progress": False}
+    with pytest.raises(SurgeryError, match=r"^--reversible only applies with --patch$"):
+        transplant_output(**common, reversible=True)
+    with pytest.raises(SurgeryError, match=r"^--link and --eval-results apply to full checkpoints, not to --patch$"):
+        transplant_output(**common, patch=True, link=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    planned = transplant_output(**common, dry_run=True)
+    assert not (tmp_path / "out").exists()
+    assert {p.tensor for f in planned.files for p in f.hashed} == {
+        n for n in open_checkpoint(tgt).tensors if n.endswith("q_proj.weight")
+    }
+
+
 def _tensor_bytes(ref) -> bytes:
     with open(ref.shard.path, "rb") as f:
         f.seek(ref.offset)

@@ -119,7 +119,9 @@ def apply(
             if warning:
                 print(warning, file=sys.stderr)
 
-        return _write(p, tgt, out, revert, link, overwrite, progress, poll, check)
+        return _write(
+            p, tgt, out, revert=revert, link=link, overwrite=overwrite, progress=progress, poll=poll, check=check
+        )
 
 
 def _check_inputs(p: Patch, tgt: Checkpoint, revert: bool, checked_first: bool) -> str | None:
@@ -159,6 +161,7 @@ def _write(
     p: Patch,
     tgt: Checkpoint,
     out: Path,
+    *,
     revert: bool,
     link: bool,
     overwrite: bool,

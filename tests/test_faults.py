@@ -19,9 +19,10 @@ from click.testing import CliRunner, Result
 
 import surgery.analysis.profiling
 from surgery import load_stats, profile, transplant
-from surgery.checkpoints import staging
+from surgery.checkpoints import direct_write
+from surgery.checkpoints.direct_write import SyncBehind
 from surgery.checkpoints.options import ModelOptions
-from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, SyncBehind, output_lock
+from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, output_lock
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from tests.conftest import make_model, save_tokenizer, tree_digest, write_manifest
@@ -155,7 +156,7 @@ def test_sync_behind_closes_what_it_is_handed_and_reports_a_failed_fsync(tmp_pat
         synced.close(bad)
 
 
-@pytest.mark.skipif(staging._SYNC_FILE_RANGE is None, reason="flush starts writeback with Linux's sync_file_range")
+@pytest.mark.skipif(direct_write._SYNC_FILE_RANGE is None, reason="flush starts writeback with Linux's sync_file_range")
 def test_sync_behind_flush_outlives_the_writers_fd_and_reports_a_failed_writeback(tmp_path: Path) -> None:
     # flush works on a duplicate: the writer may close its fd (as on an error) before the worker runs.
     fd = os.open(tmp_path / "shard", os.O_WRONLY | os.O_CREAT)
@@ -179,7 +180,7 @@ def test_sync_behind_flush_is_skipped_where_the_filesystem_cannot_start_writebac
         ctypes.set_errno(errno.ENOSYS)  # as a sandbox without the syscall answers
         return -1
 
-    monkeypatch.setattr(staging, "_SYNC_FILE_RANGE", unsupported)
+    monkeypatch.setattr(direct_write, "_SYNC_FILE_RANGE", unsupported)
     fd = os.open(tmp_path / "shard", os.O_WRONLY | os.O_CREAT)
     os.write(fd, b"bytes")
     with SyncBehind() as synced:

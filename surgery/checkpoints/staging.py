@@ -14,15 +14,12 @@ leave a stale lock; the run that holds it deletes the lock file when it is done.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -34,22 +31,6 @@ try:
 except ImportError:  # not on Windows: runs there are not locked against each other
     fcntl = None  # type: ignore[assignment]
 
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2) from libc, or None where there is none (os does not wrap it)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait, do not flush the disk's cache
 
 TMP_PREFIX = ".surgery-tmp-"
 LOCK_SUFFIX = ".surgery-lock"
@@ -258,78 +239,10 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-class SyncBehind:
-    """Start writing files back while they are written, then fsync and close each, on a worker thread.
-
-    Left alone, the kernel starts writing dirty pages back only past `vm.dirty_background_ratio`
-    (10% of RAM), so a run that syncs only at the end then waits for most of its output. Here the
-    writer (`direct_write`, through the page cache) calls `flush` after each 64 MiB copy step or
-    block it writes, which starts writeback of what is dirty so far
-    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, on Linux), so the disk is kept busy from the first
-    bytes on and the final fsync of each file waits only for its last stretch. The writer itself
-    never waits: both calls run on the worker and release the GIL.
-
-    Not `fdatasync` per step: each one also flushes the disk's write cache, which on a virtual disk
-    can cost more than it saves (measured: a 3.93 GiB transplant took 6.1-8.3 s with an fdatasync
-    every 64 MiB, 3.5-4.7 s with sync_file_range, 3.4-4.7 s with no flush-behind at all; in an
-    earlier session on the same kind of machine, fdatasync steps had beaten no flush-behind by up to
-    3.5 s and sync_file_range matched them). Where there is no sync_file_range, `flush` does nothing
-    and each file is synced at `close` only.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="surgery-fsync")
-        self._pending: list[Future[None]] = []
-
-    def flush(self, fd: int) -> None:
-        """Start writing `fd`'s data so far to disk in the background, unless the worker is still busy.
-
-        Skipping a flush while one runs loses nothing: the next flush, or `close`, covers those bytes.
-        """
-        if _SYNC_FILE_RANGE is not None and (not self._pending or self._pending[-1].done()):
-            # A duplicate, so that the writer may close `fd` (say, on an error) before this runs.
-            self._pending.append(self._pool.submit(_writeback_and_close, os.dup(fd)))
-
-    def close(self, fd: int) -> None:
-        """Hand over `fd`, whose writing is done: it is fsynced and closed in the background."""
-        self._pending.append(self._pool.submit(_sync_and_close, fd))
-
-    def __enter__(self) -> SyncBehind:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self._pool.shutdown(wait=True)  # every handed-over fd is closed, whatever happened
-        if exc_type is None:
-            for done in self._pending:
-                done.result()  # an fsync error fails the write
-
-
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _writeback_and_close(fd: int) -> None:
-    """Start writeback of `fd`'s dirty pages, then close it.
-
-    A filesystem or sandbox that does not support the call is not an error (the fsync at `close`
-    writes everything); any other failure, an I/O error say, fails the write.
-    """
-    try:
-        if _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # offset 0, nbytes 0: the whole file
-            err = ctypes.get_errno()
-            if err not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(path: Path) -> None:
     """fsync every file and folder under `path`, once, after all writing.
 
-    Files already synced by `SyncBehind` cost next to nothing here.
+    Files already synced by the writer (`direct_write.SyncBehind`) cost next to nothing here.
     """
     for p in sorted(path.rglob("*")):
         fsync_file(p)

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from surgery import SurgeryError, open_checkpoint
+from surgery.checkpoints.folder import TensorRef
 from surgery.checkpoints.header import MAX_HEADER_BYTES, read_header
 from surgery.checkpoints.streaming import read_tensor
 from surgery.checkpoints.swap import TensorReader
@@ -56,7 +57,7 @@ def test_read_tensor_matches_safetensors_library(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "x.safetensors", os.O_RDONLY)
     try:
         for t in header.tensors:
-            got = read_tensor(fd, header.data_start + t.begin, t.nbytes, t.dtype, t.shape)
+            got = read_tensor(fd, TensorRef(header, t).offset, t.nbytes, t.dtype, t.shape)
             assert got.dtype == tensors[t.name].dtype and torch.equal(got, tensors[t.name]), t.name
     finally:
         os.close(fd)
@@ -179,7 +180,7 @@ def test_fingerprint_tracks_config_layout_and_weights(tmp_path: Path, pair: tupl
     copy = shutil.copytree(pair[1], tmp_path / "copy")
     ref = open_checkpoint(copy).tensors["model.layers.1.mlp.up_proj.weight"]
     data = bytearray(ref.shard.path.read_bytes())
-    data[ref.shard.data_start + (ref.info.begin + ref.info.end) // 2] ^= 1
+    data[ref.offset + ref.nbytes // 2] ^= 1
     ref.shard.path.write_bytes(data)
     assert open_checkpoint(copy).fingerprint != target.fingerprint
 

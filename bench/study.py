@@ -46,7 +46,7 @@ from surgery.evaluation.metrics import mean_interval
 from surgery.evaluation.runner import RECORDS, prepare, problem_ids_sha256, read_records
 from surgery.evaluation.select import choose_k
 from surgery.evaluation.summary import EvalSettings
-from surgery.evaluation.sweep import markdown, sweep
+from surgery.evaluation.sweep import SweepTable, markdown, sweep
 from surgery.manifest import load_manifest, select_modules
 from surgery.transplants.write import output_fingerprint
 
@@ -125,19 +125,19 @@ def validation_workload(args: argparse.Namespace) -> str:
     raise SystemExit("no disjoint validation seed found")
 
 
-def cell(table: dict, method: str, k: int) -> str:
-    r = next((r for r in table["rows"] if r["method"] == method and r["k"] == k), None)
+def cell(table: SweepTable, method: str, k: int) -> str:
+    r = next((r for r in table.rows if r.method == method and r.k == k), None)
     if r is None:
         return "n/a"  # K beyond the modules this ranking scored (swap-nll measures only its top N)
-    ci = r["nll_recovery_ci95"]
-    rec = "undefined" if r["nll_recovery_pct"] is None else f"{r['nll_recovery_pct']:.1f}"
+    ci = r.nll_recovery_ci95
+    rec = "undefined" if r.nll_recovery_pct is None else f"{r.nll_recovery_pct:.1f}"
     return rec + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
 
-def beats(table: dict, method: str, base_table: dict, base: str, k: int) -> bool:
+def beats(table: SweepTable, method: str, base_table: SweepTable, base: str, k: int) -> bool:
     """Whether `method`'s interval lies wholly above `base`'s at K (disjoint 95% intervals)."""
-    a = next((r["nll_recovery_ci95"] for r in table["rows"] if r["method"] == method and r["k"] == k), None)
-    b = next((r["nll_recovery_ci95"] for r in base_table["rows"] if r["method"] == base and r["k"] == k), None)
+    a = next((r.nll_recovery_ci95 for r in table.rows if r.method == method and r.k == k), None)
+    b = next((r.nll_recovery_ci95 for r in base_table.rows if r.method == base and r.k == k), None)
     return bool(a and b and a[0] > b[1])
 
 
@@ -186,18 +186,18 @@ def cut_off(folder: Path, budget: int) -> float:
     return sum(r["tokens"] >= budget for r in records) / len(records)
 
 
-def accuracy_comparison(folder: Path, methods: list[str], table: dict) -> str:
+def accuracy_comparison(folder: Path, methods: list[str], table: SweepTable) -> str:
     """Cut-off shares, and each method's accuracy minus the first one's with a paired-bootstrap 95% interval."""
     lines = ["", "### Answers cut off by the budget, and the methods compared problem by problem", ""]
-    for budget in table["max_new_tokens"]:
+    for budget in table.max_new_tokens:
         base = [f"source {100 * cut_off(folder / f'source-m{budget}', budget):.0f}%",
                 f"target {100 * cut_off(folder / f'target-m{budget}', budget):.0f}%"]  # fmt: skip
         patched = [f"{m} K={k} {100 * cut_off(folder / f'{m}-k{k}-m{budget}', budget):.0f}%"
-                   for m in methods for k in table["k"]]  # fmt: skip
+                   for m in methods for k in table.k]  # fmt: skip
         lines.append(f"- {budget} new tokens, answers that used the whole budget: {', '.join(base + patched)}.")
         first = methods[0]
         for other in methods[1:]:
-            for k in table["k"]:
+            for k in table.k:
                 a, b = (
                     {r["id"]: float(r["correct"]) for r in read_records(folder / f"{m}-k{k}-m{budget}" / RECORDS)}
                     for m in (first, other)
@@ -212,7 +212,7 @@ def accuracy_comparison(folder: Path, methods: list[str], table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def nll_plot(tables: dict[str, dict], path: Path) -> None:
+def nll_plot(tables: dict[str, SweepTable], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,15 +222,15 @@ def nll_plot(tables: dict[str, dict], path: Path) -> None:
     first = next(iter(tables.values()))
     series = [(m, t, "-o") for m, t in tables.items()] + [("random", first, "--x")]
     for method, table, style in series:
-        rows = [r for r in table["rows"] if r["method"] == method and r["nll_recovery_pct"] is not None]
-        ks = [r["k"] for r in rows]
-        line = ax.plot(ks, [r["nll_recovery_pct"] for r in rows], style, label=method, alpha=0.9)[0]
-        lows = [r["nll_recovery_ci95"][0] if r["nll_recovery_ci95"] else r["nll_recovery_pct"] for r in rows]
-        highs = [r["nll_recovery_ci95"][1] if r["nll_recovery_ci95"] else r["nll_recovery_pct"] for r in rows]
+        rows = [r for r in table.rows if r.method == method and r.nll_recovery_pct is not None]
+        ks = [r.k for r in rows]
+        line = ax.plot(ks, [r.nll_recovery_pct for r in rows], style, label=method, alpha=0.9)[0]
+        lows = [r.nll_recovery_ci95[0] if r.nll_recovery_ci95 else r.nll_recovery_pct for r in rows]
+        highs = [r.nll_recovery_ci95[1] if r.nll_recovery_ci95 else r.nll_recovery_pct for r in rows]
         ax.fill_between(ks, lows, highs, color=line.get_color(), alpha=0.12)
     ax.axhline(100, color="green", lw=0.8, ls=":")
     ax.axhline(0, color="red", lw=0.8, ls=":")
-    ks = first["k"]
+    ks = first.k
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (modules transplanted)")
@@ -313,15 +313,17 @@ def main() -> None:
 
     docs, stem = out.parent, out.stem
     nll_plot(tables, docs / f"{stem}-nll.png")
-    (docs / f"{stem}.json").write_text(json.dumps({"nll": tables, "selected_k": chosen, "accuracy": acc}, indent=1))
+    as_json = {"nll": {m: t.to_dict() for m, t in tables.items()}, "selected_k": chosen,
+               "accuracy": {m: t.to_dict() for m, t in acc.items()}}  # fmt: skip
+    (docs / f"{stem}.json").write_text(json.dumps(as_json, indent=1))
     first = next(iter(tables.values()))
     rows = [f"| {k} | " + " | ".join(cell(tables[m], m, k) for m in methods) + f" | {cell(first, 'random', k)} |"
             for k in ks]  # fmt: skip
 
     def recovery_at(m: str, k: int) -> float:
-        return next(r["nll_recovery_pct"] or -1e9 for r in tables[m]["rows"] if r["method"] == m and r["k"] == k)
+        return next(r.nll_recovery_pct or -1e9 for r in tables[m].rows if r.method == m and r.k == k)
 
-    best_k = {m: max(tables[m]["k"], key=lambda k, m=m: recovery_at(m, k)) for m in methods}
+    best_k = {m: max(tables[m].k, key=lambda k, m=m: recovery_at(m, k)) for m in methods}
     sel_rows = []
     for m in methods:
         k = chosen.get(m, "not run (--no-select)")

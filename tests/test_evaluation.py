@@ -22,6 +22,7 @@ from surgery.checkpoints.swap import swapped
 from surgery.cli import main
 from surgery.evaluation.benchmarks import BENCHMARKS, grade
 from surgery.evaluation.metrics import paired_bootstrap, recovery
+from surgery.evaluation.report import Report, report, save_report
 from surgery.evaluation.runner import evaluate, read_records
 from tests.conftest import make_model, needs_torchrun, save_tokenizer, torchrun, write_manifest
 from tests.test_bad_input import refused
@@ -219,6 +220,25 @@ def fake_results(
     }
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
+
+
+def test_report_returns_a_frozen_report_whose_dict_is_its_json(tmp_path: Path) -> None:
+    """`report` returns a `Report`; `report -o` writes its `to_dict`, the NLL baselines only where there is an NLL."""
+    s = fake_results(tmp_path / "s", [True] * 6 + [False] * 4)
+    t = fake_results(tmp_path / "t", [True] * 2 + [False] * 8)
+    p = fake_results(tmp_path / "p", [True] * 4 + [False] * 6)
+    result = report(s, t, [p])
+    assert isinstance(result, Report) and result.rows[0].tir == pytest.approx(2.0)
+    assert result.source.accuracy == 0.6 and result.rows[0].nll_source is not None
+    with pytest.raises(AttributeError):
+        result.rows[0].tir = 0.0  # type: ignore[misc]
+    save_report(result, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result.to_dict()))
+    for folder in (s, t, p):  # the same records without a gold NLL
+        records = [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
+        (folder / "records.jsonl").write_text("".join(json.dumps({**r, "nll": math.nan}) + "\n" for r in records))
+    row = report(s, t, [p]).to_dict()["rows"][0]
+    assert row["nll_undefined"] == "no gold NLL" and "nll_source" not in row and "nll_target" not in row
 
 
 def test_report_math_and_undefined_cases(tmp_path: Path) -> None:

@@ -335,7 +335,7 @@ def run_demo(
     rep = report(results["source"], results["target"], [results["patched"]])
     save_report(rep, run / "report.json")
     log(markdown(rep))
-    rep["paths"] = {
+    paths = {
         "base": str(base),
         "source": str(source),
         "target": str(target),
@@ -344,12 +344,12 @@ def run_demo(
         "results": {k: str(v) for k, v in results.items()},
         "report": str(run / "report.json"),
     }
-    (run / "paths.json").write_text(json.dumps(rep["paths"], indent=2) + "\n")
+    (run / "paths.json").write_text(json.dumps(paths, indent=2) + "\n")
     log(f"\ndone in {time.perf_counter() - start:.0f} s; everything is under {work}")
-    for key, value in rep["paths"].items():
+    for key, value in paths.items():
         if isinstance(value, dict):  # the three results folders, one line each
             for role, folder in value.items():
                 log(f"  {key + ' ' + role:17} {folder}")
         else:
             log(f"  {key:17} {value}")
-    return rep
+    return {**rep.to_dict(), "paths": paths}

@@ -9,6 +9,7 @@ same way beside it: the baseline the ranking must beat.
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from surgery.analysis.ranking import baseline_method, build_manifest
@@ -19,11 +20,72 @@ from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.distributed import dist_info
 from surgery.evaluation.k_grid import SWEEP_SMALLEST_K, default_grid, parse_ints, parse_ks
-from surgery.evaluation.report import report
+from surgery.evaluation.report import Interval, report
 from surgery.evaluation.runner import eval_settings, evaluate_loaded, prepare
 from surgery.fileio import write_atomic, write_json_atomic
 from surgery.manifest import check_ranked_for, file_sha256, load_manifest, select_modules
+from surgery.transplants.records import ManifestRef
 from surgery.transplants.write import output_fingerprint
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One evaluation of the target patched with a ranking's top K, at one decoding budget: the baselines'
+    accuracy at that budget, and `report`'s metrics (an undefined one is None, its `*_undefined` says why)."""
+
+    max_new_tokens: int
+    k: int
+    method: str
+    source: float
+    source_ci95: Interval
+    target: float
+    target_ci95: Interval
+    accuracy: float
+    accuracy_ci95: Interval
+    tir: float | None
+    tir_ci95: Interval | None
+    recovery_pct: float | None
+    recovery_ci95: Interval | None
+    nll: float | None
+    nll_recovery_pct: float | None
+    nll_recovery_ci95: Interval | None
+    tir_undefined: str | None
+    recovery_undefined: str | None
+    nll_undefined: str | None
+
+
+@dataclass(frozen=True)
+class SweepTable:
+    """What `sweep` measured, on what, and a row per budget, K and ranking (`to_dict` is `sweep.json`).
+
+    Attributes:
+        source, target: the checkpoints' folders.
+        manifest: the ranking's manifest; `method` its method, the rows' other method the random-K baseline.
+        random_seed: the random-K baseline's seed (None without one).
+        k, max_new_tokens: the K values and decoding budgets swept.
+    """
+
+    benchmark: str
+    problems: int
+    seed: int
+    shots: int
+    dtype: str
+    source: str
+    target: str
+    manifest: ManifestRef
+    random_seed: int | None
+    method: str
+    k: tuple[int, ...]
+    max_new_tokens: tuple[int, ...]
+    rows: tuple[SweepRow, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "k": list(self.k),
+            "max_new_tokens": list(self.max_new_tokens),
+            "rows": [asdict(r) for r in self.rows],
+        }
 
 
 def sweep(
@@ -43,7 +105,7 @@ def sweep(
     random: bool = True,
     force: bool = False,
     options: ModelOptions | None = None,
-) -> dict:
+) -> SweepTable:
     """Evaluate source, target, and the target patched with the top-K (and random-K) modules.
 
     Args:
@@ -62,7 +124,7 @@ def sweep(
             them all in memory); default `ModelOptions()`.
 
     Returns:
-        The table as a dict (also in sweep.json).
+        The table (also in sweep.json, sweep.md and sweep.png).
 
     Raises:
         SurgeryError: bad K values or budgets, a manifest for other checkpoints (without `force`), or a bad
@@ -123,86 +185,83 @@ def sweep(
     tgt_tokenizer = load_tokenizer(tgt.path, options.trust_remote_code)
     with_model(tgt.path, options, on_target)
 
-    about = {
-        "benchmark": bench.name,
-        "problems": len(problems),
-        "seed": seed,
-        "shots": shots,
-        "dtype": options.dtype,
-        "source": str(src.path),
-        "target": str(tgt.path),
-        "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "method": man.method.name},
-        "random_seed": random_seed if random else None,
-    }
-    table = {**about, **_table(out, [name for name, _ in rankings], k_values, budgets)}
+    methods = [name for name, _ in rankings]
+    table = SweepTable(
+        bench.name,
+        len(problems),
+        seed,
+        shots,
+        options.dtype,
+        str(src.path),
+        str(tgt.path),
+        ManifestRef(str(manifest), file_sha256(manifest), man.method.name),
+        random_seed if random else None,
+        methods[0],
+        tuple(k_values),
+        tuple(budgets),
+        _rows(out, methods, k_values, budgets),
+    )
     if dist_info()[0] == 0:  # under torchrun every rank has the table; one writes it
-        write_json_atomic(out / "sweep.json", table)
+        write_json_atomic(out / "sweep.json", table.to_dict())
         write_atomic(out / "sweep.md", markdown(table).encode("utf-8"))
         _plot(table, out / "sweep.png")
     return table
 
 
-def _table(out: Path, methods: list[str], k_values: list[int], budgets: list[int]) -> dict:
+# The metrics a sweep row takes from `report`'s row.
+_REPORTED = (
+    *("accuracy", "accuracy_ci95", "tir", "tir_ci95", "recovery_pct", "recovery_ci95"),
+    *("nll", "nll_recovery_pct", "nll_recovery_ci95", "tir_undefined", "recovery_undefined", "nll_undefined"),
+)
+
+
+def _rows(out: Path, methods: list[str], k_values: list[int], budgets: list[int]) -> tuple[SweepRow, ...]:
     rows = []
     for budget in budgets:
         for k in k_values:
             folders = [out / f"{m}-k{k}-m{budget}" for m in methods]
             r = report(out / f"source-m{budget}", out / f"target-m{budget}", folders)
-            for row, m in zip(r["rows"], methods, strict=True):
+            for row, m in zip(r.rows, methods, strict=True):
+                s, t = r.source, r.target
+                reported = {x: getattr(row, x) for x in _REPORTED}
                 rows.append(
-                    {
-                        "max_new_tokens": budget,
-                        "k": k,
-                        "method": m,
-                        "source": r["source"]["accuracy"],
-                        "source_ci95": r["source"]["accuracy_ci95"],
-                        "target": r["target"]["accuracy"],
-                        "target_ci95": r["target"]["accuracy_ci95"],
-                        **{
-                            x: row[x]
-                            for x in (
-                                *("accuracy", "accuracy_ci95", "tir", "tir_ci95", "recovery_pct", "recovery_ci95"),
-                                *("nll", "nll_recovery_pct", "nll_recovery_ci95"),
-                                *("tir_undefined", "recovery_undefined", "nll_undefined"),
-                            )
-                        },
-                    }
+                    SweepRow(budget, k, m, s.accuracy, s.accuracy_ci95, t.accuracy, t.accuracy_ci95, **reported)
                 )
-    return {"method": methods[0], "k": k_values, "max_new_tokens": budgets, "rows": rows}
+    return tuple(rows)
 
 
-def markdown(table: dict) -> str:
+def markdown(table: SweepTable) -> str:
     """The sweep as a table that stands on its own: what was measured, on what, and every value's interval."""
 
-    def num(x: float | None, ci: list[float] | None, fmt: str, scale: float = 1) -> str:
+    def num(x: float | None, ci: Interval | None, fmt: str, scale: float = 1) -> str:
         if x is None:
             return "undefined"
         band = f" [{format(scale * ci[0], fmt)}, {format(scale * ci[1], fmt)}]" if ci else ""
         return format(scale * x, fmt) + band
 
-    m = table["manifest"]
+    m = table.manifest
     lines = [
-        f"{table['benchmark']}, {table['problems']} problems (seed {table['seed']}, {table['shots']}-shot, "
-        f"{table['dtype']}); source {table['source']}, target {table['target']}; ranking `{m['method']}` from "
-        f"{m['path']} (sha256 {m['sha256'][:12]}…), "
-        + ("no random-K baseline" if table["random_seed"] is None else f"random-K seed {table['random_seed']}")
+        f"{table.benchmark}, {table.problems} problems (seed {table.seed}, {table.shots}-shot, "
+        f"{table.dtype}); source {table.source}, target {table.target}; ranking `{m.method}` from "
+        f"{m.path} (sha256 {m.sha256[:12]}…), "
+        + ("no random-K baseline" if table.random_seed is None else f"random-K seed {table.random_seed}")
         + ". 95% intervals: "
         "Wilson for accuracy, paired bootstrap for TIR and Recovery.",
         "",
         "| max_new_tokens | K | method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |",
         "|---" * 10 + "|",
     ]
-    for r in table["rows"]:
+    for r in table.rows:
         lines.append(
-            f"| {r['max_new_tokens']} | {r['k']} | {r['method']} | {100 * r['source']:.1f}% | {100 * r['target']:.1f}% "
-            f"| {num(r['accuracy'], r['accuracy_ci95'], '.1f', 100)}% | {num(r['tir'], r['tir_ci95'], '.2f')} "
-            f"| {num(r['recovery_pct'], r['recovery_ci95'], '.1f')} | {num(r['nll'], None, '.4f')} "
-            f"| {num(r['nll_recovery_pct'], r['nll_recovery_ci95'], '.1f')} |"
+            f"| {r.max_new_tokens} | {r.k} | {r.method} | {100 * r.source:.1f}% | {100 * r.target:.1f}% "
+            f"| {num(r.accuracy, r.accuracy_ci95, '.1f', 100)}% | {num(r.tir, r.tir_ci95, '.2f')} "
+            f"| {num(r.recovery_pct, r.recovery_ci95, '.1f')} | {num(r.nll, None, '.4f')} "
+            f"| {num(r.nll_recovery_pct, r.nll_recovery_ci95, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _plot(table: dict, path: Path) -> None:
+def _plot(table: SweepTable, path: Path) -> None:
     """Accuracy, TIR, Recovery and gold-NLL Recovery against K, with 95% bands: a line per max_new_tokens,
     random-K dashed; the x-axis at the swept K; a panel with no defined value says why."""
     import matplotlib
@@ -214,12 +273,12 @@ def _plot(table: dict, path: Path) -> None:
     panels = (("accuracy", "accuracy_ci95", 100), ("tir", "tir_ci95", 1))
     panels += (("recovery_pct", "recovery_ci95", 1), ("nll_recovery_pct", "nll_recovery_ci95", 1))
     reasons = {"tir": "tir_undefined", "recovery_pct": "recovery_undefined", "nll_recovery_pct": "nll_undefined"}
-    for budget in table["max_new_tokens"]:
-        for method, style in ((table["method"], "-o"), (baseline_method().name, "--x")):
-            rows = [r for r in table["rows"] if r["max_new_tokens"] == budget and r["method"] == method]
+    for budget in table.max_new_tokens:
+        for method, style in ((table.method, "-o"), (baseline_method().name, "--x")):
+            rows = [r for r in table.rows if r.max_new_tokens == budget and r.method == method]
             label = f"{method}, {budget} tok"
             for ax, (key, ci, scale) in zip(axes, panels, strict=True):
-                pts = [(r["k"], scale * r[key], r[ci]) for r in rows if r[key] is not None]
+                pts = [(r.k, scale * getattr(r, key), getattr(r, ci)) for r in rows if getattr(r, key) is not None]
                 if not pts:
                     continue
                 (line,) = ax.plot([k for k, _, _ in pts], [v for _, v, _ in pts], style, label=label)
@@ -227,19 +286,19 @@ def _plot(table: dict, path: Path) -> None:
                 if band:
                     ks, lo, hi = zip(*band, strict=True)
                     ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
-        first = next(r for r in table["rows"] if r["max_new_tokens"] == budget)
-        axes[0].axhline(100 * first["source"], color="green", lw=0.8, ls=":", label=f"source, {budget} tok")
-        axes[0].axhline(100 * first["target"], color="red", lw=0.8, ls=":", label=f"target, {budget} tok")
+        first = next(r for r in table.rows if r.max_new_tokens == budget)
+        axes[0].axhline(100 * first.source, color="green", lw=0.8, ls=":", label=f"source, {budget} tok")
+        axes[0].axhline(100 * first.target, color="red", lw=0.8, ls=":", label=f"target, {budget} tok")
     titles = ("accuracy %", "TIR (patched / target)", "Recovery %", "gold-NLL Recovery %")
     for ax, title, (key, _, _) in zip(axes, titles, panels, strict=True):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(table["k"], [str(k) for k in table["k"]])
+        ax.set_xticks(table.k, [str(k) for k in table.k])
         ax.minorticks_off()
         ax.set_xlabel("K (modules transplanted)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if key in reasons and all(r[key] is None for r in table["rows"]):
-            why = table["rows"][0][reasons[key]]
+        if key in reasons and all(getattr(r, key) is None for r in table.rows):
+            why = getattr(table.rows[0], reasons[key])
             ax.text(0.5, 0.5, f"undefined\n({why})", ha="center", va="center", transform=ax.transAxes, color="gray")
     axes[0].set_ylim(bottom=0, top=max(5.0, axes[0].get_ylim()[1]))
     handles, labels = axes[0].get_legend_handles_labels()

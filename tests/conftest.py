@@ -1,98 +1,18 @@
-"""Tiny local models and helpers shared by the tests. Nothing touches the network."""
+"""Fixtures shared by the test modules; plain helpers (tiny models, the CLI, `refused`) are in tests/helpers.py.
+Nothing touches the network."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
 
+from surgery.analysis.profiling import profile
 from surgery.checkpoints.cache import CACHE_ENV
-from surgery.checkpoints.candidates import find_candidates
-from surgery.checkpoints.folder import open_checkpoint
-from surgery.manifest import SCHEMA_VERSION
-
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-}
-
-
-def make_model(
-    path: Path,
-    seed: int,
-    *,
-    arch: str = "llama",
-    dtype: torch.dtype = torch.float32,
-    tied: bool = False,
-    shard: str | None = None,
-    **overrides: int,
-) -> Path:
-    """Save a randomly initialised tiny model (plus a fake tokenizer file) to `path`."""
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3": Gemma3TextConfig}[arch]
-    config = config_cls(**{**TINY, **overrides}, tie_word_embeddings=tied)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong
-    # origin is visible in every tensor.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
-    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
-    return path
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, to prove inputs were not modified."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def write_manifest(path: Path, source: Path, target: Path, *, reverse: bool = False) -> Path:
-    """Write a valid manifest ranking the candidates in module order (or reversed)."""
-    src, tgt = open_checkpoint(source), open_checkpoint(target)
-    compat = find_candidates(src, tgt)
-    cands = list(reversed(compat.candidates)) if reverse else list(compat.candidates)
-    obj = {
-        "schema_version": SCHEMA_VERSION,
-        "created_by": "tests",
-        "source": {"path": str(source), "revision": None, "fingerprint": src.fingerprint},
-        "target": {"path": str(target), "revision": None, "fingerprint": tgt.fingerprint},
-        "workload": {"name": "test", "sha256": "0" * 64, "prompts": 4, "max_new_tokens": 8},
-        "method": {"name": "lae", "params": {}},
-        "modules": [
-            {
-                "name": c.name,
-                "kind": c.kind,
-                "layer": c.layer,
-                "tensors": list(c.tensors),
-                "shape": list(c.shape),
-                "a_src": 1.0,
-                "a_tgt": 0.5,
-                "score": float(len(cands) - i),
-                "rank": i + 1,
-            }
-            for i, c in enumerate(cands)
-        ],
-        "excluded": [{"name": e.name, "reason": e.reason} for e in compat.excluded],
-    }
-    path.write_text(json.dumps(obj, indent=2))
-    return path
+from tests.helpers import make_model, model_with_tokenizer, save_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +24,8 @@ def candidate_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 
 
 @pytest.fixture(scope="session")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A sharded fp32 Llama source/target pair with different weights."""
+def sharded_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A sharded fp32 Llama source/target pair with different weights (no tokenizer)."""
     root = tmp_path_factory.mktemp("pair")
     return (
         make_model(root / "source", 1, shard="20KB"),
@@ -113,39 +33,26 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
-def save_tokenizer(path: Path, chat: bool = True) -> None:
-    """A character-level tokenizer over ids 0..127 (fits TINY's vocab), saved next to a model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # characters join back without spaces
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory):
+    """A 4-layer target and sources with chosen modules' weights scaled by 4, profiled at 1 token."""
+    root = tmp_path_factory.mktemp("planted")
+    target = model_with_tokenizer(root / "target", 5, num_hidden_layers=4)
+    w = root / "w.jsonl"
+    w.write_text(
+        "\n".join(
+            json.dumps({"prompt": p}) for p in ["What is 2+2?", "hi", "Count to ten, please.", "Name a prime number."]
+        )
     )
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
+    tgt_stats = profile(target, str(w), None, max_new_tokens=1)
 
+    def make_source(module: str):
+        path = root / module.replace(".", "_")
+        lm = AutoModelForCausalLM.from_pretrained(target)
+        with torch.no_grad():
+            lm.get_submodule(module).weight.mul_(4)
+        lm.save_pretrained(path)
+        save_tokenizer(path)
+        return path, profile(path, str(w), None, max_new_tokens=1)
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="no torchrun beside this python")
-
-
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node N -m surgery ARGS` on a free port, one thread per process (gloo on the CPU)."""
-    with socket.socket() as sock:  # a free port, so concurrent test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(port), "-m", "surgery", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return target, tgt_stats, make_source

@@ -8,20 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from surgery.cli import main
-from tests.conftest import make_model, save_tokenizer, tree_digest
+from tests.helpers import cli, make_model, refused, save_tokenizer, tree_digest
 
 PROMPTS = ["What is 3+4?", "hello", "Tell me a number.", "Subtract 5 from 9."]
 
 
-def cli(*args) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+def chat_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("analyze")
     src, tgt = make_model(root / "source", 1, shard="20KB"), make_model(root / "target", 2, shard="20KB")
     for p in (src, tgt):
@@ -31,8 +25,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return src, tgt, w
 
 
-def test_analyze_transplant_verify_chain(tmp_path: Path, pair) -> None:
-    src, tgt, w = pair
+def test_analyze_transplant_verify_chain(tmp_path: Path, chat_pair) -> None:
+    src, tgt, w = chat_pair
     before = {p: tree_digest(p) for p in (src, tgt)}
     manifest = tmp_path / "manifests" / "pair.json"
     result = cli(
@@ -80,8 +74,8 @@ def test_analyze_transplant_verify_chain(tmp_path: Path, pair) -> None:
     assert before == {p: tree_digest(p) for p in (src, tgt)}
 
 
-def test_profile_then_manifest_commands(tmp_path: Path, pair) -> None:
-    src, tgt, w = pair
+def test_profile_then_manifest_commands(tmp_path: Path, chat_pair) -> None:
+    src, tgt, w = chat_pair
     for name, model in (("s", src), ("t", tgt)):
         r = cli("profile", model, "-w", w, "--max-new-tokens", 2, "-o", tmp_path / f"{name}.safetensors")
         assert r.exit_code == 0, r.output
@@ -105,8 +99,8 @@ def test_profile_then_manifest_commands(tmp_path: Path, pair) -> None:
     assert wd["workload"] is None and all(m["a_src"] is None and m["score"] > 0 for m in wd["modules"])
 
 
-def test_transplant_with_matching_manifest_never_imports_torch(tmp_path: Path, pair) -> None:
-    src, tgt, _ = pair
+def test_transplant_with_matching_manifest_never_imports_torch(tmp_path: Path, chat_pair) -> None:
+    src, tgt, _ = chat_pair
     manifest = tmp_path / "wd.json"
     assert cli("manifest", "-s", src, "-t", tgt, "--method", "weight-delta", "-o", manifest).exit_code == 0
     code = (
@@ -119,15 +113,6 @@ def test_transplant_with_matching_manifest_never_imports_torch(tmp_path: Path, p
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     assert (tmp_path / "out" / "transplant.json").is_file()
-
-
-def refused(args: list, message: str, watch: Path) -> None:
-    before = tree_digest(watch)
-    result = cli(*args)
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr, result.stderr
-    assert tree_digest(watch) == before
 
 
 @pytest.mark.parametrize(
@@ -143,28 +128,28 @@ def refused(args: list, message: str, watch: Path) -> None:
     ],
 )
 @pytest.mark.parametrize("command", ["profile", "analyze"])
-def test_bad_analysis_input(tmp_path: Path, pair, command: str, workload_text, extra: list, message: str) -> None:
-    src, tgt, _ = pair
+def test_bad_analysis_input(tmp_path: Path, chat_pair, command: str, workload_text, extra: list, message: str) -> None:
+    src, tgt, _ = chat_pair
     w = tmp_path / "w.jsonl"
     if workload_text is not None:
         w.write_text(workload_text)
     args = ["-w", str(w), *extra] if "-w" not in extra else extra
     out = tmp_path / ("stats.safetensors" if command == "profile" else "m.json")
     cmd = ["profile", src] if command == "profile" else ["analyze", "-s", src, "-t", tgt, "--method", "lae"]
-    refused([*cmd, *args, "-o", out], message, tmp_path)
+    refused([*cmd, *args, "-o", out], message, watch=tmp_path)
 
 
-def test_unloadable_config_names_trust_remote_code(tmp_path: Path, pair) -> None:
-    _, _, w = pair
+def test_unloadable_config_names_trust_remote_code(tmp_path: Path, chat_pair) -> None:
+    _, _, w = chat_pair
     model = make_model(tmp_path / "odd", 1)
     save_tokenizer(model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "model_type": "brand-new-arch"}))
-    refused(["profile", model, "-w", w, "-o", tmp_path / "s.safetensors"], "--trust-remote-code", tmp_path)
+    refused(["profile", model, "-w", w, "-o", tmp_path / "s.safetensors"], "--trust-remote-code", watch=tmp_path)
 
 
-def test_manifest_refuses_stats_of_another_model(tmp_path: Path, pair) -> None:
-    src, tgt, w = pair
+def test_manifest_refuses_stats_of_another_model(tmp_path: Path, chat_pair) -> None:
+    src, tgt, w = chat_pair
     for name, model in (("s", src), ("t", tgt)):
         assert cli("profile", model, "-w", w, "--max-new-tokens", 1, "-o", tmp_path / f"{name}.st").exit_code == 0
     # Source stats passed for the target: the fingerprint tells them apart.
@@ -181,7 +166,7 @@ def test_manifest_refuses_stats_of_another_model(tmp_path: Path, pair) -> None:
             tmp_path / "m.json",
         ],
         "target stats were measured on",
-        tmp_path,
+        watch=tmp_path,
     )
     assert cli("profile", src, "-w", w, "--max-new-tokens", 2, "-o", tmp_path / "s2.st").exit_code == 0
     refused(
@@ -195,7 +180,7 @@ def test_manifest_refuses_stats_of_another_model(tmp_path: Path, pair) -> None:
             tmp_path / "m.json",
         ],
         "stats differ in settings max_new_tokens",
-        tmp_path,
+        watch=tmp_path,
     )
     (tmp_path / "junk.st").write_bytes(b"\x00" * 16)
     refused(
@@ -209,34 +194,34 @@ def test_manifest_refuses_stats_of_another_model(tmp_path: Path, pair) -> None:
             tmp_path / "m.json",
         ],
         "junk.st",
-        tmp_path,
+        watch=tmp_path,
     )
     refused(
         ["manifest", "-s", src, "-t", tgt, "--method", "random", "-o", tmp_path / "m.json"],
         "method random needs --seed",
-        tmp_path,
+        watch=tmp_path,
     )
 
 
-def test_auto_k_refuses_an_overlapping_validation_set_before_ranking(tmp_path: Path, pair) -> None:
+def test_auto_k_refuses_an_overlapping_validation_set_before_ranking(tmp_path: Path, chat_pair) -> None:
     """The validation set shares prompts with the workload: refused before any profile, so no manifest is left
     without its K (issue 25 item 5)."""
-    src, tgt, w = pair
+    src, tgt, w = chat_pair
     validation = tmp_path / "val.jsonl"
     validation.write_text("".join(json.dumps({"prompt": p, "solution": "7 #### 7"}) + "\n" for p in PROMPTS[1:3]))
     refused(
         ["analyze", "-s", src, "-t", tgt, "-w", w, "--method", "lae", "--auto-k", "--validation", validation,
          "-o", tmp_path / "m.json"],
         f"the validation workload val.jsonl shares 2 prompts with the ranking workload {w.name}",
-        tmp_path,
+        watch=tmp_path,
     )  # fmt: skip
 
 
-def test_the_python_api_chooses_k_after_ranking_with_the_same_checks(tmp_path: Path, pair) -> None:
+def test_the_python_api_chooses_k_after_ranking_with_the_same_checks(tmp_path: Path, chat_pair) -> None:
     """analyze --auto-k's flow is the library's `analyze_and_select`: it refuses before ranking too (issue 26, 6)."""
     from surgery import SurgeryError, analyze_and_select
 
-    src, tgt, w = pair
+    src, tgt, w = chat_pair
     validation = tmp_path / "val.jsonl"
     validation.write_text("".join(json.dumps({"prompt": p, "solution": "7 #### 7"}) + "\n" for p in PROMPTS[1:3]))
     before = tree_digest(tmp_path)
@@ -245,10 +230,10 @@ def test_the_python_api_chooses_k_after_ranking_with_the_same_checks(tmp_path: P
     assert tree_digest(tmp_path) == before
 
 
-def test_analyze_records_absolute_checkpoint_paths(tmp_path: Path, pair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_analyze_records_absolute_checkpoint_paths(tmp_path: Path, chat_pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints typed relative are recorded absolute, as transplant.json records them, so that the manifest
     names them from any folder (issue 25 item 10)."""
-    src, tgt, w = pair
+    src, tgt, w = chat_pair
     monkeypatch.chdir(src.parent)
     r = cli("analyze", "-s", src.name, "-t", f"./{tgt.name}", "-w", w, "--method", "weight-delta",
             "-o", tmp_path / "m.json")  # fmt: skip

@@ -7,125 +7,18 @@ import importlib
 import json
 import os
 import shutil
-import struct
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from surgery.checkpoints.direct_write import OutputFile
 from surgery.cli import main
-from tests.conftest import make_model, tree_digest, write_manifest
-
-
-def refused(args: list, message: str, *, watch: Path) -> Result:
-    """Run the CLI; assert a one-line error containing `message` and that `watch` is unchanged."""
-    before = tree_digest(watch)
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr, result.stderr
-    assert ("Traceback" not in result.output and result.exception is None) or isinstance(result.exception, SystemExit)
-    assert tree_digest(watch) == before, "a refused command wrote or changed files"
-    assert not [p for p in watch.rglob("*") if ".surgery-tmp-" in p.name]
-    return result
-
-
-def _truncate(folder: Path) -> None:
-    shard = sorted(folder.glob("*.safetensors"))[0]
-    shard.write_bytes(shard.read_bytes()[:-5])
-
-
-def _header_length(folder: Path) -> None:
-    shard = sorted(folder.glob("*.safetensors"))[0]
-    data = shard.read_bytes()
-    shard.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
-
-
-def _rewrite_header(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        # The shard holding the most tensors, so there are neighbours to overlap.
-        shards = Counter(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-        shard = folder / shards.most_common(1)[0][0]
-        data = shard.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        change(header)
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
-
-    return apply
-
-
-def _by_offset(header: dict) -> list[dict]:
-    return sorted((v for k, v in header.items() if k != "__metadata__"), key=lambda t: t["data_offsets"][0])
-
-
-def _overlap(header: dict) -> None:
-    # The second tensor claims the first one's bytes, with a consistent shape: only the overlap is wrong.
-    first, second = _by_offset(header)[:2]
-    second.update(dtype=first["dtype"], shape=first["shape"], data_offsets=list(first["data_offsets"]))
-
-
-def _past_end(header: dict) -> None:
-    # The last tensor doubles in size (F32 -> F64), consistent with its shape, so it ends past the file.
-    last = _by_offset(header)[-1]
-    begin, end = last["data_offsets"]
-    last.update(dtype="F64", data_offsets=[begin, begin + 2 * (end - begin)])
-
-
-def _bad_json(folder: Path) -> None:
-    shard = sorted(folder.glob("*.safetensors"))[0]
-    data = bytearray(shard.read_bytes())
-    data[8] = ord("[")
-    shard.write_bytes(bytes(data))
-
-
-def _index(change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def apply(folder: Path) -> None:
-        path = folder / "model.safetensors.index.json"
-        index = json.loads(path.read_text())
-        change(index)
-        path.write_text(json.dumps(index))
-
-    return apply
-
-
-def _no_weights(folder: Path) -> None:
-    for p in folder.glob("*.safetensors*"):
-        p.unlink()
-
-
-def _bin_only(folder: Path) -> None:
-    _no_weights(folder)
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 never unpickled")
-
-
-BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
-    "no weights": (_no_weights, "no model.safetensors"),
-    "bin only": (_bin_only, "requires safetensors. Convert with"),
-    "truncated shard": (_truncate, "truncated"),
-    "header longer than file": (_header_length, "runs past the end"),
-    "header not JSON": (_bad_json, "header is not valid JSON"),
-    "overlapping offsets": (_rewrite_header(_overlap), "overlaps the previous tensor"),
-    "out of range offsets": (_rewrite_header(_past_end), "but the data region is"),
-    "unknown dtype": (_rewrite_header(lambda h: _by_offset(h)[0].update(dtype="F12")), "unknown dtype 'F12'"),
-    "index names missing shard": (
-        _index(lambda i: i["weight_map"].update({"model.norm.weight": "model-00099-of-00099.safetensors"})),
-        "which is missing",
-    ),
-    "index path traversal": (
-        _index(lambda i: i["weight_map"].update({"model.norm.weight": "../target/model.safetensors"})),
-        "not a plain file name",
-    ),
-}
+from tests.helpers import BROKEN, make_model, refused, tree_digest, write_manifest
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def intact_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("good")
     return make_model(root / "source", 1, shard="20KB"), make_model(root / "target", 2, shard="20KB")
 
@@ -133,10 +26,10 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("command", ["inspect", "compat", "transplant", "verify"])
 @pytest.mark.parametrize("case", BROKEN)
 def test_broken_checkpoint_is_refused_by_every_command(
-    tmp_path: Path, good: tuple[Path, Path], case: str, command: str
+    tmp_path: Path, intact_pair: tuple[Path, Path], case: str, command: str
 ) -> None:
-    src = shutil.copytree(good[0], tmp_path / "source")
-    broken = shutil.copytree(good[1], tmp_path / "broken")
+    src = shutil.copytree(intact_pair[0], tmp_path / "source")
+    broken = shutil.copytree(intact_pair[1], tmp_path / "broken")
     damage, message = BROKEN[case]
     damage(broken)
     args = {
@@ -149,13 +42,13 @@ def test_broken_checkpoint_is_refused_by_every_command(
 
 
 @pytest.mark.parametrize("command", ["inspect", "compat", "transplant", "verify"])
-def test_missing_path(tmp_path: Path, good: tuple[Path, Path], command: str) -> None:
+def test_missing_path(tmp_path: Path, intact_pair: tuple[Path, Path], command: str) -> None:
     missing = tmp_path / "missing"
     args = {
         "inspect": ["inspect", missing],
-        "compat": ["compat", good[0], missing],
-        "transplant": ["transplant", "-t", missing, "-s", good[0], "-o", tmp_path / "out", "--module", "*"],
-        "verify": ["verify", missing, "-t", good[1], "-s", good[0]],
+        "compat": ["compat", intact_pair[0], missing],
+        "transplant": ["transplant", "-t", missing, "-s", intact_pair[0], "-o", tmp_path / "out", "--module", "*"],
+        "verify": ["verify", missing, "-t", intact_pair[1], "-s", intact_pair[0]],
     }[command]
     refused(args, "no such checkpoint folder", watch=tmp_path)
 
@@ -165,10 +58,10 @@ def transplant_args(tmp_path: Path, src: Path, tgt: Path, *extra) -> list:
 
 
 @pytest.fixture
-def work(tmp_path: Path, good: tuple[Path, Path]) -> tuple[Path, Path, Path]:
+def copied_pair(tmp_path: Path, intact_pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
     """A private copy of the pair plus a matching manifest, all under tmp_path."""
-    src = shutil.copytree(good[0], tmp_path / "source")
-    tgt = shutil.copytree(good[1], tmp_path / "target")
+    src = shutil.copytree(intact_pair[0], tmp_path / "source")
+    tgt = shutil.copytree(intact_pair[1], tmp_path / "target")
     return src, tgt, write_manifest(tmp_path / "m.json", src, tgt)
 
 
@@ -188,8 +81,8 @@ def work(tmp_path: Path, good: tuple[Path, Path]) -> tuple[Path, Path, Path]:
         (["-m", "{tmp}/missing.json", "-k", "2"], "no such manifest"),
     ],
 )
-def test_bad_selection(tmp_path: Path, work, extra: list[str], message: str) -> None:
-    src, tgt, manifest = work
+def test_bad_selection(tmp_path: Path, copied_pair, extra: list[str], message: str) -> None:
+    src, tgt, manifest = copied_pair
     extra = [e.format(m=manifest, tmp=tmp_path) for e in extra]
     refused(transplant_args(tmp_path, src, tgt, *extra), message, watch=tmp_path)
 
@@ -209,16 +102,16 @@ def test_bad_selection(tmp_path: Path, work, extra: list[str], message: str) -> 
         ),
     ],
 )
-def test_bad_manifest(tmp_path: Path, work, change, message: str) -> None:
-    src, tgt, manifest = work
+def test_bad_manifest(tmp_path: Path, copied_pair, change, message: str) -> None:
+    src, tgt, manifest = copied_pair
     obj = json.loads(manifest.read_text())
     change(obj)
     manifest.write_text(json.dumps(obj))
     refused(transplant_args(tmp_path, src, tgt, "-m", manifest, "-k", 2), message, watch=tmp_path)
 
 
-def test_manifest_for_other_checkpoints_needs_force(tmp_path: Path, work) -> None:
-    src, tgt, manifest = work
+def test_manifest_for_other_checkpoints_needs_force(tmp_path: Path, copied_pair) -> None:
+    src, tgt, manifest = copied_pair
     obj = json.loads(manifest.read_text())
     obj["target"]["fingerprint"] = "sha256:" + "1" * 64
     manifest.write_text(json.dumps(obj))
@@ -235,9 +128,9 @@ def test_manifest_for_other_checkpoints_needs_force(tmp_path: Path, work) -> Non
     assert (tmp_path / "out" / "transplant.json").is_file()
 
 
-def test_shape_mismatch_in_requested_module(tmp_path: Path, good: tuple[Path, Path]) -> None:
+def test_shape_mismatch_in_requested_module(tmp_path: Path, intact_pair: tuple[Path, Path]) -> None:
     src = make_model(tmp_path / "wide", 1, intermediate_size=48)
-    tgt = shutil.copytree(good[1], tmp_path / "target")
+    tgt = shutil.copytree(intact_pair[1], tmp_path / "target")
     refused(
         transplant_args(tmp_path, src, tgt, "--module", "model.layers.0.mlp.up_proj"),
         "not transplantable: shape differs for model.layers.0.mlp.up_proj.weight: source [48, 32], target [64, 32]",
@@ -245,9 +138,9 @@ def test_shape_mismatch_in_requested_module(tmp_path: Path, good: tuple[Path, Pa
     )
 
 
-def test_architectures_differ(tmp_path: Path, good: tuple[Path, Path]) -> None:
+def test_architectures_differ(tmp_path: Path, intact_pair: tuple[Path, Path]) -> None:
     src = make_model(tmp_path / "qwen", 1, arch="qwen2")
-    tgt = shutil.copytree(good[1], tmp_path / "target")
+    tgt = shutil.copytree(intact_pair[1], tmp_path / "target")
     refused(["compat", src, tgt], "architectures differ", watch=tmp_path)
     refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "architectures differ", watch=tmp_path)
 
@@ -263,8 +156,8 @@ def test_architectures_differ(tmp_path: Path, good: tuple[Path, Path]) -> None:
         ("file", "exists and is not a folder"),
     ],
 )
-def test_bad_output_path(tmp_path: Path, work, out: str, message: str) -> None:
-    src, tgt, _ = work
+def test_bad_output_path(tmp_path: Path, copied_pair, out: str, message: str) -> None:
+    src, tgt, _ = copied_pair
     (tmp_path / "exists").mkdir()
     (tmp_path / "file").write_text("x")
     extra = ["--overwrite"] if out == "file" else []
@@ -275,8 +168,8 @@ def test_bad_output_path(tmp_path: Path, work, out: str, message: str) -> None:
     )
 
 
-def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch) -> None:
-    src, tgt, _ = work
+def test_interrupted_write_leaves_nothing(tmp_path: Path, copied_pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, tgt, _ = copied_pair
     before = tree_digest(tmp_path)
     calls = []
     # `surgery.transplants.write` is the re-exported function; patch the module it lives in.
@@ -306,9 +199,9 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, work, monkeypatch: pyt
     ],
 )
 def test_disk_full_during_write_is_one_clean_error(
-    tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch, module: str, name: str
+    tmp_path: Path, copied_pair, monkeypatch: pytest.MonkeyPatch, module: str, name: str
 ) -> None:
-    src, tgt, _ = work
+    src, tgt, _ = copied_pair
 
     def enospc(*args) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -317,8 +210,10 @@ def test_disk_full_during_write_is_one_clean_error(
     refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "No space left on device", watch=tmp_path)
 
 
-def test_not_enough_free_space_is_refused_up_front(tmp_path: Path, work, monkeypatch: pytest.MonkeyPatch) -> None:
-    src, tgt, _ = work
+def test_not_enough_free_space_is_refused_up_front(
+    tmp_path: Path, copied_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, tgt, _ = copied_pair
     module = importlib.import_module("surgery.transplants.write")
     monkeypatch.setattr(module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
     refused(transplant_args(tmp_path, src, tgt, "--module", "*"), "GiB free; free some space", watch=tmp_path)

@@ -19,7 +19,7 @@ from surgery.checkpoints.header import MAX_HEADER_BYTES, read_header
 from surgery.checkpoints.streaming import read_tensor
 from surgery.checkpoints.swap import TensorReader
 from surgery.cli import main
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
 
@@ -63,8 +63,8 @@ def test_read_tensor_matches_safetensors_library(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_tensor_reader_reads_every_tensor_of_a_sharded_checkpoint(pair: tuple[Path, Path]) -> None:
-    checkpoint = open_checkpoint(pair[0])
+def test_tensor_reader_reads_every_tensor_of_a_sharded_checkpoint(sharded_pair: tuple[Path, Path]) -> None:
+    checkpoint = open_checkpoint(sharded_pair[0])
     expected = {k: v for shard in checkpoint.shards for k, v in load_file(shard.path).items()}
     assert len(checkpoint.shards) > 1
     with TensorReader(checkpoint) as reader:
@@ -125,29 +125,29 @@ def test_pickle_only_checkpoint_explains_conversion(tmp_path: Path) -> None:
     assert f"surgery import-pickle {tmp_path} -o {tmp_path}-safetensors --allow-pickle" in str(e.value)
 
 
-def test_truncated_shard(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    folder = shutil.copytree(pair[1], tmp_path / "t")
+def test_truncated_shard(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    folder = shutil.copytree(sharded_pair[1], tmp_path / "t")
     shard = sorted(folder.glob("*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-3])
     with pytest.raises(SurgeryError, match="truncated"):
         open_checkpoint(folder)
 
 
-def sharded_copy(tmp_path: Path, pair: tuple[Path, Path]) -> tuple[Path, dict]:
-    folder = shutil.copytree(pair[1], tmp_path / "t")
+def sharded_copy(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> tuple[Path, dict]:
+    folder = shutil.copytree(sharded_pair[1], tmp_path / "t")
     return folder, json.loads((folder / "model.safetensors.index.json").read_text())
 
 
-def test_index_naming_missing_shard(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    folder, _ = sharded_copy(tmp_path, pair)
+def test_index_naming_missing_shard(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    folder, _ = sharded_copy(tmp_path, sharded_pair)
     sorted(folder.glob("model-*.safetensors"))[0].unlink()
     with pytest.raises(SurgeryError, match="which is missing"):
         open_checkpoint(folder)
 
 
 @pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd", "sub/x.safetensors", "..", "a\\b"])
-def test_index_path_traversal(tmp_path: Path, pair: tuple[Path, Path], name: str) -> None:
-    folder, index = sharded_copy(tmp_path, pair)
+def test_index_path_traversal(tmp_path: Path, sharded_pair: tuple[Path, Path], name: str) -> None:
+    folder, index = sharded_copy(tmp_path, sharded_pair)
     (tmp_path / "evil.safetensors").write_bytes(b"")
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = name
@@ -156,8 +156,8 @@ def test_index_path_traversal(tmp_path: Path, pair: tuple[Path, Path], name: str
         open_checkpoint(folder)
 
 
-def test_index_disagreeing_with_shards(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    folder, index = sharded_copy(tmp_path, pair)
+def test_index_disagreeing_with_shards(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    folder, index = sharded_copy(tmp_path, sharded_pair)
     index["weight_map"]["model.ghost.weight"] = next(iter(index["weight_map"].values()))
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(SurgeryError, match=r"'model.ghost.weight' is listed"):
@@ -169,15 +169,15 @@ def test_index_disagreeing_with_shards(tmp_path: Path, pair: tuple[Path, Path]) 
         open_checkpoint(folder)
 
 
-def test_fingerprint_tracks_config_layout_and_weights(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    source, target = (open_checkpoint(p) for p in pair)
-    assert open_checkpoint(pair[1]).fingerprint == target.fingerprint
+def test_fingerprint_tracks_config_layout_and_weights(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    source, target = (open_checkpoint(p) for p in sharded_pair)
+    assert open_checkpoint(sharded_pair[1]).fingerprint == target.fingerprint
     # Same config and shapes, different weights (a fine-tune of the same base): different models.
     assert source.fingerprint != target.fingerprint
     wide = open_checkpoint(make_model(tmp_path / "wide", 1, intermediate_size=48))
     assert wide.fingerprint != source.fingerprint
     # One weight byte changed in the middle of one tensor changes it too.
-    copy = shutil.copytree(pair[1], tmp_path / "copy")
+    copy = shutil.copytree(sharded_pair[1], tmp_path / "copy")
     ref = open_checkpoint(copy).tensors["model.layers.1.mlp.up_proj.weight"]
     data = bytearray(ref.shard.path.read_bytes())
     data[ref.offset + ref.nbytes // 2] ^= 1
@@ -185,17 +185,17 @@ def test_fingerprint_tracks_config_layout_and_weights(tmp_path: Path, pair: tupl
     assert open_checkpoint(copy).fingerprint != target.fingerprint
 
 
-def test_inspect_reports_the_checkpoint(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    result = CliRunner().invoke(main, ["inspect", str(pair[1]), "--json"])
+def test_inspect_reports_the_checkpoint(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(sharded_pair[1]), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    ckpt = open_checkpoint(pair[1])
+    ckpt = open_checkpoint(sharded_pair[1])
     assert info["model_type"] == "llama" and info["architectures"] == ["LlamaForCausalLM"]
     assert (info["layers"], info["hidden_size"], info["vocab_size"]) == (2, 32, 128)
     assert info["tied_embeddings"] is False
     assert info["shards"] == len(ckpt.shards) > 1
     assert info["tensors"] == 21 and info["dtypes"] == {"F32": 21}
-    assert info["total_bytes"] == sum(p.stat().st_size for p in pair[1].glob("*.safetensors")) - sum(
+    assert info["total_bytes"] == sum(p.stat().st_size for p in sharded_pair[1].glob("*.safetensors")) - sum(
         s.data_start for s in ckpt.shards
     )
     tied = make_model(tmp_path / "tied", 3, tied=True, dtype=torch.bfloat16)

@@ -16,8 +16,7 @@ from surgery.cli import main
 from surgery.demo import run as demo
 from surgery.demo.pairs import ADDITION_SFT, QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
 from surgery.importers.from_gguf import import_gguf
-from tests.conftest import CHAT_TEMPLATE
-from tests.test_gguf_import import write_gguf
+from tests.helpers import CHAT_TEMPLATE, write_gguf
 
 TINY = demo.DemoSettings(workload="gsm8k-train:2", analysis_tokens=2, top_k=2, limit=3, eval_tokens=3, batch_size=3)
 

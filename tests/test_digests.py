@@ -9,19 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from surgery import open_checkpoint
 from surgery.checkpoints import digests
 from surgery.checkpoints.digests import tensor_digests
-from surgery.cli import main
-from tests.conftest import make_model
+from tests.helpers import cli, make_model
 
 NAMES = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]  # two shards
-
-
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def settle(folder: Path) -> None:

@@ -13,7 +13,7 @@ from surgery import apply, transplant, verify, write_patch
 from surgery.checkpoints import direct_write
 from surgery.checkpoints.direct_write import ALIGN, BLOCK_BYTES, BlockWriter
 from surgery.transplants import plan, write
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 GIB = 2**30
 

@@ -22,8 +22,7 @@ import pytest
 
 from surgery.checkpoints.staging import output_lock
 from surgery.transplants.patch import write_patch
-from tests.conftest import make_model, write_manifest
-from tests.test_bad_input import BROKEN, refused
+from tests.helpers import BROKEN, make_model, refused, write_manifest
 
 DOC = Path(__file__).parent.parent / "docs" / "errors.md"
 COMMANDS = {
@@ -209,10 +208,10 @@ def held_lock(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.command}: {r.input}" for r in ROWS])
-def test_row(tmp_path: Path, pair: tuple[Path, Path], row: Row, held_lock: None) -> None:
+def test_row(tmp_path: Path, sharded_pair: tuple[Path, Path], row: Row, held_lock: None) -> None:
     w = tmp_path / "w"
-    shutil.copytree(pair[0], w / "source")
-    shutil.copytree(pair[1], w / "target")
+    shutil.copytree(sharded_pair[0], w / "source")
+    shutil.copytree(sharded_pair[1], w / "target")
     SETUPS[row.input](w)
     args = shlex.split(row.args.replace("{w}", str(w)))
     assert args[0] == row.command, f"the row is filed under {row.command} but runs {args[0]}"

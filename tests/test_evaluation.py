@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from transformers import AutoModelForCausalLM
 
 from surgery import open_checkpoint
 from surgery.analysis.nll import gold_nll
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
-from surgery.cli import main
 from surgery.evaluation.benchmarks import BENCHMARKS, grade
 from surgery.evaluation.metrics import paired_bootstrap, recovery
 from surgery.evaluation.report import Report, report, save_report
 from surgery.evaluation.runner import evaluate, read_records
-from tests.conftest import make_model, needs_torchrun, save_tokenizer, torchrun, write_manifest
-from tests.test_bad_input import refused
+from tests.helpers import cli, make_model, needs_torchrun, refused, save_tokenizer, torchrun, write_manifest
 
 QUESTIONS = [
     (f"What is {a} plus {b}?", str(a + b))
@@ -33,12 +30,8 @@ QUESTIONS = [
 ]
 
 
-def cli(*args) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def eval_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     src, tgt = make_model(root / "source", 1), make_model(root / "target", 2)
     for p in (src, tgt):
@@ -48,15 +41,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"source": src, "target": tgt, "bench": bench, "root": root}
 
 
-def run_eval(setup, out: Path, **kw) -> dict:
+def run_eval(eval_pair, out: Path, **kw) -> dict:
     """The summary as `summary.json` holds it."""
     kw = {"max_new_tokens": 6, "batch_size": 4, "options": ModelOptions(progress=False), **kw}
-    return evaluate(setup["target"], str(setup["bench"]), out, **kw).to_dict()
+    return evaluate(eval_pair["target"], str(eval_pair["bench"]), out, **kw).to_dict()
 
 
-def test_eval_end_to_end(tmp_path: Path, setup) -> None:
+def test_eval_end_to_end(tmp_path: Path, eval_pair) -> None:
     out = tmp_path / "res"
-    summary = run_eval(setup, out)
+    summary = run_eval(eval_pair, out)
     records = read_records(out / "records.jsonl")
     assert [r["id"] for r in records] == [f"arith.jsonl:{i}" for i in range(1, 13)]
     for r, (_, gold) in zip(records, QUESTIONS, strict=True):
@@ -69,20 +62,20 @@ def test_eval_end_to_end(tmp_path: Path, setup) -> None:
     assert 0 <= lo <= summary["accuracy"] <= hi <= 1
     assert summary["nll_mean"] == pytest.approx(sum(r["nll"] for r in records) / 12)
     assert summary["prompt_format"] == "chat" and summary["settings"]["max_new_tokens"] == 6
-    assert summary["settings"]["model_fingerprint"] == open_checkpoint(setup["target"]).fingerprint
+    assert summary["settings"]["model_fingerprint"] == open_checkpoint(eval_pair["target"]).fingerprint
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
-def test_batching_does_not_change_outputs(tmp_path: Path, setup) -> None:
-    run_eval(setup, tmp_path / "b1", batch_size=1)
-    run_eval(setup, tmp_path / "b5", batch_size=5)
+def test_batching_does_not_change_outputs(tmp_path: Path, eval_pair) -> None:
+    run_eval(eval_pair, tmp_path / "b1", batch_size=1)
+    run_eval(eval_pair, tmp_path / "b5", batch_size=5)
     one, five = (read_records(tmp_path / d / "records.jsonl") for d in ("b1", "b5"))
     assert [r["output"] for r in one] == [r["output"] for r in five]
     assert [r["nll"] for r in one] == pytest.approx([r["nll"] for r in five], rel=1e-4)
 
 
-def test_gold_nll_is_the_teacher_forced_cross_entropy(setup) -> None:
-    lm = AutoModelForCausalLM.from_pretrained(setup["target"]).eval()
+def test_gold_nll_is_the_teacher_forced_cross_entropy(eval_pair) -> None:
+    lm = AutoModelForCausalLM.from_pretrained(eval_pair["target"]).eval()
     prompt, solution = [1, 40, 41, 42, 43], [50, 51, 52]
     with torch.no_grad():
         logits = lm(torch.tensor([prompt + solution])).logits[0]
@@ -92,7 +85,7 @@ def test_gold_nll_is_the_teacher_forced_cross_entropy(setup) -> None:
     assert got[0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
+def test_resume_after_kill_loses_nothing(tmp_path: Path, eval_pair) -> None:
     # Enough problems that the kill surely lands mid-run, however fast the machine.
     bench = tmp_path / "long.jsonl"
     rows = [json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)}) for i in range(80)]
@@ -103,7 +96,7 @@ def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
         "-m",
         "surgery",
         "eval",
-        str(setup["target"]),
+        str(eval_pair["target"]),
         "-b",
         str(bench),
         "--max-new-tokens",
@@ -129,7 +122,14 @@ def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
     assert done.returncode == 0, done.stderr
     resumed = read_records(out / "records.jsonl")
     clean = tmp_path / "clean"
-    evaluate(setup["target"], str(bench), clean, max_new_tokens=6, batch_size=1, options=ModelOptions(progress=False))
+    evaluate(
+        eval_pair["target"],
+        str(bench),
+        clean,
+        max_new_tokens=6,
+        batch_size=1,
+        options=ModelOptions(progress=False),
+    )
     fresh = read_records(clean / "records.jsonl")
     assert [r["id"] for r in resumed] == [r["id"] for r in fresh]
     assert [r["output"] for r in resumed] == [r["output"] for r in fresh]
@@ -137,20 +137,40 @@ def test_resume_after_kill_loses_nothing(tmp_path: Path, setup) -> None:
     assert all(by_id[r["id"]] == r for r in partial), "records written before the kill were not kept as they were"
 
 
-def test_rerun_with_other_settings_is_refused(tmp_path: Path, setup) -> None:
+def test_rerun_with_other_settings_is_refused(tmp_path: Path, eval_pair) -> None:
     out = tmp_path / "res"
-    run_eval(setup, out, limit=4)
+    run_eval(eval_pair, out, limit=4)
     before = (out / "records.jsonl").read_bytes()
-    result = cli("eval", setup["target"], "-b", setup["bench"], "--limit", 4, "--max-new-tokens", 7, "-o", out)
+    result = cli(
+        "eval",
+        eval_pair["target"],
+        "-b",
+        eval_pair["bench"],
+        "--limit",
+        4,
+        "--max-new-tokens",
+        7,
+        "-o",
+        out,
+    )
     assert result.exit_code == 2
     assert "holds results for other settings (max_new_tokens: 6, now 7)" in result.stderr
     assert "delete that folder to start fresh" in result.stderr
     assert (out / "records.jsonl").read_bytes() == before
 
 
-def test_limit_larger_than_dataset_warns_and_uses_all(tmp_path: Path, setup) -> None:
+def test_limit_larger_than_dataset_warns_and_uses_all(tmp_path: Path, eval_pair) -> None:
     result = cli(
-        "eval", setup["target"], "-b", setup["bench"], "--limit", 50, "--max-new-tokens", 2, "-o", tmp_path / "r"
+        "eval",
+        eval_pair["target"],
+        "-b",
+        eval_pair["bench"],
+        "--limit",
+        50,
+        "--max-new-tokens",
+        2,
+        "-o",
+        tmp_path / "r",
     )
     assert result.exit_code == 0, result.output
     assert "warning: --limit 50 is more than the 12 problems" in result.stderr
@@ -168,23 +188,32 @@ def test_limit_larger_than_dataset_warns_and_uses_all(tmp_path: Path, setup) -> 
         (["-b", "{bench}", "--shots", "9"], "shots"),
     ],
 )
-def test_bad_eval_input(tmp_path: Path, setup, args: list[str], message: str) -> None:
+def test_bad_eval_input(tmp_path: Path, eval_pair, args: list[str], message: str) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "1"}\n{"question": "no answer"}\n')
-    args = [a.format(bad=bad, bench=setup["bench"]) for a in args]
-    result = cli("eval", setup["target"], *args, "-o", tmp_path / "out")
+    args = [a.format(bad=bad, bench=eval_pair["bench"]) for a in args]
+    result = cli("eval", eval_pair["target"], *args, "-o", tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_patch_with_max_memory_is_refused(tmp_path: Path, setup) -> None:
+def test_eval_patch_with_max_memory_is_refused(tmp_path: Path, eval_pair) -> None:
     # A budget this small leaves weights on disk, where the patch cannot be copied in (was a meta-tensor traceback).
-    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
-    made = cli("transplant", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "-k", 2, "--patch", "-q",
-               "-o", tmp_path / "p")  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
+    made = cli("transplant", "-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "-k", 2, "--patch",
+               "-q", "-o", tmp_path / "p")  # fmt: skip
     assert made.exit_code == 0, made.output
-    args = ["eval", setup["target"], "-b", setup["bench"], "--patch", tmp_path / "p", "--max-memory", "1KB"]
+    args = [
+        "eval",
+        eval_pair["target"],
+        "-b",
+        eval_pair["bench"],
+        "--patch",
+        tmp_path / "p",
+        "--max-memory",
+        "1KB",
+    ]
     refused([*args, "-o", tmp_path / "res"], "drop --max-memory, or write the patched checkpoint", watch=tmp_path)
     assert not (tmp_path / "res").exists()
 
@@ -316,12 +345,12 @@ def test_report_out_folder_is_refused(tmp_path: Path) -> None:
     )
 
 
-def test_swap_restores_bit_exactly(setup) -> None:
-    lm = AutoModelForCausalLM.from_pretrained(setup["target"]).eval()
-    src_lm = AutoModelForCausalLM.from_pretrained(setup["source"])
+def test_swap_restores_bit_exactly(eval_pair) -> None:
+    lm = AutoModelForCausalLM.from_pretrained(eval_pair["target"]).eval()
+    src_lm = AutoModelForCausalLM.from_pretrained(eval_pair["source"])
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
-    with swapped(lm, open_checkpoint(setup["source"]), names):
+    with swapped(lm, open_checkpoint(eval_pair["source"]), names):
         state = lm.state_dict()
         for n in names:
             assert torch.equal(state[n], src_lm.state_dict()[n])
@@ -331,15 +360,15 @@ def test_swap_restores_bit_exactly(setup) -> None:
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
-    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, eval_pair) -> None:
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
     out = tmp_path / "sweep"
     result = cli(
         "sweep",
         "-t",
-        setup["target"],
+        eval_pair["target"],
         "-s",
-        setup["source"],
+        eval_pair["source"],
         "-m",
         manifest,
         "--k",
@@ -347,7 +376,7 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
         "--max-new-tokens",
         "3",
         "-b",
-        setup["bench"],
+        eval_pair["bench"],
         "--limit",
         4,
         "-q",
@@ -359,10 +388,10 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
     assert [(r["k"], r["method"]) for r in table["rows"]] == [(2, "lae"), (2, "random"), (4, "lae"), (4, "random")]
     assert (out / "sweep.png").stat().st_size > 1000 and (out / "sweep.md").read_text().count("\n") == 8
     # The table says what it measured, on what, with which ranking; every value carries its interval.
-    assert (table["benchmark"], table["problems"], table["seed"]) == (Path(setup["bench"]).name, 4, 42)
-    assert table["manifest"]["path"] == str(manifest) and table["target"] == str(Path(setup["target"]).resolve())
+    assert (table["benchmark"], table["problems"], table["seed"]) == (Path(eval_pair["bench"]).name, 4, 42)
+    assert table["manifest"]["path"] == str(manifest) and table["target"] == str(Path(eval_pair["target"]).resolve())
     md = (out / "sweep.md").read_text()
-    assert md.startswith(f"{Path(setup['bench']).name}, 4 problems (seed 42") and f"from {manifest}" in md
+    assert md.startswith(f"{Path(eval_pair['bench']).name}, 4 problems (seed 42") and f"from {manifest}" in md
     row = next(line for line in md.splitlines() if line.startswith("| 3 | 4 | lae |"))
     assert row.count("[") >= 1, row
     assert not list(out.rglob("*.safetensors")), "the sweep must not write checkpoints"
@@ -370,13 +399,29 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
     patched = tmp_path / "patched"
     assert (
         cli(
-            "transplant", "-t", setup["target"], "-s", setup["source"], "-o", patched, "-m", manifest, "-k", 4, "-q"
+            "transplant",
+            "-t",
+            eval_pair["target"],
+            "-s",
+            eval_pair["source"],
+            "-o",
+            patched,
+            "-m",
+            manifest,
+            "-k",
+            4,
+            "-q",
         ).exit_code
         == 0
     )
     save_tokenizer(patched)
     disk = evaluate(
-        patched, str(setup["bench"]), tmp_path / "disk", limit=4, max_new_tokens=3, options=ModelOptions(progress=False)
+        patched,
+        str(eval_pair["bench"]),
+        tmp_path / "disk",
+        limit=4,
+        max_new_tokens=3,
+        options=ModelOptions(progress=False),
     )
     in_memory = json.loads((out / "lae-k4-m3" / "summary.json").read_text())
     assert [r["output"] for r in read_records(out / "lae-k4-m3" / "records.jsonl")] == [
@@ -394,12 +439,24 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
 
     # A second manifest (another ranking) swept into the same folder reuses the baselines and the
     # random-K runs, which do not depend on the manifest, and adds only its own rows.
-    other = write_manifest(tmp_path / "m2.json", setup["source"], setup["target"], reverse=True)
+    other = write_manifest(tmp_path / "m2.json", eval_pair["source"], eval_pair["target"], reverse=True)
     obj = json.loads(other.read_text())
     obj["method"]["name"] = "lae-rel"
     other.write_text(json.dumps(obj))
     random_records = (out / "random-k2-m3" / "records.jsonl").read_bytes()
-    args = ["-t", setup["target"], "-s", setup["source"], "-b", setup["bench"], "--limit", 4, "-q", "-o", out]
+    args = [
+        "-t",
+        eval_pair["target"],
+        "-s",
+        eval_pair["source"],
+        "-b",
+        eval_pair["bench"],
+        "--limit",
+        4,
+        "-q",
+        "-o",
+        out,
+    ]
     again = cli("sweep", "-m", other, "--k", "2,4", "--max-new-tokens", "3", *args)
     assert again.exit_code == 0, again.output
     assert (out / "random-k2-m3" / "records.jsonl").read_bytes() == random_records
@@ -407,10 +464,19 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, setup) -> None:
 
 
 @needs_torchrun
-def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
+def test_data_parallel_equals_single_process(tmp_path: Path, eval_pair) -> None:
     single = tmp_path / "single"
-    run_eval(setup, single, batch_size=2)
-    args = ["eval", str(setup["target"]), "-b", str(setup["bench"]), "--max-new-tokens", "6", "--batch-size", "2"]
+    run_eval(eval_pair, single, batch_size=2)
+    args = [
+        "eval",
+        str(eval_pair["target"]),
+        "-b",
+        str(eval_pair["bench"]),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+    ]
     done = torchrun([*args, "-q", "-o", str(tmp_path / "dp")])
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = (read_records(d / "records.jsonl") for d in (single, tmp_path / "dp"))
@@ -422,22 +488,23 @@ def test_data_parallel_equals_single_process(tmp_path: Path, setup) -> None:
     assert sa["accuracy"] == sb["accuracy"] and sa["correct"] == sb["correct"]
 
 
-def test_the_default_k_grid_is_clipped_to_the_manifest(tmp_path: Path, setup) -> None:
+def test_the_default_k_grid_is_clipped_to_the_manifest(tmp_path: Path, eval_pair) -> None:
     """The default 8..128 on a 14-module manifest was refused; it is clipped (and the manifest's size added)."""
-    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
     out = tmp_path / "sweep"
-    result = cli("sweep", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "--max-new-tokens", "1",
-                 "-b", setup["bench"], "--limit", 2, "-q", "-o", out)  # fmt: skip
+    result = cli("sweep", "-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "--max-new-tokens", "1",
+                 "-b", eval_pair["bench"], "--limit", 2, "-q", "-o", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "note: the manifest ranks 14 modules; K = [8, 14]" in result.stderr
     assert json.loads((out / "sweep.json").read_text())["k"] == [8, 14]
 
 
-def test_sweep_without_the_random_baseline_evaluates_only_the_ranking(tmp_path: Path, setup) -> None:
-    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+def test_sweep_without_the_random_baseline_evaluates_only_the_ranking(tmp_path: Path, eval_pair) -> None:
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
     out = tmp_path / "sweep"
-    result = cli("sweep", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "--k", "2,4", "--no-random",
-                 "--max-new-tokens", "1", "-b", setup["bench"], "--limit", 2, "-q", "-o", out)  # fmt: skip
+    result = cli("sweep", "-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "--k", "2,4",
+                 "--no-random", "--max-new-tokens", "1", "-b", eval_pair["bench"], "--limit", 2,
+                 "-q", "-o", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     table = json.loads((out / "sweep.json").read_text())
     assert [(r["k"], r["method"]) for r in table["rows"]] == [(2, "lae"), (4, "lae")]
@@ -445,13 +512,13 @@ def test_sweep_without_the_random_baseline_evaluates_only_the_ranking(tmp_path: 
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["lae-k2-m1", "lae-k4-m1", "source-m1", "target-m1"]
 
 
-def test_a_sweep_folder_that_recorded_the_dtype_asked_for_still_reports(tmp_path: Path, setup) -> None:
+def test_a_sweep_folder_that_recorded_the_dtype_asked_for_still_reports(tmp_path: Path, eval_pair) -> None:
     """Sweeps recorded `--dtype` (`auto`), eval the dtype used; both now record the one used (issue 26 item 4).
     A folder written the old way still reports, and a rerun into it refuses instead of mixing dtypes."""
-    manifest = write_manifest(tmp_path / "m.json", setup["source"], setup["target"])
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
     out = tmp_path / "sweep"
-    args = ["sweep", "-t", setup["target"], "-s", setup["source"], "-m", manifest, "--k", "2", "--no-random",
-            "--max-new-tokens", "1", "-b", setup["bench"], "--limit", 2, "-q", "-o", out]  # fmt: skip
+    args = ["sweep", "-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "--k", "2", "--no-random",
+            "--max-new-tokens", "1", "-b", eval_pair["bench"], "--limit", 2, "-q", "-o", out]  # fmt: skip
     assert cli(*args).exit_code == 0
     for folder in ("source-m1", "target-m1", "lae-k2-m1"):
         assert json.loads((out / folder / "settings.json").read_text())["dtype"] == "float32"

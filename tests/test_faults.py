@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 import surgery.analysis.profiling
 from surgery import load_stats, profile, transplant
@@ -23,9 +22,8 @@ from surgery.checkpoints import direct_write
 from surgery.checkpoints.direct_write import SyncBehind
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.staging import LOCK_SUFFIX, TMP_PREFIX, output_lock
-from surgery.cli import main
 from surgery.errors import SurgeryError
-from tests.conftest import make_model, save_tokenizer, tree_digest, write_manifest
+from tests.helpers import cli, make_model, save_tokenizer, tree_digest, write_manifest
 from tests.paused import spawn
 
 KILLS = 20
@@ -34,20 +32,28 @@ SEED = 2026
 BIG = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "vocab_size": 1024}
 
 
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def big_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("faults")
     src = make_model(root / "source", 1, shard="1MB", **BIG)
     tgt = make_model(root / "target", 2, shard="1MB", **BIG)
     return {"source": src, "target": tgt, "manifest": write_manifest(root / "m.json", src, tgt)}
 
 
-def transplant_args(big: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    args = ["transplant", "-t", big["target"], "-s", big["source"], "-m", big["manifest"], "-k", "16", "-o", out]
+def transplant_args(big_pair: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    args = [
+        "transplant",
+        "-t",
+        big_pair["target"],
+        "-s",
+        big_pair["source"],
+        "-m",
+        big_pair["manifest"],
+        "-k",
+        "16",
+        "-o",
+        out,
+    ]
     return [str(a) for a in [*args, "-q", *extra]]
 
 
@@ -69,19 +75,19 @@ def wait_for_staging(proc: subprocess.Popen, folder: Path) -> float:
     return wait_until(proc, lambda: any(p.name.startswith(TMP_PREFIX) for p in folder.iterdir()))
 
 
-def test_sigkill_at_random_points_never_corrupts_and_the_rerun_cleans_up(tmp_path: Path, big: dict) -> None:
-    inputs = {k: tree_digest(big[k]) for k in ("source", "target")}
+def test_sigkill_at_random_points_never_corrupts_and_the_rerun_cleans_up(tmp_path: Path, big_pair: dict) -> None:
+    inputs = {k: tree_digest(big_pair[k]) for k in ("source", "target")}
     out = tmp_path / "out"
     delay = 0.01
     # One full run measures how long start-up and staging (copy, fsync, publish) take under this machine's load.
     t0 = time.monotonic()
-    proc = spawn(transplant_args(big, out), delay)
+    proc = spawn(transplant_args(big_pair, out), delay)
     staged = wait_for_staging(proc, tmp_path)
     published = wait_until(proc, out.exists)
     _, err = proc.communicate()
     assert proc.returncode == 0, err
     startup, writing = staged - t0, 1.1 * (published - staged)  # a little past publishing, into the clean-up
-    assert cli("verify", out, "-t", big["target"], "-s", big["source"]).exit_code == 0
+    assert cli("verify", out, "-t", big_pair["target"], "-s", big_pair["source"]).exit_code == 0
 
     rng = random.Random(SEED)
     landed = {"before staging": 0, "inside staging": 0, "after publishing": 0}
@@ -89,7 +95,7 @@ def test_sigkill_at_random_points_never_corrupts_and_the_rerun_cleans_up(tmp_pat
         overwrite = i % 2 == 1  # every other run replaces the output the previous rerun left
         if not overwrite and out.exists():
             shutil.rmtree(out)
-        proc = spawn(transplant_args(big, out, *(["--overwrite"] if overwrite else [])), delay)
+        proc = spawn(transplant_args(big_pair, out, *(["--overwrite"] if overwrite else [])), delay)
         # One kill in five lands at start-up (validation, planning); the rest inside or just after the copy.
         early = rng.random() < 0.2
         if early:
@@ -106,11 +112,11 @@ def test_sigkill_at_random_points_never_corrupts_and_the_rerun_cleans_up(tmp_pat
         else:
             landed["before staging" if early else "after publishing"] += 1
         if out.exists():  # complete or absent, never half-written
-            checked = cli("verify", out, "-t", big["target"], "-s", big["source"])
+            checked = cli("verify", out, "-t", big_pair["target"], "-s", big_pair["source"])
             assert checked.exit_code == 0, f"kill {i}: {checked.output}"
-        assert {k: tree_digest(big[k]) for k in ("source", "target")} == inputs, f"kill {i}: inputs changed"
+        assert {k: tree_digest(big_pair[k]) for k in ("source", "target")} == inputs, f"kill {i}: inputs changed"
 
-        rerun = cli(*transplant_args(big, out, "--overwrite"))
+        rerun = cli(*transplant_args(big_pair, out, "--overwrite"))
         assert rerun.exit_code == 0, f"kill {i}: {rerun.output}"
         for name in left:
             if name.startswith(TMP_PREFIX):
@@ -121,14 +127,14 @@ def test_sigkill_at_random_points_never_corrupts_and_the_rerun_cleans_up(tmp_pat
     assert landed["inside staging"] >= KILLS // 2, landed
 
 
-def test_two_runs_into_one_output_one_wins_the_other_fails_cleanly(tmp_path: Path, big: dict) -> None:
+def test_two_runs_into_one_output_one_wins_the_other_fails_cleanly(tmp_path: Path, big_pair: dict) -> None:
     out, hold = tmp_path / "out", tmp_path / "hold"
     hold.touch()  # the first run stops after its first piece, inside the copy, until this file goes
-    first = spawn(transplant_args(big, out), hold=hold)
+    first = spawn(transplant_args(big_pair, out), hold=hold)
     try:
         wait_for_staging(first, tmp_path)
         # Whether or not they may replace an output, other runs must not write while the first one does.
-        others = [spawn(transplant_args(big, out, *extra)) for extra in ([], ["--overwrite"])]
+        others = [spawn(transplant_args(big_pair, out, *extra)) for extra in ([], ["--overwrite"])]
         busy = f"another surgery run (pid {first.pid}) is writing {out}; wait for it to finish or choose another -o"
         for other in others:
             _, stderr = other.communicate(timeout=60)
@@ -138,7 +144,7 @@ def test_two_runs_into_one_output_one_wins_the_other_fails_cleanly(tmp_path: Pat
         hold.unlink()  # never leave the first run waiting forever, whatever failed
     _, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
-    assert cli("verify", out, "-t", big["target"], "-s", big["source"]).exit_code == 0
+    assert cli("verify", out, "-t", big_pair["target"], "-s", big_pair["source"]).exit_code == 0
     assert leftovers(tmp_path) == []
 
 
@@ -212,9 +218,9 @@ def dead_pid() -> int:
 
 
 def test_rerun_removes_only_stale_temp_folders_of_its_own_output(
-    tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture
+    tmp_path: Path, sharded_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
-    src, tgt = pair
+    src, tgt = sharded_pair
     gone, alive = dead_pid(), os.getppid()
     stale = tmp_path / f"{TMP_PREFIX}out-new-{gone}-abc_12"
     running = tmp_path / f"{TMP_PREFIX}out-new-{alive}-def34"
@@ -231,9 +237,9 @@ def test_rerun_removes_only_stale_temp_folders_of_its_own_output(
 
 
 def test_rerun_restores_an_output_a_killed_overwrite_had_moved_aside(
-    tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture
+    tmp_path: Path, sharded_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
-    src, tgt = pair
+    src, tgt = sharded_pair
     out = tmp_path / "out"
     transplant(target=tgt, source=src, out=out, modules=["*.q_proj"], progress=False)
     before = tree_digest(out)
@@ -248,7 +254,7 @@ def test_rerun_restores_an_output_a_killed_overwrite_had_moved_aside(
 
 
 @pytest.fixture(scope="module")
-def chatty(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def model_and_workload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("profile")
     model = make_model(root / "model", 1)
     save_tokenizer(model)
@@ -258,9 +264,9 @@ def chatty(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_interrupted_profile_leaves_no_stats_file(
-    tmp_path: Path, chatty: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, model_and_workload: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, workload = chatty
+    model, workload = model_and_workload
     out = tmp_path / "s.safetensors"
     real, calls = surgery.analysis.profiling._generate_batch, []
 
@@ -277,9 +283,9 @@ def test_interrupted_profile_leaves_no_stats_file(
 
 
 def test_profile_interrupted_while_writing_keeps_the_old_stats_whole(
-    tmp_path: Path, chatty: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, model_and_workload: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, workload = chatty
+    model, workload = model_and_workload
     out = tmp_path / "s.safetensors"
     profile(model, str(workload), out, max_new_tokens=2, options=ModelOptions(progress=False))
     before = out.read_bytes()

@@ -7,93 +7,16 @@ import json
 import os
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.cli import main
 from surgery.errors import SurgeryError
 from surgery.importers.from_gguf import import_gguf
-from tests.test_bad_input import refused
-
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2
-# Byte-level BPE merges over GPT-2's byte alphabet (Ġ is the space); each merged pair is a new token.
-MERGES = [
-    ("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("a", "t"), ("Ġ", "c"), ("Ġc", "at"), ("Ġ", "s"), ("Ġs", "at"),
-    ("o", "n"), ("Ġ", "on"), ("Ġ", "m"), ("Ġm", "at"), ("i", "n"), ("Ġ", "in"), ("e", "r"), ("Ġ", "a"),
-]  # fmt: skip
-TEXT = "the cat sat on the mat in the sun"
-
-
-def write_gguf(
-    path: Path,
-    *,
-    arch: str = "llama",
-    tied: bool = True,
-    seed: int = 0,
-    tokenizer: bool = True,
-    chat_template: str | None = None,
-) -> Path:
-    """A tiny F32 llama GGUF with a byte-level BPE tokenizer, as llama.cpp's converter lays it out."""
-    spelling = bytes_to_unicode()
-    tokens = [spelling[b] for b in range(256)] + ["".join(m) for m in MERGES] + ["<|endoftext|>"]
-    token_types = [gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL]
-    vocab, eos = len(tokens), len(tokens) - 1
-
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name("tiny-test")
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
-    if tokenizer:
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges([" ".join(m) for m in MERGES])
-        w.add_bos_token_id(eos)
-        w.add_eos_token_id(eos)
-        if chat_template is not None:
-            w.add_chat_template(chat_template)
-
-    rng = np.random.default_rng(seed)
-
-    def add(name: str, *shape: int) -> None:
-        # Norm weights near 1, the rest small: finite activations, and every value matters to the logits.
-        base = 1.0 if len(shape) == 1 else 0.0
-        w.add_tensor(name, (base + 0.1 * rng.standard_normal(shape)).astype(np.float32))
-
-    kv = KV_HEADS * HIDDEN // HEADS
-    add("token_embd.weight", vocab, HIDDEN)
-    for i in range(LAYERS):
-        add(f"blk.{i}.attn_norm.weight", HIDDEN)
-        add(f"blk.{i}.attn_q.weight", HIDDEN, HIDDEN)
-        add(f"blk.{i}.attn_k.weight", kv, HIDDEN)
-        add(f"blk.{i}.attn_v.weight", kv, HIDDEN)
-        add(f"blk.{i}.attn_output.weight", HIDDEN, HIDDEN)
-        add(f"blk.{i}.ffn_norm.weight", HIDDEN)
-        add(f"blk.{i}.ffn_gate.weight", FFN, HIDDEN)
-        add(f"blk.{i}.ffn_up.weight", FFN, HIDDEN)
-        add(f"blk.{i}.ffn_down.weight", HIDDEN, FFN)
-    add("output_norm.weight", HIDDEN)
-    if not tied:  # llama.cpp leaves the head out when it is the embedding
-        add("output.weight", vocab, HIDDEN)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+from tests.helpers import TEXT, refused, write_gguf
 
 
 @pytest.fixture(scope="module")

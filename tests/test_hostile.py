@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from surgery import open_checkpoint
 from surgery.cli import main
-from tests.conftest import make_model, tree_digest
+from tests.helpers import make_model, refused, tree_digest
 from tests.hub_cache import add_snapshot, commit_hash
-from tests.test_bad_input import refused
 
 
 class Payload:
@@ -146,31 +145,31 @@ def secret(tmp_path: Path) -> Path:
 )
 @pytest.mark.parametrize("command", ["inspect", "transplant"])
 def test_symlink_out_of_the_checkpoint_is_refused(
-    tmp_path: Path, pair: tuple[Path, Path], secret: Path, plant, command: str
+    tmp_path: Path, sharded_pair: tuple[Path, Path], secret: Path, plant, command: str
 ) -> None:
-    tgt = shutil.copytree(pair[1], tmp_path / "target")
+    tgt = shutil.copytree(sharded_pair[1], tmp_path / "target")
     name, dest = plant(tgt, secret)
     (tgt / name).unlink(missing_ok=True)
     (tgt / name).symlink_to(dest)
     args = {
         "inspect": ["inspect", tgt],
-        "transplant": ["transplant", "-t", tgt, "-s", pair[0], "-o", tmp_path / "out", "--module", "*"],
+        "transplant": ["transplant", "-t", tgt, "-s", sharded_pair[0], "-o", tmp_path / "out", "--module", "*"],
     }[command]
     refused(args, f"{tgt / name}: a symlink to {dest.resolve()}, outside the checkpoint folder", watch=tmp_path)
 
 
-def test_symlinks_inside_the_checkpoint_are_fine(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    tgt = shutil.copytree(pair[1], tmp_path / "target")
+def test_symlinks_inside_the_checkpoint_are_fine(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    tgt = shutil.copytree(sharded_pair[1], tmp_path / "target")
     (tgt / "tokenizer.json").symlink_to("tokenizer_config.json")
     (tgt / "docs").mkdir()
     (tgt / "docs" / "card.md").symlink_to(Path("..") / "config.json")
     assert open_checkpoint(tgt).tensors
 
 
-def test_cache_snapshot_links_must_stay_in_their_own_repo(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_cache_snapshot_links_must_stay_in_their_own_repo(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
     cache = tmp_path / "hub"
-    snapshot = add_snapshot(cache, "org/target", pair[1], commit_hash("main"))
-    other = add_snapshot(cache, "org/other", pair[0], commit_hash("other"))
+    snapshot = add_snapshot(cache, "org/target", sharded_pair[1], commit_hash("main"))
+    other = add_snapshot(cache, "org/other", sharded_pair[0], commit_hash("other"))
     assert open_checkpoint(snapshot).hub.repo_id == "org/target"  # links into its own blobs/ are allowed
     stolen = (other / "config.json").resolve()
     (snapshot / "config.json").unlink()

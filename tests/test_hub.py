@@ -10,17 +10,15 @@ from unittest.mock import create_autospec
 
 import httpx2
 import pytest
-from click.testing import CliRunner, Result
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 
 import surgery.hub.publish
 from surgery import SurgeryError, open_checkpoint, transplant, write_patch
-from surgery.cli import main
 from surgery.evaluation.metrics import wilson_interval
 from surgery.hub.publish import push
-from tests.conftest import tree_digest, write_manifest
+from tests.helpers import cli, tree_digest, write_manifest
 from tests.hub_cache import add_snapshot, commit_hash, offline_hub
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdef"
@@ -35,14 +33,10 @@ OUTPUT_FILES = {
 }
 
 
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture
-def hub(tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> dict:
+def hub(tmp_path: Path, sharded_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> dict:
     """org/source and org/target in an offline HF cache, a manifest for them, and a fake HF_TOKEN."""
-    src, tgt = pair
+    src, tgt = sharded_pair
     cache = tmp_path / "hf-cache"
     add_snapshot(cache, "org/source", src, commit_hash("s"))
     add_snapshot(cache, "org/target", tgt, commit_hash("t"), refs=("main", "v1"))

@@ -10,13 +10,11 @@ import httpx2
 import huggingface_hub
 import huggingface_hub.constants
 import pytest
-from click.testing import CliRunner, Result
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from surgery import open_checkpoint
 from surgery.checkpoints.hub_inputs import parse_repo_spec
-from surgery.cli import main
-from tests.conftest import make_model, tree_digest
+from tests.helpers import cli, make_model, refused, tree_digest
 from tests.hub_cache import add_snapshot, commit_hash, offline_hub
 
 MAIN = commit_hash("main")
@@ -24,15 +22,11 @@ V2 = commit_hash("v2")
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdef"
 
 
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 @pytest.fixture
-def hub(tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> dict:
+def hub(tmp_path: Path, sharded_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> dict:
     """An offline cache with org/source and org/target (main) and a different single-file org/target at v2."""
     cache = tmp_path / "hf-cache"
-    src, tgt = pair
+    src, tgt = sharded_pair
     other = make_model(tmp_path / "other", 3)
     snapshots = {
         "source": add_snapshot(cache, "org/source", src, MAIN),
@@ -141,21 +135,6 @@ def test_manifest_from_repo_ids_records_the_commit(hub: dict, tmp_path: Path) ->
     # The repo id, pinned by its commit: `@main` as typed would name whatever main is later.
     assert manifest["target"]["path"] == "org/target" and manifest["target"]["revision"] == MAIN
     assert manifest["target"]["fingerprint"] == open_checkpoint(hub["target"]).fingerprint
-
-
-def refused(args: list, *messages: str, watch: Path, secret: str | None = None) -> str:
-    """A one-line `error:` on stderr with every message in it, exit 2, no traceback, nothing written."""
-    before = tree_digest(watch)
-    result = cli(*args)
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    for m in messages:
-        assert m in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert tree_digest(watch) == before
-    if secret is not None:
-        assert secret not in result.output
-    return result.stderr
 
 
 @pytest.mark.parametrize("arg", ["no/such/folder", "./missing-folder", "bad name/x", "org/name@"])

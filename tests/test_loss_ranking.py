@@ -15,7 +15,7 @@ from surgery.analysis.nll import encode_gold, mean_nll
 from surgery.analysis.ranking import build_manifest
 from surgery.checkpoints.loading import load_tokenizer
 from surgery.cli import main
-from tests.conftest import make_model, needs_torchrun, save_tokenizer, torchrun
+from tests.helpers import make_model, needs_torchrun, save_tokenizer, torchrun
 
 GOLD = [
     ("What is 2+2?", "2+2 is 4. #### 4"),
@@ -38,7 +38,7 @@ def _nll(model_path: Path, workload: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def nudged_pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A base and a copy with CHANGED perturbed a little; the one with the lower gold NLL is the source."""
     root = tmp_path_factory.mktemp("loss")
     # float64, so that the finite-difference test compares derivatives, not rounding.
@@ -59,22 +59,22 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"source": source, "target": target, "workload": workload, "root": root}
 
 
-def _rank(pair: dict, method: str, **kw):
-    src, tgt = open_checkpoint(pair["source"]), open_checkpoint(pair["target"])
+def _rank(nudged_pair: dict, method: str, **kw):
+    src, tgt = open_checkpoint(nudged_pair["source"]), open_checkpoint(nudged_pair["target"])
     return build_manifest(
         method,
         find_candidates(src, tgt),
         source=src,
         target=tgt,
-        workload=load_workload(pair["workload"]),
+        workload=load_workload(nudged_pair["workload"]),
         batch_size=2,
         **kw,
     )
 
 
 @pytest.mark.parametrize("method", ["taylor", "swap-nll"])
-def test_only_the_changed_modules_score(pair: dict, method: str) -> None:
-    man = _rank(pair, method)
+def test_only_the_changed_modules_score(nudged_pair: dict, method: str) -> None:
+    man = _rank(nudged_pair, method)
     scores = {m.name: m.score for m in man.modules}
     for name, score in scores.items():
         if name not in CHANGED:
@@ -84,31 +84,31 @@ def test_only_the_changed_modules_score(pair: dict, method: str) -> None:
     assert man.workload is not None and man.workload.max_new_tokens == 0 and man.workload.prompts == 4
 
 
-def test_swap_nll_is_the_measured_drop(pair: dict, tmp_path: Path) -> None:
+def test_swap_nll_is_the_measured_drop(nudged_pair: dict, tmp_path: Path) -> None:
     # With one module differing, swapping it turns the target into the source: the score is the whole gap.
-    lm = AutoModelForCausalLM.from_pretrained(pair["target"], dtype=torch.float64)
-    src = AutoModelForCausalLM.from_pretrained(pair["source"], dtype=torch.float64)
+    lm = AutoModelForCausalLM.from_pretrained(nudged_pair["target"], dtype=torch.float64)
+    src = AutoModelForCausalLM.from_pretrained(nudged_pair["source"], dtype=torch.float64)
     one = tmp_path / "one"
     with torch.no_grad():
         lm.get_submodule(CHANGED[0]).weight.copy_(src.get_submodule(CHANGED[0]).weight)
     lm.save_pretrained(one)
     save_tokenizer(one)
-    man = _rank(pair, "swap-nll")
-    expected = _nll(pair["target"], pair["workload"]) - _nll(one, pair["workload"])
+    man = _rank(nudged_pair, "swap-nll")
+    expected = _nll(nudged_pair["target"], nudged_pair["workload"]) - _nll(one, nudged_pair["workload"])
     score = next(m.score for m in man.modules if m.name == CHANGED[0])
     assert score == pytest.approx(expected, rel=1e-9)
 
 
-def test_taylor_equals_the_finite_difference(pair: dict, tmp_path: Path) -> None:
+def test_taylor_equals_the_finite_difference(nudged_pair: dict, tmp_path: Path) -> None:
     """-score is the directional derivative of L along W_src - W_tgt: compare with a central difference."""
-    man = _rank(pair, "taylor")
+    man = _rank(nudged_pair, "taylor")
     name = CHANGED[0]
     score = next(m.score for m in man.modules if m.name == name)
-    w = load_workload(pair["workload"])
-    tok = load_tokenizer(pair["target"])
+    w = load_workload(nudged_pair["workload"])
+    tok = load_tokenizer(nudged_pair["target"])
     gold = encode_gold(tok, w.prompts, w.solutions, True)
-    tgt = AutoModelForCausalLM.from_pretrained(pair["target"], dtype=torch.float64)
-    src = AutoModelForCausalLM.from_pretrained(pair["source"], dtype=torch.float64)
+    tgt = AutoModelForCausalLM.from_pretrained(nudged_pair["target"], dtype=torch.float64)
+    src = AutoModelForCausalLM.from_pretrained(nudged_pair["source"], dtype=torch.float64)
     w_t = tgt.get_submodule(name).weight.detach().clone()
     delta = src.get_submodule(name).weight.detach() - w_t
     # transformers' RMSNorm computes in float32 even in a float64 model, so the loss carries ~1e-8 of
@@ -125,16 +125,16 @@ def test_taylor_equals_the_finite_difference(pair: dict, tmp_path: Path) -> None
     assert -score == pytest.approx(derivative, rel=5e-3)
 
 
-def test_candidates_from_limits_swap_nll(pair: dict, tmp_path: Path) -> None:
+def test_candidates_from_limits_swap_nll(nudged_pair: dict, tmp_path: Path) -> None:
     prior = tmp_path / "prior.json"
     r = CliRunner().invoke(
         main,
         [
             "manifest",
             "-s",
-            str(pair["source"]),
+            str(nudged_pair["source"]),
             "-t",
-            str(pair["target"]),
+            str(nudged_pair["target"]),
             "--method",
             "weight-delta",
             "-o",
@@ -145,8 +145,8 @@ def test_candidates_from_limits_swap_nll(pair: dict, tmp_path: Path) -> None:
     out = tmp_path / "swap.json"
     r = CliRunner().invoke(
         main,
-        ["manifest", "-s", str(pair["source"]), "-t", str(pair["target"]), "--method", "swap-nll",
-         "-w", pair["workload"], "--candidates-from", str(prior), "--max-candidates", "3", "-q", "-o", str(out)],
+        ["manifest", "-s", str(nudged_pair["source"]), "-t", str(nudged_pair["target"]), "--method", "swap-nll",
+         "-w", nudged_pair["workload"], "--candidates-from", str(prior), "--max-candidates", "3", "-q", "-o", str(out)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     man = load_manifest(out)
@@ -155,14 +155,17 @@ def test_candidates_from_limits_swap_nll(pair: dict, tmp_path: Path) -> None:
     assert sum("outside the top 3 of prior.json (weight-delta)" in reason for _, reason in man.excluded) > 10
 
 
-def test_a_workload_without_solutions_is_refused(pair: dict, tmp_path: Path) -> None:
+def test_a_workload_without_solutions_is_refused(nudged_pair: dict, tmp_path: Path) -> None:
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"prompt": "hi"}) + "\n")
     for method in ("taylor", "swap-nll"):
         with pytest.raises(
             SurgeryError, match=f"method {method} needs gold solutions, and workload plain.jsonl has none"
         ):
-            src, tgt = open_checkpoint(pair["source"]), open_checkpoint(pair["target"])
+            src, tgt = (
+                open_checkpoint(nudged_pair["source"]),
+                open_checkpoint(nudged_pair["target"]),
+            )
             build_manifest(
                 method, find_candidates(src, tgt), source=src, target=tgt, workload=load_workload(str(plain))
             )
@@ -170,8 +173,8 @@ def test_a_workload_without_solutions_is_refused(pair: dict, tmp_path: Path) -> 
             build_manifest(method, find_candidates(src, tgt), source=src, target=tgt)
     r = CliRunner().invoke(
         main,
-        ["manifest", "-s", str(pair["source"]), "-t", str(pair["target"]), "--method", "taylor", "-w", str(plain),
-         "-o", str(tmp_path / "m.json")],
+        ["manifest", "-s", str(nudged_pair["source"]), "-t", str(nudged_pair["target"]), "--method", "taylor", "-w",
+         str(plain), "-o", str(tmp_path / "m.json")],
     )  # fmt: skip
     assert r.exit_code == 2 and not (tmp_path / "m.json").exists()
     assert "needs gold solutions" in r.output
@@ -186,11 +189,21 @@ def test_builtin_train_workloads_carry_solutions() -> None:
 
 
 @needs_torchrun
-def test_profile_and_taylor_under_torchrun_equal_one_process(pair: dict, tmp_path: Path) -> None:
+def test_profile_and_taylor_under_torchrun_equal_one_process(nudged_pair: dict, tmp_path: Path) -> None:
     """2 gloo processes on the CPU: each takes half the prompts (batches); the files equal one process's."""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    w = pair["workload"]
-    args = ["profile", str(pair["target"]), "-w", w, "--max-new-tokens", "3", "--batch-size", "1", "-q"]
+    w = nudged_pair["workload"]
+    args = [
+        "profile",
+        str(nudged_pair["target"]),
+        "-w",
+        w,
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "1",
+        "-q",
+    ]
     assert CliRunner().invoke(main, [*args, "-o", str(one)]).exit_code == 0
     done = torchrun([*args, "-o", str(two)])
     assert done.returncode == 0, done.stderr[-8000:]
@@ -200,7 +213,17 @@ def test_profile_and_taylor_under_torchrun_equal_one_process(pair: dict, tmp_pat
         assert b.mean[name] == pytest.approx(a.mean[name], rel=1e-6), name
         assert torch.allclose(b.per_prompt[name], a.per_prompt[name], rtol=1e-6), name
     t1, t2 = tmp_path / "t1.json", tmp_path / "t2.json"
-    rank = ["manifest", "-s", str(pair["source"]), "-t", str(pair["target"]), "--method", "taylor", "-w", w]
+    rank = [
+        "manifest",
+        "-s",
+        str(nudged_pair["source"]),
+        "-t",
+        str(nudged_pair["target"]),
+        "--method",
+        "taylor",
+        "-w",
+        w,
+    ]
     assert CliRunner().invoke(main, [*rank, "--batch-size", "1", "-q", "-o", str(t1)]).exit_code == 0
     done = torchrun([*rank, "--batch-size", "1", "-q", "-o", str(t2)])
     assert done.returncode == 0, done.stderr[-8000:]

@@ -11,14 +11,14 @@ import pytest
 from surgery import SurgeryError, load_manifest, save_manifest, select_modules
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.manifest import parse_layer_range, schema
-from tests.conftest import write_manifest
+from tests.helpers import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def manifest_file(tmp_path: Path, pair: tuple[Path, Path]) -> Path:
-    return write_manifest(tmp_path / "m.json", *pair)
+def manifest_file(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> Path:
+    return write_manifest(tmp_path / "m.json", *sharded_pair)
 
 
 def test_published_schema_is_the_one_the_package_uses() -> None:
@@ -36,8 +36,8 @@ def test_example_manifests_are_valid() -> None:
         assert {m.kind for m in man.modules} <= {"attn", "mlp", "other"}
 
 
-def test_load_sorts_by_rank_and_round_trips(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    path = write_manifest(tmp_path / "m.json", *pair, reverse=True)
+def test_load_sorts_by_rank_and_round_trips(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    path = write_manifest(tmp_path / "m.json", *sharded_pair, reverse=True)
     man = load_manifest(path)
     assert [m.rank for m in man.modules] == list(range(1, 15))
     assert man.modules[0].name == "model.layers.1.mlp.down_proj"
@@ -137,12 +137,12 @@ def test_messages_name_the_manifest_by_its_absolute_path(tmp_path: Path, monkeyp
 
 
 def test_a_manifest_for_other_checkpoints_names_each_that_differs(
-    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sharded_pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Source, target, or both are named; an old manifest with relative paths still loads (issue 25 item 10)."""
     from surgery.manifest import ranked_elsewhere  # here, so the file's other tests import without it
 
-    source, target = pair
+    source, target = sharded_pair
     monkeypatch.chdir(source.parent)
     path = write_manifest(tmp_path / "m.json", Path(source.name), Path(target.name))
     man = load_manifest(path)

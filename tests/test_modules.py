@@ -12,13 +12,13 @@ from surgery import SurgeryError, find_candidates, open_checkpoint
 from surgery.checkpoints.cache import CACHE_ENV
 from surgery.checkpoints.candidates import module_kind, module_layer
 from surgery.cli import main
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 LLAMA_PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_llama_candidates(pair: tuple[Path, Path]) -> None:
-    compat = find_candidates(*(open_checkpoint(p) for p in pair))
+def test_llama_candidates(sharded_pair: tuple[Path, Path]) -> None:
+    compat = find_candidates(*(open_checkpoint(p) for p in sharded_pair))
     assert len(compat.candidates) == 14
     assert {c.name.rsplit(".", 1)[1] for c in compat.candidates} == LLAMA_PROJ
     q = next(c for c in compat.candidates if c.name == "model.layers.1.self_attn.q_proj")
@@ -66,23 +66,23 @@ def test_tied_embeddings_have_no_lm_head_tensor(tmp_path: Path) -> None:
     assert len(compat.candidates) == 14 and "lm_head" in dict((e.name, e.reason) for e in compat.excluded)
 
 
-def test_compat_cli_text_and_json(pair: tuple[Path, Path]) -> None:
-    text = CliRunner().invoke(main, ["compat", *map(str, pair)])
+def test_compat_cli_text_and_json(sharded_pair: tuple[Path, Path]) -> None:
+    text = CliRunner().invoke(main, ["compat", *map(str, sharded_pair)])
     assert text.exit_code == 0
     assert text.stdout.splitlines()[0] == "14 transplantable modules in 2 layers (8 attn, 6 mlp); 7 excluded"
     assert "excluded model.norm: normalization layer (LlamaRMSNorm) is not transplanted" in text.stdout
     # The text lists the candidates too, as the errors pointing at `surgery compat` promise.
     assert sum(line.startswith("  candidate ") for line in text.stdout.splitlines()) == 14
     assert "  candidate model.layers.1.mlp.down_proj (mlp, 32x64)" in text.stdout
-    obj = json.loads(CliRunner().invoke(main, ["compat", *map(str, pair), "--json"]).stdout)
+    obj = json.loads(CliRunner().invoke(main, ["compat", *map(str, sharded_pair), "--json"]).stdout)
     assert len(obj["candidates"]) == 14 and len(obj["excluded"]) == 7
 
 
-def test_different_architectures_exit_2(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_different_architectures_exit_2(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
     qwen = make_model(tmp_path / "q", 1, arch="qwen2")
     with pytest.raises(SurgeryError, match="architectures differ"):
-        find_candidates(open_checkpoint(qwen), open_checkpoint(pair[1]))
-    result = CliRunner().invoke(main, ["compat", str(qwen), str(pair[1])])
+        find_candidates(open_checkpoint(qwen), open_checkpoint(sharded_pair[1]))
+    result = CliRunner().invoke(main, ["compat", str(qwen), str(sharded_pair[1])])
     assert result.exit_code == 2 and "architectures differ: source is qwen2" in result.stderr
 
 
@@ -119,12 +119,12 @@ def test_kind_and_layer_from_name(name: str, kind: str, layer: int | None) -> No
 
 
 def test_candidates_are_cached_by_config_and_layout(
-    tmp_path: Path, pair: tuple[Path, Path], candidate_cache: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sharded_pair: tuple[Path, Path], candidate_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A second match of the same layout skips building the model; another layout or a broken entry does not."""
     import surgery.checkpoints.candidates as candidates
 
-    src, tgt = open_checkpoint(pair[0]), open_checkpoint(pair[1])
+    src, tgt = open_checkpoint(sharded_pair[0]), open_checkpoint(sharded_pair[1])
     first = find_candidates(src, tgt)
     assert len(list(candidate_cache.rglob("*.json"))) == 1
 

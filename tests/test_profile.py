@@ -14,7 +14,7 @@ from surgery import ModelOptions, SurgeryError, find_candidates, open_checkpoint
 from surgery.analysis.profiling import profile
 from surgery.analysis.ranking import build_manifest
 from surgery.analysis.stats import load_stats
-from tests.conftest import make_model, save_tokenizer
+from tests.helpers import model_with_tokenizer
 
 PROMPTS = [
     "What is 2+2?",
@@ -32,12 +32,6 @@ def workload(tmp_path: Path, prompts: list[str]) -> str:
     path = tmp_path / "w.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
     return str(path)
-
-
-def model_with_tokenizer(path: Path, seed: int, **kw) -> Path:
-    make_model(path, seed, **kw)
-    save_tokenizer(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -136,27 +130,6 @@ def test_offloaded_model_gives_the_same_statistic(tmp_path: Path, model: Path) -
     offloaded = profile(model, w, None, max_new_tokens=3, max_memory="40KB")
     for name in full.mean:
         assert offloaded.mean[name] == pytest.approx(full.mean[name], rel=1e-6), name
-
-
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory: pytest.TempPathFactory):
-    """A 4-layer target and sources with chosen modules' weights scaled by 4, profiled at 1 token."""
-    root = tmp_path_factory.mktemp("planted")
-    target = model_with_tokenizer(root / "target", 5, num_hidden_layers=4)
-    w = root / "w.jsonl"
-    w.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS[:4]))
-    tgt_stats = profile(target, str(w), None, max_new_tokens=1)
-
-    def make_source(module: str):
-        path = root / module.replace(".", "_")
-        lm = AutoModelForCausalLM.from_pretrained(target)
-        with torch.no_grad():
-            lm.get_submodule(module).weight.mul_(4)
-        lm.save_pretrained(path)
-        save_tokenizer(path)
-        return path, profile(path, str(w), None, max_new_tokens=1)
-
-    return target, tgt_stats, make_source
 
 
 def _manifest(method: str, source: Path, target: Path, src_stats=None, tgt_stats=None):

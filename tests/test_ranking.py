@@ -22,7 +22,6 @@ from surgery.analysis.ranking import (
 )
 from surgery.analysis.ranking.schema import PACKAGED, generated_schema, schema_text
 from surgery.manifest import schema
-from tests.test_profile import planted  # noqa: F401  (the fixture)
 
 ALL = list(RANKING_METHODS)
 GENERATOR = "python -m surgery.analysis.ranking.schema"
@@ -77,7 +76,7 @@ def _rank(method: str, source: Path, target: Path, src_stats, tgt_stats, seed: i
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_every_method_scores_finitely_and_deterministically(planted, method: str) -> None:  # noqa: F811
+def test_every_method_scores_finitely_and_deterministically(planted, method: str) -> None:
     target, tgt_stats, make_source = planted
     source, src_stats = make_source("model.layers.2.mlp.up_proj")
     first = _rank(method, source, target, src_stats, tgt_stats)
@@ -101,7 +100,7 @@ def test_every_method_scores_finitely_and_deterministically(planted, method: str
 
 
 @pytest.mark.parametrize("method", [m for m in ALL if RANKING_METHODS[m].needs])
-def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:  # noqa: F811
+def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:
     target, _, make_source = planted
     source, _ = make_source("model.layers.2.mlp.up_proj")
     need = sorted(RANKING_METHODS[method].needs)[0]
@@ -111,7 +110,7 @@ def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta", "swap-nll", "random-changed"])
-def test_the_planted_module_ranks_first(planted, method: str) -> None:  # noqa: F811
+def test_the_planted_module_ranks_first(planted, method: str) -> None:
     target, tgt_stats, make_source = planted
     # The last layer's down_proj: no module downstream of it changes, so activations isolate it too.
     name = "model.layers.3.mlp.down_proj"
@@ -119,7 +118,7 @@ def test_the_planted_module_ranks_first(planted, method: str) -> None:  # noqa: 
     assert _rank(method, source, target, src_stats, tgt_stats).modules[0].name == name
 
 
-def test_random_changed_draws_only_among_the_modules_that_differ(planted) -> None:  # noqa: F811
+def test_random_changed_draws_only_among_the_modules_that_differ(planted) -> None:
     target, tgt_stats, make_source = planted
     source, src_stats = make_source("model.layers.2.mlp.up_proj")
     man = _rank("random-changed", source, target, src_stats, tgt_stats, seed=3)

@@ -22,9 +22,9 @@ def written(record: TransplantRecord | PatchRecord) -> str:
 
 
 @pytest.fixture
-def outputs(tmp_path: Path, pair: tuple[Path, Path]) -> dict[str, Path]:
+def outputs(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> dict[str, Path]:
     """A transplant, a linked one, a reversible patch and its apply, on the shared pair."""
-    src, tgt = pair
+    src, tgt = sharded_pair
     made = {name: tmp_path / name for name in ("plain", "linked", "patch", "applied")}
     transplant(target=tgt, source=src, out=made["plain"], modules=MODULES, progress=False)
     transplant(target=tgt, source=src, out=made["linked"], modules=MODULES, link=True, progress=False)

@@ -7,20 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from click.testing import CliRunner, Result
-
 from surgery import ModelOptions, open_checkpoint
-from surgery.cli import main
 from surgery.cli.options import size
-from tests.conftest import make_model, tree_digest, write_manifest
+from tests.helpers import cli, make_model, tree_digest, write_manifest
 
 
-def cli(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def test_compat_takes_s_and_t_like_every_other_command(pair: tuple[Path, Path]) -> None:
-    source, target = pair
+def test_compat_takes_s_and_t_like_every_other_command(sharded_pair: tuple[Path, Path]) -> None:
+    source, target = sharded_pair
     flags = cli("compat", "-s", source, "-t", target)
     positional = cli("compat", source, target)
     assert flags.exit_code == 0 and flags.output == positional.output
@@ -31,8 +24,8 @@ def test_compat_takes_s_and_t_like_every_other_command(pair: tuple[Path, Path]) 
     assert one.exit_code == 2 and "needs both checkpoints" in one.stderr
 
 
-def test_verify_takes_its_inputs_from_transplant_json(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    source, target = pair
+def test_verify_takes_its_inputs_from_transplant_json(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    source, target = sharded_pair
     out = tmp_path / "out"
     assert (
         cli("transplant", "-t", target, "-s", source, "-o", out, "--module", "model.layers.1.mlp.*", "-q").exit_code
@@ -52,8 +45,10 @@ def test_verify_takes_its_inputs_from_transplant_json(tmp_path: Path, pair: tupl
     assert cli("verify", out, "-s", source).exit_code == 0
 
 
-def test_transplant_reports_the_bytes_from_the_source_and_in_all(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    source, target = pair
+def test_transplant_reports_the_bytes_from_the_source_and_in_all(
+    tmp_path: Path, sharded_pair: tuple[Path, Path]
+) -> None:
+    source, target = sharded_pair
     out = tmp_path / "out"
     result = cli("transplant", "-t", target, "-s", source, "-o", out, "--module", "model.layers.1.mlp.down_proj", "-q")
     assert result.exit_code == 0, result.output
@@ -105,7 +100,7 @@ def test_transplant_warns_about_unrelated_configs_casts_and_a_no_op(tmp_path: Pa
 
 def test_eval_says_when_it_resumes_or_has_nothing_to_do_and_q_is_quiet(tmp_path: Path, monkeypatch) -> None:
     import surgery.progress
-    from tests.conftest import save_tokenizer
+    from tests.helpers import save_tokenizer
 
     monkeypatch.setattr(surgery.progress, "LOG_INTERVAL_S", 0.0)  # a line at once, not after 30 s
 
@@ -138,7 +133,7 @@ def test_eval_says_when_it_resumes_or_has_nothing_to_do_and_q_is_quiet(tmp_path:
 
 def test_eval_settings_record_the_prompt_format_used(tmp_path: Path) -> None:
     """A tokenizer without a chat template gets plain prompts, and settings.json says so, as summary.json does."""
-    from tests.conftest import save_tokenizer
+    from tests.helpers import save_tokenizer
 
     model = make_model(tmp_path / "m", 1)
     save_tokenizer(model, chat=False)
@@ -168,7 +163,7 @@ def test_dtype_fast_is_bfloat16_only_where_it_runs_natively(tmp_path: Path, monk
 
 def test_eval_prompt_lm_eval_is_lm_evals_gsm8k_format(tmp_path: Path) -> None:
     from surgery.evaluation.benchmarks import Problem, prompt_text
-    from tests.conftest import save_tokenizer
+    from tests.helpers import save_tokenizer
 
     problem = Problem("p1", "Tom has 3 apples and buys 2. How many?", "5", "")
     assert prompt_text(problem, "gsm8k", 0, "lm-eval") == "Question: Tom has 3 apples and buys 2. How many?\nAnswer:"

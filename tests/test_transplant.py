@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from surgery import SurgeryError, open_checkpoint, transplant, verify
 from surgery.cli import main
 from surgery.transplants.verify import VerificationError
-from tests.conftest import make_model, tree_digest, write_manifest
+from tests.helpers import cli, make_model, tree_digest, write_manifest
 
 CASES = {
     "single-fp32": {"dtype": torch.float32},
@@ -26,10 +26,6 @@ CASES = {
     "sharded-fp32-tied": {"dtype": torch.float32, "tied": True, "shard": "20KB"},
     "qwen2-bias": {"arch": "qwen2", "shard": "20KB"},
 }
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -117,9 +113,9 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
 
 
 @pytest.fixture
-def patched(tmp_path: Path, pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
+def patched(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> tuple[Path, Path, Path]:
     """A fresh transplant output of layer 0's MLP: (out, target, source)."""
-    src, tgt = pair
+    src, tgt = sharded_pair
     transplant(target=tgt, source=src, out=tmp_path / "out", modules=["*.0.mlp.*"], progress=False)
     return tmp_path / "out", tgt, src
 
@@ -161,8 +157,8 @@ def test_bf16_source_into_fp32_target_is_cast(tmp_path: Path) -> None:
     assert verify(out, target=tgt, source=src).from_source == 7
 
 
-def test_python_api_and_overwrite(tmp_path: Path, pair: tuple[Path, Path]) -> None:
-    src, tgt = pair
+def test_python_api_and_overwrite(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    src, tgt = sharded_pair
     out = tmp_path / "out"
     first = transplant(target=tgt, source=src, out=out, modules=["*.q_proj"], progress=False)
     assert first.modules == ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
@@ -248,10 +244,12 @@ def test_dry_run_prints_the_write_plan_and_writes_nothing(tmp_path: Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "target"]
 
 
-def test_the_python_api_refuses_the_flag_combinations_the_cli_does(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+def test_the_python_api_refuses_the_flag_combinations_the_cli_does(
+    tmp_path: Path, sharded_pair: tuple[Path, Path]
+) -> None:
     from surgery.transplants.command import transplant_output
 
-    src, tgt = pair
+    src, tgt = sharded_pair
     common = {"target": tgt, "source": src, "out": tmp_path / "out", "modules": ["*.q_proj"], "progress": False}
     with pytest.raises(SurgeryError, match=r"^--reversible only applies with --patch$"):
         transplant_output(**common, reversible=True)

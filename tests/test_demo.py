@@ -28,6 +28,7 @@ def tiny_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path: Path, tiny_gguf: Path) -> None:
     lines: list[str] = []
     rep = demo.run_demo(tmp_path / "work", TINY, log=lines.append)

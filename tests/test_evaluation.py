@@ -85,6 +85,7 @@ def test_gold_nll_is_the_teacher_forced_cross_entropy(eval_pair) -> None:
     assert got[0] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_loses_nothing(tmp_path: Path, eval_pair) -> None:
     # Enough problems that the kill surely lands mid-run, however fast the machine.
     bench = tmp_path / "long.jsonl"
@@ -360,6 +361,7 @@ def test_swap_restores_bit_exactly(eval_pair) -> None:
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, eval_pair) -> None:
     manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
     out = tmp_path / "sweep"
@@ -464,6 +466,7 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, eval_pair) -> None:
 
 
 @needs_torchrun
+@pytest.mark.slow
 def test_data_parallel_equals_single_process(tmp_path: Path, eval_pair) -> None:
     single = tmp_path / "single"
     run_eval(eval_pair, single, batch_size=2)

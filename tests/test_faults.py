@@ -75,6 +75,7 @@ def wait_for_staging(proc: subprocess.Popen, folder: Path) -> float:
     return wait_until(proc, lambda: any(p.name.startswith(TMP_PREFIX) for p in folder.iterdir()))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_corrupts_and_the_rerun_cleans_up(tmp_path: Path, big_pair: dict) -> None:
     inputs = {k: tree_digest(big_pair[k]) for k in ("source", "target")}
     out = tmp_path / "out"

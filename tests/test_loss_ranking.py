@@ -189,6 +189,7 @@ def test_builtin_train_workloads_carry_solutions() -> None:
 
 
 @needs_torchrun
+@pytest.mark.slow
 def test_profile_and_taylor_under_torchrun_equal_one_process(nudged_pair: dict, tmp_path: Path) -> None:
     """2 gloo processes on the CPU: each takes half the prompts (batches); the files equal one process's."""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"

@@ -71,6 +71,7 @@ def test_every_skipped_block_says_why() -> None:
     assert sum(b.skip is None for b in BLOCKS) >= 12, "most examples must run"
 
 
+@pytest.mark.slow
 def test_the_readme_examples_run_as_pasted(tmp_path: Path) -> None:
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     (tmp_path / "tests").symlink_to(ROOT / "tests")

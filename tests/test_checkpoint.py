@@ -19,7 +19,7 @@ from surgery.checkpoints.header import MAX_HEADER_BYTES, read_header
 from surgery.checkpoints.streaming import read_tensor
 from surgery.checkpoints.swap import TensorReader
 from surgery.cli import main
-from tests.helpers import make_model
+from tests.helpers import cli, make_model
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
 
@@ -97,7 +97,7 @@ def test_malformed_headers_are_refused(tmp_path: Path, header, data, length, mes
     with pytest.raises(SurgeryError, match=message):
         open_checkpoint(folder)
     # The CLI gives the same problem as one line and exit code 2, no traceback.
-    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    result = cli("inspect", folder)
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
@@ -199,6 +199,6 @@ def test_inspect_reports_the_checkpoint(tmp_path: Path, sharded_pair: tuple[Path
         s.data_start for s in ckpt.shards
     )
     tied = make_model(tmp_path / "tied", 3, tied=True, dtype=torch.bfloat16)
-    text = CliRunner().invoke(main, ["inspect", str(tied)])
+    text = cli("inspect", tied)
     assert text.exit_code == 0
     assert "tied_embeddings  True" in text.stdout and "BF16: 20" in text.stdout and "shards           1" in text.stdout

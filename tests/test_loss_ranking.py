@@ -15,7 +15,7 @@ from surgery.analysis.nll import encode_gold, mean_nll
 from surgery.analysis.ranking import build_manifest
 from surgery.checkpoints.loading import load_tokenizer
 from surgery.cli import main
-from tests.helpers import make_model, needs_torchrun, save_tokenizer, torchrun
+from tests.helpers import cli, make_model, needs_torchrun, save_tokenizer, torchrun
 
 GOLD = [
     ("What is 2+2?", "2+2 is 4. #### 4"),
@@ -205,7 +205,7 @@ def test_profile_and_taylor_under_torchrun_equal_one_process(nudged_pair: dict, 
         "1",
         "-q",
     ]
-    assert CliRunner().invoke(main, [*args, "-o", str(one)]).exit_code == 0
+    assert cli(*args, "-o", one).exit_code == 0
     done = torchrun([*args, "-o", str(two)])
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = load_stats(one), load_stats(two)
@@ -225,7 +225,7 @@ def test_profile_and_taylor_under_torchrun_equal_one_process(nudged_pair: dict, 
         "-w",
         w,
     ]
-    assert CliRunner().invoke(main, [*rank, "--batch-size", "1", "-q", "-o", str(t1)]).exit_code == 0
+    assert cli(*rank, "--batch-size", "1", "-q", "-o", t1).exit_code == 0
     done = torchrun([*rank, "--batch-size", "1", "-q", "-o", str(t2)])
     assert done.returncode == 0, done.stderr[-8000:]
     s1 = {m.name: m.score for m in load_manifest(t1).modules}

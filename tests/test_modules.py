@@ -12,7 +12,7 @@ from surgery import SurgeryError, find_candidates, open_checkpoint
 from surgery.checkpoints.cache import CACHE_ENV
 from surgery.checkpoints.candidates import module_kind, module_layer
 from surgery.cli import main
-from tests.helpers import make_model
+from tests.helpers import cli, make_model
 
 LLAMA_PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -67,14 +67,14 @@ def test_tied_embeddings_have_no_lm_head_tensor(tmp_path: Path) -> None:
 
 
 def test_compat_cli_text_and_json(sharded_pair: tuple[Path, Path]) -> None:
-    text = CliRunner().invoke(main, ["compat", *map(str, sharded_pair)])
+    text = cli("compat", *sharded_pair)
     assert text.exit_code == 0
     assert text.stdout.splitlines()[0] == "14 transplantable modules in 2 layers (8 attn, 6 mlp); 7 excluded"
     assert "excluded model.norm: normalization layer (LlamaRMSNorm) is not transplanted" in text.stdout
     # The text lists the candidates too, as the errors pointing at `surgery compat` promise.
     assert sum(line.startswith("  candidate ") for line in text.stdout.splitlines()) == 14
     assert "  candidate model.layers.1.mlp.down_proj (mlp, 32x64)" in text.stdout
-    obj = json.loads(CliRunner().invoke(main, ["compat", *map(str, sharded_pair), "--json"]).stdout)
+    obj = json.loads(cli("compat", *sharded_pair, "--json").stdout)
     assert len(obj["candidates"]) == 14 and len(obj["excluded"]) == 7
 
 

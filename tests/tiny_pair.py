@@ -6,7 +6,7 @@ The target (`llama-chat`) is a randomly initialised 4-layer Llama (hidden size 3
 BPE tokenizer (trained on GSM8K train text) and a chat template; the source (`llama-math`) is the
 target after a few seeded AdamW steps on GSM8K **train** solutions, so its gold-solution NLL is
 clearly lower than the target's and every command of the README (rankings, `select`, `sweep`,
-`eval`) has a real gap to measure. Run it from the repository root (it imports `tests.conftest`);
+`eval`) has a real gap to measure. Run it from the repository root (it imports `tests.helpers`);
 `tests/test_readme.py` runs the
 README's examples on this pair.
 """

@@ -129,8 +129,9 @@ def test_a_hostile_chat_template_is_refused_in_one_line(models_by_arch, tmp_path
     (path / "chat_template.jinja").unlink(missing_ok=True)
     bench = tmp_path / "b.jsonl"
     bench.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
-    # watch the checkpoint only: eval creates its run folder (r/settings.json) before it renders a prompt.
-    refused_in_time(("eval", path, "-b", bench, "-o", tmp_path / "r"), "its chat template fails to render", watch=path)
+    refused_in_time(
+        ("eval", path, "-b", bench, "-o", tmp_path / "r"), "its chat template fails to render", watch=tmp_path
+    )
     w = tmp_path / "w.jsonl"
     w.write_text(json.dumps({"prompt": "1+1"}) + "\n")
     refused_in_time(

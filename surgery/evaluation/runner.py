@@ -241,7 +241,6 @@ def evaluate_loaded(
     """Evaluate an already loaded model (used by `evaluate` and by the in-memory K sweep)."""
     rank, world = dist_info()
     init(world)
-    _check_or_write_settings(out, settings, rank, world)
     done = {r["id"] for path in sorted(out.glob("records*.jsonl")) for r in read_records(path)}
     mine = [p for i, p in enumerate(problems) if i % world == rank and p.id not in done]
     part = out / (RECORDS if world == 1 else f"records.rank{rank}.jsonl")
@@ -257,6 +256,8 @@ def evaluate_loaded(
         prompt_texts.append(text)
         prompts.append(ids)
     stops = () if fmt == "chat" else LM_EVAL_STOP_STRINGS if settings.prompt == "lm-eval" else STOP_STRINGS
+    # Only now, with every prompt rendered (a chat template that fails is refused above), is the folder made.
+    _check_or_write_settings(out, settings, rank, world)
 
     if len(mine) < len(problems):
         done_here = len(problems) - len(mine)

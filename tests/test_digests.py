@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from surgery import open_checkpoint
+from surgery import open_checkpoint, transplant, verify
 from surgery.checkpoints import digests
 from surgery.checkpoints.digests import tensor_digests
 from tests.helpers import cli, make_model
@@ -149,3 +149,22 @@ def test_a_wrong_cache_entry_can_only_make_apply_refuse(tmp_path: Path, model: P
     assert applied.exit_code == 2
     assert "differs from the target this patch was made for" in applied.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_link_of_a_target_hashes_none_of_its_linked_shards(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hard link changes the target files' ctime (part of the cache key): the digests found before
+    # linking must be stored again under the files' new identity, or every --link run hashes them again.
+    source = make_model(tmp_path / "s", 2, shard="20KB")
+    calls = counting(monkeypatch)
+    first = transplant(target=model, source=source, out=tmp_path / "a", modules=["model.layers.1.mlp.*"], link=True)
+    assert first.linked_shards and calls, "the first --link run hashes the linked shards"
+    calls.clear()
+    second = transplant(target=model, source=source, out=tmp_path / "b", modules=["model.layers.1.mlp.*"], link=True)
+    assert second.linked_shards == first.linked_shards
+    assert calls == [], "the second --link run read the linked shards again"
+    record = json.loads((tmp_path / "b" / "transplant.json").read_text())
+    assert record["linked_sha256"] == json.loads((tmp_path / "a" / "transplant.json").read_text())["linked_sha256"]
+    assert record["linked_sha256"] == true_digests(model, list(record["linked_sha256"]))
+    assert verify(tmp_path / "b").tensors_checked == 21

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from surgery.checkpoints.cache import cache_file, read_entry, write_entry
@@ -29,34 +29,56 @@ from surgery.checkpoints.streaming import ReadOnlyFiles, sha256_range
 SETTLED_NS = 2 * 10**9
 
 
-def tensor_digests(ckpt: Checkpoint, names: Sequence[str], *, use_cache: bool = True) -> dict[str, str]:
+def tensor_digests(
+    ckpt: Checkpoint, names: Sequence[str], *, use_cache: bool = True, known: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """sha256 of each named tensor's bytes in `ckpt`, from the cache where the shard is unchanged.
 
     Args:
         use_cache: False hashes every tensor (a check that must read the bytes: `apply`). Either way
             the digests computed are added to the cache for the next run.
+        known: digests read from the cache a moment ago (`cached_digests`), before something of our
+            own changed the files' identity but not their bytes: a hard link to them changes their
+            ctime. They are used as cached ones and stored under the files' new identity.
     """
-    by_shard: dict[Path, list[str]] = {}
-    for n in names:
-        by_shard.setdefault(ckpt.tensors[n].shard.path, []).append(n)
     out: dict[str, str] = {}
     with ReadOnlyFiles() as files:
-        for path, group in by_shard.items():
+        for path, group in _by_shard(ckpt, names).items():
             fd = files.fd(path)
             identity = _identity(fd)
             entry = cache_file("digests", hashlib.sha256(repr(identity).encode()).hexdigest())
-            cached = _read(entry, identity)
+            stored = _read(entry, identity)
+            carried = {n: known[n] for n in group if known and n in known and n not in stored}
+            cached = {**carried, **stored}
             hashed = {}
             for n in group:
                 if not (use_cache and n in cached):
                     ref = ckpt.tensors[n]
                     hashed[n] = sha256_range(fd, ref.offset, ref.nbytes)
-            known = {**cached, **hashed}
+            digests = {**cached, **hashed}
             settled = time.time_ns() - identity[3] > SETTLED_NS
-            if hashed and settled and _identity(fd) == identity:
-                write_entry(entry, {"file": str(path), "identity": list(identity), "tensors": known})
-            out.update((n, known[n]) for n in group)
+            if (hashed or carried) and settled and _identity(fd) == identity:
+                write_entry(entry, {"file": str(path), "identity": list(identity), "tensors": digests})
+            out.update((n, digests[n]) for n in group)
     return {n: out[n] for n in names}
+
+
+def cached_digests(ckpt: Checkpoint, names: Sequence[str]) -> dict[str, str]:
+    """The digests the cache holds for these tensors as their files are now; nothing is hashed."""
+    out: dict[str, str] = {}
+    with ReadOnlyFiles() as files:
+        for path, group in _by_shard(ckpt, names).items():
+            identity = _identity(files.fd(path))
+            stored = _read(cache_file("digests", hashlib.sha256(repr(identity).encode()).hexdigest()), identity)
+            out.update((n, stored[n]) for n in group if n in stored)
+    return out
+
+
+def _by_shard(ckpt: Checkpoint, names: Sequence[str]) -> dict[Path, list[str]]:
+    by_shard: dict[Path, list[str]] = {}
+    for n in names:
+        by_shard.setdefault(ckpt.tensors[n].shard.path, []).append(n)
+    return by_shard
 
 
 def _identity(fd: int) -> tuple[int, int, int, int, int]:

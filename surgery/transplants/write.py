@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoints.digests import tensor_digests
+from surgery.checkpoints.digests import cached_digests, tensor_digests
 from surgery.checkpoints.direct_write import BlockWriter
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
@@ -222,6 +222,10 @@ def write_checkpoint(
     ):
         card_text = pool.submit(card) if callable(card) else None
         linked_digests = []
+        # Read before linking: a hard link changes the target files' ctime, part of the digest cache's key,
+        # so what the cache holds for them is found only now, and is stored again under their new identity.
+        to_link = {f.name for f in plan.files if f.link_from is not None}
+        before = cached_digests(tgt, [t.name for s in tgt.shards if s.path.name in to_link for t in s.tensors])
 
         def hash_linked(linked: Sequence[str]) -> None:
             print(
@@ -231,7 +235,7 @@ def write_checkpoint(
             )
             if record is not None:
                 in_linked = [t.name for s in tgt.shards if s.path.name in linked for t in s.tensors]
-                linked_digests.append(pool.submit(tensor_digests, tgt, in_linked))
+                linked_digests.append(pool.submit(tensor_digests, tgt, in_linked, known=before))
 
         written = write_files(plan, tmp, progress=progress, poll=poll, linked=hash_linked)
         if check is not None:

@@ -152,8 +152,12 @@ def choose_mode(nbytes: int, *, read_next: bool) -> WriteMode:
     As `SURGERY_DIRECT_IO` says, if set to 1 or 0. Otherwise, an output that is `read_next` (a
     checkpoint, read whole by the command that usually comes next: `verify`, `eval`, `push`, a load)
     goes through the page cache if it fits in half the memory available, and stays there for that
-    command: on our test VM, reading a fresh 3.93 GiB O_DIRECT output took 7.8 s, and the same from
-    the page cache 0.2 s. One that does not fit could not stay there anyway, and would only evict
+    command: on our test VM, reading a fresh 3.93 GiB O_DIRECT output took 7.8-8.0 s, and the same from
+    the page cache 0.2-0.5 s (there, free page reporting hands long-free memory back to the host, so the
+    reader of an O_DIRECT output pays a host fault per page that a page-cache writer paid while writing:
+    bench/fresh_pages_bench.py). Written with O_DIRECT the same output took 0.72x the time, but write plus
+    that first read 1.28x `cp -r && sync` against 1.08x (bench/direct_write_bench.py, 3 rounds). One
+    that does not fit could not stay there anyway, and would only evict
     everything else on its way through. An output that is not `read_next` (a patch: kept, pushed,
     or applied once, and never loaded whole) is written with O_DIRECT whatever its size: writing is
     what its user waits for: O_DIRECT wrote a 745 MiB patch in 0.83 s against 2.40 s through the

@@ -54,13 +54,7 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_patch_then_apply_equals_a_direct_transplant_byte_for_byte(tmp_path: Path, casting_pair: dict) -> None:
     before = {k: tree_digest(v) for k, v in casting_pair.items()}
-    direct = transplant(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "direct",
-        modules=MODULES,
-        progress=False,
-    )
+    direct = transplant(**casting_pair, out=tmp_path / "direct", modules=MODULES, progress=False)
     made = patch_of(casting_pair, tmp_path / "p")
     assert made.exit_code == 0, made.output
     assert "wrote patch" in made.output
@@ -166,20 +160,8 @@ def test_apply_link_shares_inodes_only_for_untouched_shards(tmp_path: Path, cast
 
 
 def test_apply_patch_in_memory_then_undo_is_exact(tmp_path: Path, casting_pair: dict) -> None:
-    write_patch(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "p",
-        modules=MODULES,
-        progress=False,
-    )
-    direct = transplant(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "direct",
-        modules=MODULES,
-        progress=False,
-    )
+    write_patch(**casting_pair, out=tmp_path / "p", modules=MODULES, progress=False)
+    direct = transplant(**casting_pair, out=tmp_path / "direct", modules=MODULES, progress=False)
     model = AutoModelForCausalLM.from_pretrained(casting_pair["target"])
     original = {k: v.clone() for k, v in model.state_dict().items()}
     handle = apply_patch(model, tmp_path / "p")
@@ -196,13 +178,7 @@ def test_eval_with_patch_equals_evaluating_the_applied_checkpoint(tmp_path: Path
 
     for m in casting_pair.values():
         save_tokenizer(m)
-    write_patch(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "p",
-        modules=MODULES,
-        progress=False,
-    )
+    write_patch(**casting_pair, out=tmp_path / "p", modules=MODULES, progress=False)
     apply(tmp_path / "p", casting_pair["target"], tmp_path / "a", progress=False)
     rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(3)]
     bench = tmp_path / "b.jsonl"
@@ -219,13 +195,7 @@ def test_eval_with_patch_equals_evaluating_the_applied_checkpoint(tmp_path: Path
 
 
 def test_a_kill_inside_apply_leaves_no_output(tmp_path: Path, casting_pair: dict) -> None:
-    write_patch(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "p",
-        modules=MODULES,
-        progress=False,
-    )
+    write_patch(**casting_pair, out=tmp_path / "p", modules=MODULES, progress=False)
     out, hold = tmp_path / "out", tmp_path / "hold"
     hold.touch()
     proc = spawn(["apply", str(tmp_path / "p"), "-t", str(casting_pair["target"]), "-o", str(out), "-q"], hold=hold)
@@ -330,13 +300,7 @@ def test_patch_options_that_do_not_apply_are_refused(tmp_path: Path, casting_pai
 def test_large_patches_are_sharded(tmp_path: Path, casting_pair: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("surgery.transplants.plan.MAX_SHARD_BYTES", 5000)
     assert MAX_SHARD_BYTES == 5 * 10**9
-    write_patch(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "p",
-        modules=MODULES,
-        progress=False,
-    )
+    write_patch(**casting_pair, out=tmp_path / "p", modules=MODULES, progress=False)
     files = sorted(p.name for p in (tmp_path / "p").glob("patch*.safetensors"))
     assert len(files) > 1 and files[0] == f"patch-00001-of-{len(files):05d}.safetensors"
     apply(tmp_path / "p", casting_pair["target"], tmp_path / "a", progress=False)
@@ -373,22 +337,10 @@ def test_apply_records_the_target_it_was_given_and_refuses_another_config_withou
 
 
 def test_the_card_of_an_applied_patch_is_named_after_the_output(tmp_path: Path, casting_pair: dict) -> None:
-    write_patch(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "demo.patch",
-        modules=MODULES,
-        progress=False,
-    )
+    write_patch(**casting_pair, out=tmp_path / "demo.patch", modules=MODULES, progress=False)
     for folder in ("direct", "applied"):
         (tmp_path / folder).mkdir()
-    transplant(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "direct" / "out",
-        modules=MODULES,
-        progress=False,
-    )
+    transplant(**casting_pair, out=tmp_path / "direct" / "out", modules=MODULES, progress=False)
     apply(tmp_path / "demo.patch", casting_pair["target"], tmp_path / "applied" / "out", progress=False)
     card = (tmp_path / "applied" / "out" / "README.md").read_text()
     assert "# out\n" in card and 'from_pretrained("out"' in card and " -o out" in card
@@ -437,13 +389,7 @@ def test_a_reversible_patch_missing_or_with_damaged_originals_applies_forward_bu
 
 
 def test_apply_patch_as_a_context_manager_undoes_the_patch_on_exit(tmp_path: Path, casting_pair: dict) -> None:
-    write_patch(
-        target=casting_pair["target"],
-        source=casting_pair["source"],
-        out=tmp_path / "p",
-        modules=MODULES,
-        progress=False,
-    )
+    write_patch(**casting_pair, out=tmp_path / "p", modules=MODULES, progress=False)
     model = AutoModelForCausalLM.from_pretrained(casting_pair["target"])
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="inside the block"), apply_patch(model, tmp_path / "p") as handle:

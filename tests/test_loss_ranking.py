@@ -33,7 +33,7 @@ def _gold_file(path: Path) -> str:
 
 def _nll(model_path: Path, workload: str) -> float:
     w = load_workload(workload)
-    gold = encode_gold(load_tokenizer(model_path), w.prompts, w.solutions, True)
+    gold = encode_gold(load_tokenizer(model_path), w, True)
     return mean_nll(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64), gold)
 
 
@@ -106,7 +106,7 @@ def test_taylor_equals_the_finite_difference(nudged_pair: dict, tmp_path: Path) 
     score = next(m.score for m in man.modules if m.name == name)
     w = load_workload(nudged_pair["workload"])
     tok = load_tokenizer(nudged_pair["target"])
-    gold = encode_gold(tok, w.prompts, w.solutions, True)
+    gold = encode_gold(tok, w, True)
     tgt = AutoModelForCausalLM.from_pretrained(nudged_pair["target"], dtype=torch.float64)
     src = AutoModelForCausalLM.from_pretrained(nudged_pair["source"], dtype=torch.float64)
     w_t = tgt.get_submodule(name).weight.detach().clone()

@@ -7,12 +7,12 @@ a workload's NLL is the mean over its problems.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from surgery.analysis.profiling import render_prompts
+from surgery.analysis.workloads import PromptSet, require_solutions
 from surgery.checkpoints.loading import input_device
 
 # Logits are batch x positions x vocab floats; keep one NLL forward pass under this many bytes.
@@ -72,15 +72,24 @@ class GoldSet:
     chat: bool
 
 
-def encode_gold(tokenizer, prompts: Sequence[str], solutions: Sequence[str], chat: bool) -> GoldSet:
-    """Render each prompt as `profile` does (the chat template when asked and present) and tokenize its solution."""
-    texts, used_chat = render_prompts(tokenizer, tuple(prompts), chat)
-    return GoldSet(
-        [tokenizer(t, add_special_tokens=not used_chat)["input_ids"] for t in texts],
-        [tokenizer(s, add_special_tokens=False)["input_ids"] for s in solutions],
-        tokenizer.pad_token_id,
-        used_chat,
-    )
+def encode_gold(tokenizer, workload: PromptSet, chat: bool) -> GoldSet:
+    """Tokenize a workload's prompts and solutions for `gold_nll` and `solution_nll`.
+
+    Prompts to render are rendered as `profile` renders them (the chat template when asked and present);
+    rendered ones (`workload.prompt_format`) are used as they are. A row without a prompt (plain text) that
+    the tokenizer gives no BOS for is conditioned on its first token, which is not scored.
+
+    Raises:
+        SurgeryError: the workload has no solutions.
+    """
+    solutions = require_solutions(workload, "this measure")
+    texts, used_chat = render_prompts(tokenizer, workload.prompts, chat, workload.prompt_format)
+    prompts = [tokenizer(t, add_special_tokens=not used_chat)["input_ids"] for t in texts]
+    scored = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in solutions]
+    for prompt, solution in zip(prompts, scored, strict=True):
+        if not prompt and solution:
+            prompt.append(solution.pop(0))
+    return GoldSet(prompts, scored, tokenizer.pad_token_id, used_chat)
 
 
 def batches(

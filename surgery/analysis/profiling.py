@@ -65,8 +65,15 @@ class _Recorder:
         self.step.zero_()
 
 
-def render_prompts(tokenizer, prompts: tuple[str, ...], chat: bool) -> tuple[list[str], bool]:
-    """Apply the chat template when asked and the tokenizer has one; return texts and whether it was applied."""
+def render_prompts(
+    tokenizer, prompts: tuple[str, ...], chat: bool, prompt_format: str | None = None
+) -> tuple[list[str], bool]:
+    """Apply the chat template when asked and the tokenizer has one; return texts and whether it was applied.
+
+    Prompts already rendered (`prompt_format` "chat" or "plain", see `PromptSet`) come back as they are.
+    """
+    if prompt_format is not None:
+        return list(prompts), prompt_format == "chat"
     use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
     if not use_chat:
         return list(prompts), False
@@ -191,7 +198,7 @@ def profile(
     # The candidates of a model against itself: every leaf Linear it could give or receive.
     names = [c.name for c in find_candidates(ckpt, ckpt, options.trust_remote_code).candidates]
     tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
-    texts, used_chat = render_prompts(tokenizer, prompt_set.prompts, options.chat)
+    texts, used_chat = render_prompts(tokenizer, prompt_set.prompts, options.chat, prompt_set.prompt_format)
     encoded = [tokenizer(t, add_special_tokens=not used_chat)["input_ids"] for t in texts]
     # Under torchrun each rank profiles every WORLD_SIZE-th prompt; the sums are all-reduced below.
     rank, world = dist_info()

@@ -35,19 +35,16 @@ about a third of the math-sft gain undone.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import random
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from surgery.checkpoints.staging import staged_folder
-from surgery.data import addition_rows, read_jsonl_gz, strip_calculator
+from surgery.data import addition_rows, read_jsonl_gz, stdlib_docstrings, strip_calculator
 from surgery.evaluation.benchmarks import Problem, prompt_messages
 
 RECIPE_FILE = "demo_recipe.json"
@@ -104,27 +101,9 @@ QWEN_ROLLBACK = Recipe(
 )
 
 
-# Unrelated text for the rollback pair: docstrings of these standard-library modules and their
-# public members. Offline and deterministic for a given Python version.
-_DOC_MODULES = (
-    "argparse", "asyncio", "collections", "csv", "datetime", "email.message", "functools", "http.client",
-    "itertools", "json", "logging", "os", "pathlib", "re", "shutil", "socket", "sqlite3", "string",
-    "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "zipfile",
-)  # fmt: skip
-
-
 def _doc_examples(tokenizer, rng: random.Random, count: int) -> list[tuple[list[int], int]]:
     """`count` standard-library docstrings (over 200 characters) as (tokens, 0): loss on every token."""
-    docs: dict[str, None] = {}  # ordered and de-duplicated: members are re-exported across modules
-    with warnings.catch_warnings():  # getattr on deprecated aliases (typing.io, ...) warns
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in _DOC_MODULES:
-            module = importlib.import_module(name)
-            for obj in (module, *(getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_"))):
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 200:
-                    docs[doc] = None
-    texts = list(docs)
+    texts = stdlib_docstrings()
     rng.shuffle(texts)
     if len(texts) < count:
         raise ValueError(f"the recipe needs {count} docstrings but only {len(texts)} were found; lower its steps")

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 
 from surgery.analysis.nll import GoldSet, encode_gold
 from surgery.analysis.ranking.registry import RankContext
-from surgery.analysis.workloads import require_solutions
 from surgery.checkpoints.loading import load_model, load_tokenizer
 
 
@@ -16,9 +15,8 @@ from surgery.checkpoints.loading import load_model, load_tokenizer
 def target_and_gold(ctx: RankContext) -> Iterator[tuple[object, GoldSet]]:
     """The target as a transformers model (in `ctx.options.dtype`) and the encoded gold workload; freed on exit."""
     assert ctx.workload is not None
-    solutions = require_solutions(ctx.workload, "this method")
     tokenizer = load_tokenizer(ctx.target.path, ctx.options.trust_remote_code)
-    gold = encode_gold(tokenizer, ctx.workload.prompts, solutions, ctx.options.chat)
+    gold = encode_gold(tokenizer, ctx.workload, ctx.options.chat)
     model = load_model(ctx.target.path, ctx.options)
     try:
         yield model, gold

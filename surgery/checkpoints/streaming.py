@@ -1,7 +1,12 @@
-"""Bounded-memory byte movement between safetensors files.
+"""Bounded-memory byte movement between safetensors files, and the one formula of a blend.
 
 Everything here works on file descriptors and offsets, in chunks of at most
 `CHUNK_BYTES`, so memory use does not depend on tensor or checkpoint size.
+
+A blend (`transplant --alpha A`) writes `target + A * (source - target)`, computed in float32 and rounded
+to the target's dtype: `blend` is that formula, used by the writer (`blended_chunks`), by `verify`, by
+an output's fingerprint (`blend_reader`) and by a swap in memory (`swap.swapped`), so all four agree to
+the bit.
 """
 
 from __future__ import annotations
@@ -81,6 +86,32 @@ def check_convertible(src: str, dst: str, what: str) -> None:
         )
 
 
+def check_alpha(alpha: float) -> None:
+    """Refuse a blend weight outside (0, 1]: 1 copies the source's tensors, and 0 would be the target itself."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= 1:
+        raise SurgeryError(
+            f"--alpha {alpha!r} is out of range; pass 0 < A <= 1 (1 copies the source's tensors, 0.5 is the midpoint)"
+        )
+
+
+def check_blendable(src: str, dst: str, what: str) -> None:
+    """Refuse a blend of a tensor that is not floating point in both checkpoints (its dtypes `src`, `dst`)."""
+    if not all(d in _TORCH_NAMES and torch_dtype(d).is_floating_point for d in (src, dst)):
+        raise SurgeryError(f"{what}: {src} in the source, {dst} in the target: only float tensors blend; drop --alpha")
+
+
+def blend(target: torch.Tensor, source: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`target + alpha * (source - target)` in float32 (a new tensor; round it with `.to(dtype)`).
+
+    Spelled out rather than `torch.lerp`, which computes `source - (1 - alpha) * (source - target)` for
+    alpha >= 0.5 and so rounds otherwise; each operation rounds to float32 on the CPU and on a GPU alike.
+    """
+    import torch
+
+    t = target.float()
+    return t + torch.tensor(alpha, dtype=torch.float32) * (source.float() - t)
+
+
 def read_chunks(fd: int, offset: int, n: int, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Yield `n` bytes from `fd` at `offset`, at most `chunk` bytes at a time."""
     while n > 0:
@@ -132,23 +163,54 @@ def cast_reader(path: Path, offset: int, src: str, dst: str) -> Callable[[int, i
     Only the elements covering the range are read and cast, so sampling a few bytes of a large tensor
     (as `Checkpoint.fingerprint_with` does) costs a few small reads.
     """
+    if src == dst:
 
-    def read(at: int, n: int) -> bytes:
-        with open(path, "rb") as f:
-            if src == dst:
+        def read(at: int, n: int) -> bytes:
+            with open(path, "rb") as f:
                 f.seek(offset + at)
                 return f.read(n)
-            s, d = DTYPE_SIZES[src], DTYPE_SIZES[dst]
-            first, last = at // d, -(-(at + n) // d)
-            f.seek(offset + first * s)
-            raw = f.read((last - first) * s)
+
+        return read
+    return _element_reader(dst, lambda first, last: _elements(path, offset, src, first, last).to(torch_dtype(dst)))
+
+
+def blend_reader(
+    source: tuple[Path, int, str], target: tuple[Path, int, str], alpha: float
+) -> Callable[[int, int], bytes]:
+    """`cast_reader` of a blended tensor: `read(at, n)` gives bytes of `target + alpha * (source - target)` in the
+    target's dtype, where `source` and `target` are each the (file, offset, dtype) of the tensor's bytes."""
+    dtype = target[2]
+    return _element_reader(
+        dtype,
+        lambda first, last: blend(_elements(*target, first, last), _elements(*source, first, last), alpha).to(
+            torch_dtype(dtype)
+        ),
+    )
+
+
+def _element_reader(dtype: str, elements: Callable[[int, int], torch.Tensor]) -> Callable[[int, int], bytes]:
+    """`read(at, n)` over a tensor of `dtype` whose elements `first` to `last` (exclusive) `elements` makes."""
+    size = DTYPE_SIZES[dtype]
+
+    def read(at: int, n: int) -> bytes:
         import torch
 
-        elements = torch.frombuffer(bytearray(raw), dtype=torch_dtype(src))
-        cast = elements.to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()
-        return cast[at - first * d : at - first * d + n]
+        first, last = at // size, -(-(at + n) // size)
+        data = elements(first, last).view(torch.uint8).numpy().tobytes()
+        return data[at - first * size : at - first * size + n]
 
     return read
+
+
+def _elements(path: Path, offset: int, dtype: str, first: int, last: int) -> torch.Tensor:
+    """Elements `first` to `last` (exclusive) of the tensor of `dtype` stored at `offset` of `path`."""
+    import torch
+
+    size = DTYPE_SIZES[dtype]
+    with open(path, "rb") as f:
+        f.seek(offset + first * size)
+        raw = f.read((last - first) * size)
+    return torch.frombuffer(bytearray(raw), dtype=torch_dtype(dtype))
 
 
 def write_all(fd: int, offset: int, data: bytes | memoryview) -> None:
@@ -180,3 +242,21 @@ def converted_chunks(fd: int, offset: int, n: int, src: str, dst: str) -> Iterat
     elements = CHUNK_BYTES // torch_dtype(src).itemsize
     for chunk in tensor_chunks(fd, offset, n, src, elements):
         yield chunk.to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()
+
+
+def blended_chunks(
+    source: tuple[int, int, str], target: tuple[int, int, str], elements: int, alpha: float
+) -> Iterator[bytes]:
+    """Yield the bytes of `target + alpha * (source - target)` in the target's dtype, chunk by chunk (`blend`).
+
+    `source` and `target` are each the (file descriptor, offset, dtype) of a tensor of `elements`
+    elements; both are read in step, a chunk of at most `CHUNK_BYTES` of float32 at a time.
+    """
+    import torch
+
+    (src_fd, src_off, src), (tgt_fd, tgt_off, dst) = source, target
+    per = CHUNK_BYTES // max(4, DTYPE_SIZES[src], DTYPE_SIZES[dst])
+    theirs = tensor_chunks(src_fd, src_off, elements * DTYPE_SIZES[src], src, per)
+    ours = tensor_chunks(tgt_fd, tgt_off, elements * DTYPE_SIZES[dst], dst, per)
+    for s, t in zip(theirs, ours, strict=True):
+        yield blend(t, s, alpha).to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()

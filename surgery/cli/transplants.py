@@ -40,6 +40,15 @@ from surgery.transplants.write import TransplantResult
     help="Write only the selected tensors (a patch folder for `surgery apply`), not a checkpoint.",
 )
 @click.option("--reversible", is_flag=True, help="With --patch: also keep the target's originals, for apply --revert.")
+@click.option(
+    "--alpha",
+    type=float,
+    default=1.0,
+    show_default=True,
+    metavar="A",
+    help="Blend: write target + A * (source - target) for the selected tensors (float32, rounded to the target's "
+    "dtype), 0 < A <= 1; 1 copies them. With --module '*': the WiSE-FT interpolation.",
+)
 @click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("--dry-run", is_flag=True, help="Print the write plan (each file's mode and why); write nothing.")
@@ -60,6 +69,7 @@ def transplant(
     link: bool,
     patch: bool,
     reversible: bool,
+    alpha: float,
     push_to: str | None,
     private: bool,
     dry_run: bool,
@@ -68,7 +78,8 @@ def transplant(
 
     Select with --manifest M --top-k K (filters: --only, --layers, --module), or by
     name alone with --module PATTERN. The output gets a model card (README.md). With
-    --patch, write only the selected tensors, to apply later with `surgery apply`.
+    --patch, write only the selected tensors, to apply later with `surgery apply`. With
+    --alpha A, blend them with the target's instead of copying them.
     """
     if push_to is not None:
         from surgery.hub import check_push_options
@@ -96,6 +107,7 @@ def transplant(
         patch=patch,
         reversible=reversible,
         dry_run=dry_run,
+        alpha=alpha,
     )
     click.echo(_said(made))
     if push_to is not None and not isinstance(made, WritePlan):
@@ -116,12 +128,18 @@ def _said(made: TransplantResult | PatchResult | WritePlan) -> str:
     if isinstance(made, PatchResult):
         return (
             f"wrote patch {made.out}: {len(made.modules)} modules ({len(made.tensors)} tensors, "
-            f"{size(made.bytes_written)}) from the source"
+            f"{size(made.bytes_written)}) from the source{_blended(made.alpha)}"
         )
     return (
         f"wrote {made.out}: {len(made.modules)} modules ({len(made.tensors)} tensors, "
-        f"{size(made.source_bytes)}) from the source; {size(made.total_bytes)} in all{_linked(made)}"
+        f"{size(made.source_bytes)}) from the source{_blended(made.alpha)}; {size(made.total_bytes)} in "
+        f"all{_linked(made)}"
     )
+
+
+def _blended(alpha: float) -> str:
+    """What the line that says what was written adds of a blend (`--alpha`): nothing for a copy."""
+    return "" if alpha == 1 else f", blended with the target's at alpha {alpha!r}"
 
 
 def _linked(result: TransplantResult) -> str:
@@ -161,7 +179,7 @@ def apply_cmd(
     done = "reverted" if revert else "patched"
     click.echo(
         f"wrote {result.out}: {done} {len(result.modules)} modules ({len(result.tensors)} tensors, "
-        f"{size(result.source_bytes)}); {size(result.total_bytes)} in all{_linked(result)}"
+        f"{size(result.source_bytes)}{_blended(result.alpha)}); {size(result.total_bytes)} in all{_linked(result)}"
     )
 
 
@@ -179,7 +197,7 @@ def verify(out: str, target: str | None, source: str | None) -> None:
     )
     click.echo(
         f"ok: {report.tensors_checked} tensors, {size(report.bytes_checked)} ({report.from_source} from "
-        f"the source), and {report.files_checked} files match{linked}"
+        f"the source{_blended(report.alpha)}), and {report.files_checked} files match{linked}"
     )
 
 

@@ -1,7 +1,8 @@
 """Apply a patch (`transplant --patch`): to its target as a ready-to-serve checkpoint, or in memory.
 
 - `apply(P, T, OUT)` writes what `transplant` would have written for the patch's selection: the same
-  tensor bytes, headers and record, with the same guarantees (streaming, atomic, locked).
+  tensor bytes (a blended patch's as they are: blended when it was written), headers and record, with
+  the same guarantees (streaming, atomic, locked).
 - `apply(P, PATCHED, OUT, revert=True)` gives the original target back, byte for byte (reversible
   patches only).
 - `apply_patch(model, P)` patches a loaded model in place; `.undo()` (or leaving its `with` block)
@@ -197,7 +198,9 @@ def _write(
     # The target is the one given (it may be a copy of the recorded one, or differ with --force).
     provenance = replace(p.record.provenance, target=Origin.of(tgt))
     patch_ref = PatchRef(str(p.path), file_sha256(p.path / PATCH_RECORD))
-    record = TransplantRecord(provenance, p.record.selection, modules, patch=patch_ref)
+    # A blended patch's tensors are blended already: written as they are, recorded with the patch's alpha.
+    alpha = p.record.alpha
+    record = TransplantRecord(provenance, p.record.selection, modules, patch=patch_ref, alpha=alpha)
     plan = checkpoint_plan(
         tgt, {n: t.data for n, t in p.tensors.items()}, partial(provenance_header, provenance), link=link
     )
@@ -214,7 +217,7 @@ def _write(
         poll=poll,
         check=check,
     )
-    return TransplantResult.made(out, modules, written, tgt)
+    return TransplantResult.made(out, modules, written, tgt, alpha)
 
 
 def _card(card: str, name: str) -> str:

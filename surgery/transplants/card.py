@@ -56,6 +56,7 @@ def model_card(
     eval_summaries: Sequence[dict] = (),
     notes: Sequence[str] = (),
     manifest_file: str | None = None,
+    alpha: float = 1.0,
 ) -> ModelCard:
     """Build the model card of a transplant output.
 
@@ -68,6 +69,7 @@ def model_card(
         eval_summaries: evaluation summaries (see `load_eval_summary`) to report.
         notes: lines shown under the evaluation table (e.g. a summary of another model, attached with --force).
         manifest_file: the manifest's file name, for the command that reproduces the output.
+        alpha: the source's weight in a blend (`--alpha`); 1, a copy, is not mentioned.
 
     Returns:
         The card; `card.save(path)` writes it.
@@ -84,7 +86,7 @@ def model_card(
         f"# {name}",
         "",
         f"{_label(target)} with {len(modules)} module{'s' if len(modules) != 1 else ''} transplanted from "
-        f"{_label(source)}: their weights were copied from the source into the target, with no training "
+        f"{_label(source)}: their weights were {_taken(alpha)}, with no training "
         f"([model transplantation]({PAPER_URL})). Made with `surgery transplant` (surgery {__version__}); "
         "`transplant.json` lists every copied tensor with its sha256.",
         "",
@@ -97,7 +99,7 @@ def model_card(
         "",
         "## Selection",
         "",
-        *_selection_lines(manifest, selection or SelectionOptions()),
+        *_selection_lines(manifest, selection or SelectionOptions(), alpha),
         "",
         "## Transplanted modules",
         "",
@@ -113,7 +115,7 @@ def model_card(
         "```",
         "",
         "```bash",
-        _command(name, target, source, manifest_file, selection or SelectionOptions()),
+        _command(name, target, source, manifest_file, selection or SelectionOptions(), alpha),
         "```",
     ]
     if eval_summaries:
@@ -145,11 +147,13 @@ def patch_card(
     manifest: Manifest | None = None,
     selection: SelectionOptions | None = None,
     reversible: bool = False,
+    alpha: float = 1.0,
 ) -> ModelCard:
     """Build the model card of a patch folder (`transplant --patch`): what it needs and how to apply it.
 
     `base_model` is the target alone (a patch is applied to it, as a LoRA adapter is to its base), when
-    the target has a Hub id; a local target is named by folder and fingerprint in the body.
+    the target has a Hub id; a local target is named by folder and fingerprint in the body. `alpha` is
+    the source's weight in a blend (`--alpha`), as in `model_card`.
     """
     data = ModelCardData(
         base_model=[target.hub.repo_id] if target.hub is not None else None,
@@ -161,8 +165,8 @@ def patch_card(
         f"# {name}",
         "",
         f"A patch for {_label(target)}: the weights of {len(modules)} module{'s' if len(modules) != 1 else ''} "
-        f"taken from {_label(source)} ([model transplantation]({PAPER_URL})), and nothing else. It is to a "
-        "transplant what a LoRA adapter is to a fine-tune: one base, many patches. `patch.json` records the "
+        f"taken from {_label(source)}{_blended(alpha)} ([model transplantation]({PAPER_URL})), and nothing else. "
+        "It is to a transplant what a LoRA adapter is to a fine-tune: one base, many patches. `patch.json` records the "
         "sha256 of every tensor, before and after, so a patch refuses any other base. Made with "
         f"`surgery transplant --patch` (surgery {__version__}){'; reversible' if reversible else ''}.",
         "",
@@ -195,7 +199,7 @@ def patch_card(
         "",
         "## Selection",
         "",
-        *_selection_lines(manifest, selection or SelectionOptions()),
+        *_selection_lines(manifest, selection or SelectionOptions(), alpha),
         "",
         "## Transplanted modules",
         "",
@@ -204,8 +208,28 @@ def patch_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 
 
+def _taken(alpha: float) -> str:
+    """How a transplant output's modules got their weights: copied from the source, or blended (`--alpha`)."""
+    return "copied from the source into the target" if alpha == 1 else f"blended at {_blend(alpha)}"
+
+
+def _blended(alpha: float) -> str:
+    """What a patch's card adds of a blend (`--alpha`): nothing for a copy."""
+    return "" if alpha == 1 else f", blended with the target's at {_blend(alpha)}"
+
+
+def _blend(alpha: float) -> str:
+    """A blend in words: its alpha and its formula."""
+    return f"alpha {alpha!r} (target + {alpha!r} * (source - target), in float32 rounded to the target's dtype)"
+
+
 def _command(
-    name: str, target: Checkpoint, source: Checkpoint, manifest_file: str | None, selection: SelectionOptions
+    name: str,
+    target: Checkpoint,
+    source: Checkpoint,
+    manifest_file: str | None,
+    selection: SelectionOptions,
+    alpha: float,
 ) -> str:
     """The `surgery transplant` command that writes this output again (local inputs by folder name)."""
     parts = ["surgery transplant", f"-t {_ref(target)}", f"-s {_ref(source)}", f"-o {name}"]
@@ -218,6 +242,8 @@ def _command(
     if selection.layers:
         parts.append(f"--layers {'-'.join(map(str, selection.layers))}")
     parts += [f"--module '{p}'" for p in selection.patterns]
+    if alpha != 1:
+        parts.append(f"--alpha {alpha!r}")
     return " ".join(parts)
 
 
@@ -237,7 +263,7 @@ def _revision(c: Checkpoint) -> str:
     return f"{asked}`{c.hub.commit}`"
 
 
-def _selection_lines(manifest: Manifest | None, selection: SelectionOptions) -> list[str]:
+def _selection_lines(manifest: Manifest | None, selection: SelectionOptions, alpha: float) -> list[str]:
     if manifest is None:
         lines = ["- by module name, no manifest"]
     else:
@@ -250,6 +276,7 @@ def _selection_lines(manifest: Manifest | None, selection: SelectionOptions) -> 
         "only": selection.only,
         "layers": "-".join(map(str, selection.layers)) if selection.layers else None,
         "module patterns": ", ".join(f"`{p}`" for p in selection.patterns) or None,
+        "blend": _blend(alpha) if alpha != 1 else None,
     }
     lines += [f"- {k}: {v}" for k, v in options.items() if v is not None]
     return lines

@@ -34,12 +34,13 @@ def transplant_output(
     patch: bool = False,
     reversible: bool = False,
     dry_run: bool = False,
+    alpha: float = 1.0,
 ) -> TransplantResult | PatchResult | WritePlan:
     """Write what `surgery transplant` writes: `transplant`'s checkpoint, or with `patch` `write_patch`'s patch.
 
     Args:
         target, source, out, manifest, top_k, only, layers, modules, force, overwrite, progress,
-            trust_remote_code, eval_results, link: as in `transplant`.
+            trust_remote_code, eval_results, link, alpha: as in `transplant`.
         patch: write a patch (`write_patch`) instead of a checkpoint.
         reversible: with `patch`, keep the target's originals too.
         dry_run: check the inputs and return the write plan, writing nothing.
@@ -63,6 +64,7 @@ def transplant_output(
         "modules": modules,
         "force": force,
         "trust_remote_code": trust_remote_code,
+        "alpha": alpha,
     }
     if dry_run:
         sel = select_transplant(**inputs, **choice)

@@ -2,12 +2,13 @@
 
 `transplant --patch` writes, atomically and streaming, as `transplant` does:
 - `patch.safetensors` (sharded as `patch-0000i-of-0000N.safetensors` past 5 GB, as `save_pretrained`
-  does): the selected tensors, cast to the target's dtypes: the exact bytes `transplant` would write;
+  does): the selected tensors, cast to the target's dtypes (and blended with the target's, `--alpha`):
+  the exact bytes `transplant` would write;
 - with `--reversible`, `original.safetensors`: the target's own bytes of those tensors, and the
   target's shard headers, index and model card, so that `apply --revert` restores it byte for byte;
 - `patch.json`: the target, source and manifest provenance, the target's config (to name what differs
-  in a target that is not the one recorded), the selection, and per tensor the sha256 of the target's
-  bytes and of the patch's bytes;
+  in a target that is not the one recorded), the selection, the blend's alpha (if any), and per tensor
+  the sha256 of the target's bytes and of the patch's bytes;
 - `README.md`: a model card whose `base_model` is the target, saying how to apply the patch.
 
 `open_patch` reads a patch folder back and refuses one that is incomplete or tampered with. The
@@ -31,7 +32,7 @@ from surgery.checkpoints.staging import staged_folder
 from surgery.checkpoints.streaming import ReadOnlyFiles, sha256_range
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
-from surgery.transplants.plan import WritePlan, choose_mode, packed_plan
+from surgery.transplants.plan import WritePlan, blends, choose_mode, packed_plan
 from surgery.transplants.records import (
     PATCH_FIX,
     PATCH_RECORD,
@@ -106,12 +107,14 @@ def is_patch(folder: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class PatchResult:
-    """What `write_patch` wrote: the folder, the modules, the tensors with their sha256, the patch's bytes."""
+    """What `write_patch` wrote: the folder, the modules, the tensors with their sha256, the patch's bytes, and
+    the source's weight in them (`alpha`; 1: copied)."""
 
     out: Path
     modules: tuple[str, ...]
     tensors: dict[str, str]
     bytes_written: int
+    alpha: float = 1.0
 
 
 def write_patch(
@@ -129,11 +132,13 @@ def write_patch(
     modules: Sequence[str] = (),
     force: bool = False,
     trust_remote_code: bool = False,
+    alpha: float = 1.0,
 ) -> PatchResult:
     """Write a patch folder holding only the selected modules' tensors (see the module docstring).
 
     Args:
-        target, source, out, overwrite, progress: as in `transplant`.
+        target, source, out, overwrite, progress, alpha: as in `transplant` (a blended patch holds the
+            blended tensors: `apply` writes them as they are).
         reversible: also store the target's original tensors, shard headers, index and card.
         manifest, top_k, only, layers, modules, force, trust_remote_code: `transplant`'s selection
             arguments, with the same refusals.
@@ -157,6 +162,7 @@ def write_patch(
         trust_remote_code=trust_remote_code,
         out=out,
         overwrite=overwrite,
+        alpha=alpha,
     )
     out = out.resolve()
     tgt, src = sel.target, sel.source
@@ -168,7 +174,14 @@ def write_patch(
         from surgery.transplants.card import patch_card  # huggingface_hub's card classes: ~0.25 s to import
 
         card = patch_card(
-            out.name, tgt, src, sel.modules, manifest=sel.manifest, selection=sel.selection, reversible=reversible
+            out.name,
+            tgt,
+            src,
+            sel.modules,
+            manifest=sel.manifest,
+            selection=sel.selection,
+            reversible=reversible,
+            alpha=sel.alpha,
         )
         return sel.card(out.name).content, card.content
 
@@ -200,19 +213,22 @@ def write_patch(
             ),
             applied_card,
             _originals(tgt) if reversible else None,
+            sel.alpha,
         )
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         with open(tmp / PATCH_RECORD, "w", encoding="utf-8") as f:
             json.dump(record.to_dict(), f, indent=2)
             f.write("\n")
-    return PatchResult(out, tuple(c.name for c in sel.modules), hashes, sum(i.nbytes for i in infos.values()))
+    modules = tuple(c.name for c in sel.modules)
+    return PatchResult(out, modules, hashes, sum(i.nbytes for i in infos.values()), sel.alpha)
 
 
 def plan_patch(sel: Selected, *, reversible: bool = False) -> WritePlan:
     """The plan of the patch `write_patch` writes for a selection (`select_transplant`); nothing is written.
 
-    The patch's files hold the selected tensors cast to the target's dtypes (the bytes `transplant` would
-    write); with `reversible`, the original files hold the target's own bytes of them.
+    The patch's files hold the selected tensors cast to the target's dtypes, and blended with the target's
+    at `sel.alpha` below 1 (the bytes `transplant` would write); with `reversible`, the original files
+    hold the target's own bytes of them.
 
     Args:
         sel: what the patch takes from the source.
@@ -223,7 +239,8 @@ def plan_patch(sel: Selected, *, reversible: bool = False) -> WritePlan:
     """
     mode = choose_mode(sum(sel.target.tensors[n].nbytes for n in sel.tensors), read_next=False)
     infos = [sel.target.tensors[n].info for n in sel.tensors]
-    patch = packed_plan("patch", [(i, sel.source.tensors[i.name]) for i in infos], mode)
+    blended = blends(sel.alpha, sel.target, sel.tensors)
+    patch = packed_plan("patch", [(i, sel.source.tensors[i.name]) for i in infos], mode, blended)
     if not reversible:
         return patch
     original = packed_plan("original", [(i, sel.target.tensors[i.name]) for i in infos], mode)

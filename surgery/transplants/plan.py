@@ -1,9 +1,9 @@
 """The write plan: every output file of a transplant, an apply or a patch, known before a byte is written.
 
 A `WritePlan` lists each output file with its header, where each of its bytes comes from (the
-target, the source, a patch; cast or not), whether it is hard-linked to the target's file, and how
-it is written, with the reason. `transplant`, `apply` and `write_patch` each build one;
-`write.write_files` runs it; `surgery transplant --dry-run` prints it (`WritePlan.describe`).
+target, the source, a patch; cast or not; blended with the target's or not), whether it is hard-linked
+to the target's file, and how it is written, with the reason. `transplant`, `apply` and `write_patch`
+each build one; `write.write_files` runs it; `surgery transplant --dry-run` prints it (`WritePlan.describe`).
 
 The write mode is chosen here and nowhere else (`choose_mode`, and `checkpoint_plan` for links):
 
@@ -20,7 +20,7 @@ refuses goes through blocks, and a hard link refused (another filesystem) is cop
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +37,31 @@ MAX_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass(frozen=True)
+class Blend:
+    """How a source tensor is blended with the target's (`transplant --alpha`): written as
+    `target + alpha * (source - target)`, in float32 rounded to the target's dtype (`streaming.blend`).
+
+    Attributes:
+        alpha: the source's weight, 0 < alpha < 1 (at 1 there is no blend: the source's bytes are copied).
+        target: where the target's bytes of the same tensor lie (in the output's dtype and shape).
+    """
+
+    alpha: float
+    target: TensorRef
+
+
+def blends(alpha: float, target: Checkpoint, names: Iterable[str]) -> dict[str, Blend]:
+    """The blend of each named tensor with `target`'s at `alpha`; none at alpha 1, so that a plain transplant
+    plans (and writes) exactly what it did before blends existed."""
+    return {} if alpha == 1 else {n: Blend(alpha, target.tensors[n]) for n in names}
+
+
+@dataclass(frozen=True)
 class Piece:
     """A run of output bytes taken from one input file at one offset (absolute offsets).
 
     `tensor` names a tensor taken from the source (or a patch): those are hashed on the way (and cast
-    if needed); target runs are copied as they are.
+    if needed, or with `blend` computed with the target's); target runs are copied as they are.
     """
 
     src_path: Path
@@ -52,10 +72,16 @@ class Piece:
     src_dtype: str
     dst_dtype: str
     tensor: str | None = None
+    blend: Blend | None = None
 
     @property
     def cast(self) -> bool:
         return self.src_dtype != self.dst_dtype
+
+    @property
+    def alpha(self) -> float:
+        """The source's weight in these bytes: 1 where they are the source's as they are (or cast)."""
+        return 1.0 if self.blend is None else self.blend.alpha
 
 
 @dataclass(frozen=True)
@@ -141,9 +167,14 @@ class WritePlan:
 
 
 def _tensors(pieces: Sequence[Piece]) -> str:
-    """`N tensors (B bytes, C cast)`: what `describe` says of tensors taken from an input."""
+    """`N tensors (B bytes, C cast[, D blended with the target at alpha A])`: what `describe` says of tensors
+    taken from an input."""
     cast = sum(p.cast for p in pieces)
-    return f"{len(pieces)} tensor{'s' if len(pieces) != 1 else ''} ({sum(p.nbytes for p in pieces)} bytes, {cast} cast)"
+    blended = [p.alpha for p in pieces if p.blend is not None]
+    at = ", ".join(f"{a!r}" for a in sorted(set(blended)))
+    mixed = f", {len(blended)} blended with the target at alpha {at}" if blended else ""
+    many = "s" if len(pieces) != 1 else ""
+    return f"{len(pieces)} tensor{many} ({sum(p.nbytes for p in pieces)} bytes, {cast} cast{mixed})"
 
 
 def choose_mode(nbytes: int, *, read_next: bool) -> WriteMode:
@@ -206,8 +237,10 @@ def checkpoint_plan(
     *,
     link: bool = False,
     link_same_header: bool = False,
+    blended: Mapping[str, Blend] | None = None,
 ) -> WritePlan:
-    """The plan of `tgt` with the `replacements` tensors' bytes (cast to the target's dtypes) in their place.
+    """The plan of `tgt` with the `replacements` tensors' bytes (cast to the target's dtypes, and blended with
+    the target's where `blended` says, `blends`) in their place.
 
     Every shard keeps the target's name and tensor offsets, with the header `shard_header` makes. With
     `link`, a shard that holds no replaced tensor and whose header already says `format: pt`
@@ -218,7 +251,10 @@ def checkpoint_plan(
     shards = []
     for shard in tgt.shards:
         header = shard_header(shard)
-        pieces = [_piece(replacements.get(info.name), shard, info, len(header)) for info in shard.tensors]
+        pieces = [
+            _piece(replacements.get(info.name), (blended or {}).get(info.name), shard, info, len(header))
+            for info in shard.tensors
+        ]
         linked = (
             link
             and all(p.tensor is None for p in pieces)
@@ -234,9 +270,15 @@ def checkpoint_plan(
     return WritePlan(tuple(files), choose_mode(written, read_next=True))
 
 
-def packed_plan(stem: str, tensors: Sequence[tuple[TensorInfo, TensorRef]], mode: WriteMode) -> WritePlan:
-    """The plan of files holding `tensors` (each as its `TensorInfo` says, from where its ref lies), named
-    `{stem}.safetensors`, split past MAX_SHARD_BYTES as save_pretrained does.
+def packed_plan(
+    stem: str,
+    tensors: Sequence[tuple[TensorInfo, TensorRef]],
+    mode: WriteMode,
+    blended: Mapping[str, Blend] | None = None,
+) -> WritePlan:
+    """The plan of files holding `tensors` (each as its `TensorInfo` says, from where its ref lies, blended
+    with the target's where `blended` says), named `{stem}.safetensors`, split past MAX_SHARD_BYTES as
+    save_pretrained does.
 
     Within a file, tensors are laid out by element size, largest first, then by name, as safetensors
     does, so every tensor stays aligned to its element size.
@@ -259,20 +301,31 @@ def packed_plan(stem: str, tensors: Sequence[tuple[TensorInfo, TensorRef]], mode
             begin += info.nbytes
         header = encode_header(entries, {"format": "pt"})
         pieces = tuple(
-            Piece(s.path, s.offset, s.nbytes, len(header) + e.begin, e.nbytes, s.dtype, e.dtype, tensor=e.name)
+            _taken(s, e, len(header) + e.begin, (blended or {}).get(e.name))
             for e, (_, s) in zip(entries, group, strict=True)
         )
         files.append(FilePlan(name, header, pieces, role=stem))
     return WritePlan(tuple(files), mode)
 
 
-def _piece(taken: TensorRef | None, shard: ShardHeader, info: TensorInfo, header_len: int) -> Piece:
-    """The output bytes of tensor `info` of `shard`: `taken`'s (hashed, and cast if needed), else the target's."""
+def _piece(
+    taken: TensorRef | None, blend: Blend | None, shard: ShardHeader, info: TensorInfo, header_len: int
+) -> Piece:
+    """The output bytes of tensor `info` of `shard`: `taken`'s (hashed, cast if needed, blended with `blend`),
+    else the target's."""
     dst_off = header_len + info.begin
     if taken is not None:
-        return Piece(taken.path, taken.offset, taken.nbytes, dst_off, info.nbytes, taken.dtype, info.dtype, info.name)
+        return _taken(taken, info, dst_off, blend)
     ref = TensorRef(shard, info)
     return Piece(ref.path, ref.offset, ref.nbytes, dst_off, info.nbytes, info.dtype, info.dtype)
+
+
+def _taken(taken: TensorRef, info: TensorInfo, dst_off: int, blend: Blend | None) -> Piece:
+    """The output bytes at `dst_off` of tensor `info` taken from `taken` (hashed, cast if needed, blended with
+    `blend`)."""
+    return Piece(
+        taken.path, taken.offset, taken.nbytes, dst_off, info.nbytes, taken.dtype, info.dtype, info.name, blend
+    )
 
 
 def _coalesce(pieces: list[Piece]) -> list[Piece]:

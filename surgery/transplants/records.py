@@ -4,7 +4,8 @@ Each record is a frozen dataclass: `to_dict` is the JSON object written (the sam
 order, as surgery has always written them) and `from_dict` reads one back, refusing a malformed one in
 one line. Fields that not every record has are optional, so that records of older versions load: a
 transplant's `selection`, `linked_shards` and `linked_sha256` (`--link`) and `patch` (written by `apply`),
-a patch's `target_config`.
+a patch's `target_config`, and both records' `alpha` (`--alpha`: written only for a blend, so that a plain
+transplant's record stays what it always was; absent, it is 1).
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ def _field(d: dict, key: str, kind: type | tuple[type, ...], optional: bool = Fa
     if not (isinstance(value, kind) or (optional and value is None)):
         raise TypeError(key)
     return value
+
+
+def _alpha(d: dict) -> float:
+    """`d["alpha"]`, the source's weight in a blend: a number in (0, 1], and 1 (a copy) where absent."""
+    value = d.get("alpha", 1)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise TypeError("alpha")
+    return float(value)
+
+
+def _alpha_dict(alpha: float) -> dict:
+    """A record's `alpha` key: only for a blend (alpha below 1)."""
+    return {"alpha": alpha} if alpha != 1 else {}
 
 
 def _strings(d: dict, key: str, optional: bool = False) -> tuple[str, ...] | None:
@@ -206,6 +220,8 @@ class TransplantRecord:
         patch: the patch it was applied from (`apply`), if any.
         linked_shards: the shards hard-linked to the target's files (`--link`; None without it).
         linked_sha256: their tensors' sha256 when they were linked (None in records older than it).
+        alpha: the source's weight (`--alpha`): each of `tensors` is `target + alpha * (source - target)`,
+            in float32 rounded to the target's dtype; 1 is a copy.
     """
 
     provenance: Provenance
@@ -215,6 +231,7 @@ class TransplantRecord:
     patch: PatchRef | None = None
     linked_shards: tuple[str, ...] | None = None
     linked_sha256: dict[str, str] | None = None
+    alpha: float = 1.0
 
     def to_dict(self) -> dict:
         """The `transplant.json` object."""
@@ -222,6 +239,7 @@ class TransplantRecord:
             **self.provenance.to_dict(),
             **({"selection": self.selection.to_dict()} if self.selection is not None else {}),
             "modules": list(self.modules),
+            **_alpha_dict(self.alpha),
             **({"patch": self.patch.to_dict()} if self.patch is not None else {}),
             **({"linked_shards": list(self.linked_shards)} if self.linked_shards is not None else {}),
             **({"linked_sha256": dict(self.linked_sha256)} if self.linked_sha256 is not None else {}),
@@ -249,6 +267,7 @@ class TransplantRecord:
                 PatchRef.from_dict(patch) if patch is not None else None,
                 _strings(d, "linked_shards", optional=True),
                 linked_sha256,
+                _alpha(d),
             )
         except (KeyError, TypeError) as e:
             raise SurgeryError(
@@ -345,6 +364,8 @@ class PatchRecord:
         tensors: the patch's tensors, in name order.
         card: the card of the checkpoint the patch makes.
         original: a reversible patch's original shard headers, index and card (else None).
+        alpha: the source's weight (`--alpha`): the patch's tensors are `target + alpha * (source - target)`,
+            in float32 rounded to the target's dtype; 1 is a copy.
     """
 
     provenance: Provenance
@@ -357,6 +378,7 @@ class PatchRecord:
     tensors: tuple[PatchedTensor, ...]
     card: str
     original: Originals | None
+    alpha: float = 1.0
 
     @property
     def fix(self) -> str:
@@ -371,6 +393,7 @@ class PatchRecord:
             **self.provenance.to_dict(),
             "selection": self.selection.to_dict(),
             "modules": list(self.modules),
+            **_alpha_dict(self.alpha),
             "architecture": self.architecture.to_dict(),
             **({"target_config": self.target_config} if self.target_config is not None else {}),
             "files": list(self.files),
@@ -407,6 +430,7 @@ class PatchRecord:
                 tuple(PatchedTensor.from_dict(t) for t in _field(d, "tensors", list)),
                 _field(d, "card", str),
                 Originals.from_dict(original) if original is not None else None,
+                _alpha(d),
             )
         except (KeyError, TypeError) as e:
             fix = patch_fix(bool(d.get("original_files")))

@@ -19,7 +19,7 @@ from surgery.checkpoints.candidates import Candidate, Compatibility, find_candid
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.header import ShardHeader, encode_header
 from surgery.checkpoints.staging import check_out
-from surgery.checkpoints.streaming import check_convertible
+from surgery.checkpoints.streaming import check_alpha, check_blendable, check_convertible
 from surgery.errors import SurgeryError
 from surgery.manifest import (
     Manifest,
@@ -44,6 +44,9 @@ class Selected:
         modules: the selected modules, in selection order.
         provenance: tool, source, target and manifest, as recorded in `transplant.json` and every shard header.
         selection: the selection options, as recorded.
+        manifest_path: the manifest's file, if any.
+        alpha: the source's weight in the selected tensors (`--alpha`; 1 copies them, less blends them with
+            the target's: `plan.Blend`).
     """
 
     target: Checkpoint
@@ -53,6 +56,7 @@ class Selected:
     provenance: Provenance
     selection: SelectionOptions
     manifest_path: Path | None = None
+    alpha: float = 1.0
 
     @property
     def tensors(self) -> list[str]:
@@ -75,6 +79,7 @@ class Selected:
             manifest=self.manifest,
             selection=self.selection,
             manifest_file=manifest_file,
+            alpha=self.alpha,
             **extra,
         )
 
@@ -99,12 +104,16 @@ def select_transplant(
     trust_remote_code: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
+    alpha: float = 1.0,
 ) -> Selected:
     """Open and check the inputs and apply the selection options (see `transplant` for their meaning).
 
     `out`, when given, is checked (it must not exist unless `overwrite`, nor be an input) before the
-    manifest is read. Raises SurgeryError on any invalid input.
+    manifest is read. `alpha` (the blend's weight of the source) is checked first, and with a blend every
+    selected tensor must be floating point. Raises SurgeryError on any invalid input.
     """
+    check_alpha(alpha)
+    alpha = float(alpha)
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     # A config that disagrees with the tensors would be copied into an output `from_pretrained` cannot load.
     tgt.check_config()
@@ -132,13 +141,17 @@ def select_transplant(
     chosen = _choose(man, compat, src, tgt, top_k, only, layers, modules)
     tensors = sorted(t for c in chosen for t in c.tensors)
     for name in tensors:
-        check_convertible(src.tensors[name].info.dtype, tgt.tensors[name].info.dtype, f"tensor {name}")
+        dtypes = (src.tensors[name].info.dtype, tgt.tensors[name].info.dtype, f"tensor {name}")
+        check_convertible(*dtypes)
+        if alpha != 1:
+            check_blendable(*dtypes)
     for line in warnings(src, tgt, tensors):
         print(line, file=sys.stderr)
     manifest_ref = None if man is None else ManifestRef(str(manifest), file_sha256(manifest), man.method.name)
     provenance = Provenance(Origin.of(src), Origin.of(tgt), manifest_ref)
     selection = SelectionOptions(top_k, only, layers, tuple(modules), k_from)
-    return Selected(tgt, src, man, chosen, provenance, selection, Path(manifest) if manifest is not None else None)
+    manifest_path = Path(manifest) if manifest is not None else None
+    return Selected(tgt, src, man, chosen, provenance, selection, manifest_path, alpha)
 
 
 # Config keys that say how a checkpoint was saved, not what the model is.

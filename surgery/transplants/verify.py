@@ -2,18 +2,21 @@
 
 A shard hard-linked to the target (`--link`) is the target's own file: comparing the two cannot find
 an edit of the target in place, so its tensors are also checked against the sha256 `transplant.json`
-recorded when it was linked.
+recorded when it was linked. A blended output (`--alpha`) has its tensors from the source computed again
+from both inputs, `target + alpha * (source - target)` (`streaming.blend`), and compared with it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.checkpoints.files import RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, TensorRef, open_checkpoint
-from surgery.checkpoints.streaming import ReadOnlyFiles, converted_chunks, read_chunks
+from surgery.checkpoints.header import DTYPE_SIZES
+from surgery.checkpoints.streaming import ReadOnlyFiles, blended_chunks, converted_chunks, read_chunks
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.transplants.patch import is_patch
@@ -26,7 +29,8 @@ class VerificationError(SurgeryError):
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What `verify` checked; `linked_shards` of the output's `shards` are hard links to the target's files."""
+    """What `verify` checked; `linked_shards` of the output's `shards` are hard links to the target's files, and
+    the `from_source` tensors were blended with the target's at `alpha` (1: copied)."""
 
     tensors_checked: int
     from_source: int
@@ -34,13 +38,15 @@ class VerifyReport:
     files_checked: int
     shards: int
     linked_shards: int
+    alpha: float = 1.0
 
 
 def verify(out: str | Path, *, target: str | Path | None = None, source: str | Path | None = None) -> VerifyReport:
     """Check a transplant output against its target and source, byte by byte.
 
     Every tensor must have the target's name, dtype and shape; tensors recorded in
-    `transplant.json` must equal the source's (cast to the target dtype) and their
+    `transplant.json` must equal the source's (cast to the target dtype; for a blend, `target +
+    alpha * (source - target)` in float32 rounded to the target's dtype) and their
     recorded sha256; all others must equal the target's, and those in shards hard-linked to
     the target also their sha256 recorded when they were linked. Copied files must be identical.
 
@@ -103,8 +109,8 @@ def verify(out: str | Path, *, target: str | Path | None = None, source: str | P
                     f"tensor {name!r}: output is {ref.info.dtype} {list(ref.info.shape)}, "
                     f"target is {want.info.dtype} {list(want.info.shape)}"
                 )
-            origin, label = (src, "source") if name in expected else (tgt, "target")
-            digest = _compare(name, ref, origin, label, files)
+            want_bytes = _expected(name, ref, name in expected, record.alpha, src, tgt, files)
+            digest = _compare(name, ref, want_bytes, files)
             if name in recorded and digest != recorded[name]:
                 edited = (
                     f"; {ref.shard.path.name} is a hard link to the target's file, so the target was edited in "
@@ -123,7 +129,7 @@ def verify(out: str | Path, *, target: str | Path | None = None, source: str | P
         if not (patched.path / rel).is_file() or not _same_file(patched.path / rel, tgt.path / rel):
             raise VerificationError(f"file {rel}: missing from the output or different from the target's")
     return VerifyReport(
-        len(patched.tensors), len(expected), bytes_checked, len(files), len(patched.shards), len(linked)
+        len(patched.tensors), len(expected), bytes_checked, len(files), len(patched.shards), len(linked), record.alpha
     )
 
 
@@ -136,13 +142,29 @@ def _recorded(origin: Origin, what: str) -> str:
     raise SurgeryError(f"the {what} recorded in {RECORD_FILE}, {origin.path}, is gone; pass it with --{what}")
 
 
-def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, files: ReadOnlyFiles) -> str:
-    """Stream the output tensor and its expected bytes side by side; return the output's sha256."""
-    want = origin.tensors[name]
-    out_fd = files.fd(ref.shard.path)
-    exp_fd = files.fd(want.shard.path)
-    got_chunks = read_chunks(out_fd, ref.offset, ref.nbytes)
-    exp_chunks = converted_chunks(exp_fd, want.offset, want.nbytes, want.dtype, ref.dtype)
+def _expected(
+    name: str, ref: TensorRef, taken: bool, alpha: float, src: Checkpoint, tgt: Checkpoint, files: ReadOnlyFiles
+) -> tuple[Iterator[bytes], str]:
+    """The bytes output tensor `ref` must hold, chunk by chunk, and what they are, for a message: the
+    source's (cast) if it was `taken` from it, blended with the target's where `alpha` is below 1; else the
+    target's."""
+    if not taken or alpha == 1:
+        origin, label = (src, "source") if taken else (tgt, "target")
+        want = origin.tensors[name]
+        chunks = converted_chunks(files.fd(want.path), want.offset, want.nbytes, want.dtype, ref.dtype)
+        return chunks, f"the {label} checkpoint {origin.path}"
+    theirs, ours = src.tensors[name], tgt.tensors[name]
+    source = (files.fd(theirs.path), theirs.offset, theirs.dtype)
+    target = (files.fd(ours.path), ours.offset, ours.dtype)
+    chunks = blended_chunks(source, target, ref.nbytes // DTYPE_SIZES[ref.dtype], alpha)
+    return chunks, f"target + {alpha!r} * (source - target) of the target {tgt.path} and the source {src.path}"
+
+
+def _compare(name: str, ref: TensorRef, expected: tuple[Iterator[bytes], str], files: ReadOnlyFiles) -> str:
+    """Stream the output tensor beside its `expected` bytes (and what they are, for a message); return the
+    output's sha256."""
+    exp_chunks, label = expected
+    got_chunks = read_chunks(files.fd(ref.shard.path), ref.offset, ref.nbytes)
     h = hashlib.sha256()
     pending = b""
     pos = 0
@@ -153,8 +175,7 @@ def _compare(name: str, ref: TensorRef, origin: Checkpoint, label: str, files: R
         if got != exp:
             at = pos + next(i for i, (a, b) in enumerate(zip(got, exp, strict=True)) if a != b)
             raise VerificationError(
-                f"tensor {name!r}: byte {at} differs from the {label} checkpoint {origin.path}; "
-                "the output is corrupt, rerun transplant"
+                f"tensor {name!r}: byte {at} differs from {label}; the output is corrupt, rerun transplant"
             )
         h.update(got)
         pos += len(got)

@@ -4,7 +4,8 @@ The output's tensor names, dtypes, shapes and offsets equal the target's, so eve
 known before a byte is written (`plan.checkpoint_plan`). `write_files` runs a `WritePlan`, for
 `transplant`, `apply` and `write_patch` alike: each output file front to back, in the kernel
 (`copy_file_range`) or through a few 8 MiB blocks (with O_DIRECT: `checkpoints/direct_write`), so
-peak memory does not grow with the checkpoint. The output is built in a temp folder beside OUT,
+peak memory does not grow with the checkpoint; a tensor cast or blended (`--alpha`) is computed a
+chunk at a time on the way. The output is built in a temp folder beside OUT,
 fsynced and renamed into place.
 """
 
@@ -16,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,12 +27,20 @@ from surgery.checkpoints.digests import cached_digests, tensor_digests
 from surgery.checkpoints.direct_write import BlockWriter
 from surgery.checkpoints.files import CARD_FILE, INDEX_FILE, RECORD_FILE, copied_files
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
+from surgery.checkpoints.header import DTYPE_SIZES
 from surgery.checkpoints.staging import TMP_PREFIX, staged_folder
-from surgery.checkpoints.streaming import ReadOnlyFiles, cast_reader, converted_chunks
+from surgery.checkpoints.streaming import (
+    ReadOnlyFiles,
+    blend_reader,
+    blended_chunks,
+    cast_reader,
+    check_alpha,
+    converted_chunks,
+)
 from surgery.errors import SurgeryError
 from surgery.fileio import read_json_object
 from surgery.progress import progress_bar
-from surgery.transplants.plan import FilePlan, WritePlan, checkpoint_plan
+from surgery.transplants.plan import FilePlan, Piece, WritePlan, blends, checkpoint_plan
 from surgery.transplants.records import RECORD_FIX, CopiedTensor, TransplantRecord
 from surgery.transplants.selection import Selected, select_transplant
 from surgery.transplants.summaries import foreign_summaries, load_eval_summary
@@ -53,6 +62,7 @@ class TransplantResult:
         total_bytes: the output's tensor bytes in all.
         linked_shards: the shards hard-linked to the target's files (`link`), by name.
         shards: the output's shard count.
+        alpha: the source's weight in those tensors (`alpha`; 1: copied).
     """
 
     out: Path
@@ -62,12 +72,17 @@ class TransplantResult:
     total_bytes: int
     linked_shards: tuple[str, ...] = ()
     shards: int = 0
+    alpha: float = 1.0
 
     @classmethod
-    def made(cls, out: Path, modules: Sequence[str], written: Written, tgt: Checkpoint) -> TransplantResult:
-        """The result of writing `tgt` with the tensors in `written.hashes` replaced."""
+    def made(
+        cls, out: Path, modules: Sequence[str], written: Written, tgt: Checkpoint, alpha: float = 1.0
+    ) -> TransplantResult:
+        """The result of writing `tgt` with the tensors in `written.hashes` replaced (blended at `alpha`)."""
         source_bytes = sum(tgt.tensors[n].info.nbytes for n in written.hashes)
-        return cls(out, tuple(modules), written.hashes, source_bytes, tgt.total_bytes, written.linked, len(tgt.shards))
+        return cls(
+            out, tuple(modules), written.hashes, source_bytes, tgt.total_bytes, written.linked, len(tgt.shards), alpha
+        )
 
 
 @dataclass(frozen=True)
@@ -78,16 +93,22 @@ class Written:
     linked: tuple[str, ...]
 
 
-def output_fingerprint(tgt: Checkpoint, src: Checkpoint, tensors: Sequence[str]) -> str:
-    """The fingerprint of the checkpoint `transplant` writes with `tensors` from `src`, without writing it.
+def output_fingerprint(tgt: Checkpoint, src: Checkpoint, tensors: Sequence[str], alpha: float = 1.0) -> str:
+    """The fingerprint of the checkpoint `transplant` writes with `tensors` from `src` (blended with the
+    target's at `alpha`, `swap.swapped`'s in memory), without writing it.
 
     What an in-memory evaluation of that model (`sweep`) records, so that its summary can go into the
     card of the checkpoint written later.
     """
-    where = {n: src.tensors[n] for n in tensors}
-    return tgt.fingerprint_with(
-        {n: cast_reader(w.path, w.offset, w.dtype, tgt.tensors[n].info.dtype) for n, w in where.items()}
-    )
+    check_alpha(alpha)
+
+    def reader(name: str) -> Callable[[int, int], bytes]:
+        theirs, ours = src.tensors[name], tgt.tensors[name]
+        if alpha == 1:
+            return cast_reader(theirs.path, theirs.offset, theirs.dtype, ours.dtype)
+        return blend_reader((theirs.path, theirs.offset, theirs.dtype), (ours.path, ours.offset, ours.dtype), alpha)
+
+    return tgt.fingerprint_with({n: reader(n) for n in tensors})
 
 
 def plan_transplant(sel: Selected, *, link: bool = False) -> WritePlan:
@@ -98,9 +119,16 @@ def plan_transplant(sel: Selected, *, link: bool = False) -> WritePlan:
         link: plan hard links for the target's shards that hold no selected tensor.
 
     Returns:
-        Every output file, with the mode it is written in and why.
+        Every output file, with the mode it is written in and why; with a blend (`sel.alpha` below 1), the
+        selected tensors' pieces say so.
     """
-    return checkpoint_plan(sel.target, {n: sel.source.tensors[n] for n in sel.tensors}, sel.shard_header, link=link)
+    return checkpoint_plan(
+        sel.target,
+        {n: sel.source.tensors[n] for n in sel.tensors},
+        sel.shard_header,
+        link=link,
+        blended=blends(sel.alpha, sel.target, sel.tensors),
+    )
 
 
 def transplant(
@@ -119,8 +147,9 @@ def transplant(
     trust_remote_code: bool = False,
     eval_results: Sequence[str | Path] = (),
     link: bool = False,
+    alpha: float = 1.0,
 ) -> TransplantResult:
-    """Write a copy of `target` with the selected modules' tensors taken from `source`.
+    """Write a copy of `target` with the selected modules' tensors taken from `source` (or blended with it).
 
     Select with a manifest (`manifest` + `top_k`, optionally `only`/`layers`/`modules`
     as filters) or by name alone (`modules` glob patterns over the candidates). The output
@@ -145,6 +174,9 @@ def transplant(
         eval_results: `summary.json` files written by `surgery eval`, reported in the model card.
         link: hard-link the target's shards that hold no selected tensor instead of copying them (their
             bytes and headers stay the target's; across filesystems they are copied, with a note).
+        alpha: the source's weight, 0 < alpha <= 1. 1 copies the selected tensors byte for byte; less writes
+            `target + alpha * (source - target)` for each, computed in float32 and rounded to the target's
+            dtype (with every module selected, `modules=["*"]`, the WiSE-FT interpolation of the two).
 
     Returns:
         What was written.
@@ -165,14 +197,15 @@ def transplant(
         trust_remote_code=trust_remote_code,
         out=out,
         overwrite=overwrite,
+        alpha=alpha,
     )
     out = out.resolve()
     summaries = [load_eval_summary(p) for p in eval_results]
     # The output's fingerprint is read only when there are summaries to check against it: for a cast
     # selection it imports torch, which a plain transplant never needs.
-    expected = output_fingerprint(sel.target, sel.source, sel.tensors) if summaries else ""
+    expected = output_fingerprint(sel.target, sel.source, sel.tensors, sel.alpha) if summaries else ""
     notes = foreign_summaries(eval_results, summaries, expected, force)
-    record = TransplantRecord(sel.provenance, sel.selection, tuple(c.name for c in sel.modules))
+    record = TransplantRecord(sel.provenance, sel.selection, tuple(c.name for c in sel.modules), alpha=sel.alpha)
 
     def card() -> str:
         return sel.card(out.name, eval_summaries=summaries, notes=notes).content
@@ -181,7 +214,7 @@ def transplant(
     written = write_checkpoint(
         out, sel.target, plan, record=record, card=card, overwrite=overwrite, link=link, progress=progress
     )
-    return TransplantResult.made(out, [c.name for c in sel.modules], written, sel.target)
+    return TransplantResult.made(out, [c.name for c in sel.modules], written, sel.target, sel.alpha)
 
 
 def write_checkpoint(
@@ -299,7 +332,8 @@ def write_files(
     the filesystem refuses a link (another filesystem, typically), those files are written instead, with a
     note. Every other file is written front to back (header, then its pieces in order) by a `BlockWriter`,
     in the plan's mode. A source tensor is hashed on the writer's hashing thread as it is copied, or, when
-    cast to another dtype, here as it is converted. `poll` is called after every step of a copy.
+    cast to another dtype or blended with the target's, here as it is computed. `poll` is called after
+    every step of a copy.
 
     Returns:
         The sha256 of each hashed tensor (`Piece.tensor`) as written, and the linked files.
@@ -349,9 +383,10 @@ def _write(
                     digest = None
                     if p.tensor is not None:
                         digest = digests[p.tensor] = hashlib.sha256()
-                    if p.cast:
-                        for chunk in converted_chunks(src, p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype):
-                            assert digest is not None  # only source tensors are cast
+                    computed = _computed(p, inputs)
+                    if computed is not None:
+                        for chunk in computed:
+                            assert digest is not None  # only source tensors are cast or blended
                             digest.update(chunk)
                             dst.write(chunk)
                             bar.update(len(chunk))
@@ -368,6 +403,19 @@ def _write(
                 raise
             dst.close()
     return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def _computed(p: Piece, inputs: ReadOnlyFiles) -> Iterator[bytes] | None:
+    """A piece's bytes where they are computed here, chunk by chunk: blended with the target's (`p.blend`), or
+    cast to the output's dtype; None where they are copied as they are (in the kernel, where it can)."""
+    if p.blend is not None:
+        ours = p.blend.target
+        elements = p.nbytes // DTYPE_SIZES[p.dst_dtype]
+        source = (inputs.fd(p.src_path), p.src_off, p.src_dtype)
+        return blended_chunks(source, (inputs.fd(ours.path), ours.offset, ours.dtype), elements, p.blend.alpha)
+    if p.cast:
+        return converted_chunks(inputs.fd(p.src_path), p.src_off, p.src_nbytes, p.src_dtype, p.dst_dtype)
+    return None
 
 
 def _copy_extra_files(src_dir: Path, dst_dir: Path) -> None:

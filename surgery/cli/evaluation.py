@@ -41,6 +41,12 @@ _eval_options = stack(
     show_default=True,
     help="surgery: answer-format instruction, chat template; lm-eval: lm-eval-harness's gsm8k prompt (comparable).",
 )
+@click.option(
+    "--keep",
+    multiple=True,
+    help="A keep set (general-text:N, stdlib-docs:N, a JSONL) to measure MODEL's NLL on, per row, into "
+    "FOLDER/keep/ for `report --keep`; repeatable. Added to a complete eval, only this is computed.",
+)
 def eval_cmd(
     model: str,
     benchmark: str,
@@ -54,8 +60,10 @@ def eval_cmd(
     max_memory: str | None,
     patch: str | None,
     prompt: str,
+    keep: tuple[str, ...],
 ) -> None:
     """Score MODEL on a math benchmark with greedy decoding."""
+    from surgery.evaluation.keep import read_keep
     from surgery.evaluation.runner import evaluate
 
     s = evaluate(
@@ -70,6 +78,7 @@ def eval_cmd(
         max_memory=max_memory,
         patch=patch,
         prompt=prompt,
+        keep=keep,
         options=options,
     )
     lo, hi = s.accuracy_ci95
@@ -78,21 +87,31 @@ def eval_cmd(
         f"{s.benchmark}: {s.correct}/{s.problems} = {100 * s.accuracy:.1f}% "
         f"[95% CI {100 * lo:.1f}, {100 * hi:.1f}], gold NLL {nll}; results in {out}"
     )
+    for spec in keep:
+        k = read_keep(Path(out), spec)
+        click.echo(f"keep NLL on {k.workload}: {k.mean:.4f} nats/token over {k.rows} rows, in {out}/keep")
 
 
 @click.command("report")
 @click.option("--source", "-s", required=True, help="Results folder of the source model.")
 @click.option("--target", "-t", required=True, help="Results folder of the target model.")
 @click.option("--patched", "-p", required=True, multiple=True, help="Results folder of a patched model; repeatable.")
+@click.option(
+    "--keep",
+    help="A keep set each folder measured with `eval --keep`: add each patched model's Retention on it "
+    "(or its keep NLL change, where the target has no advantage there).",
+)
 @click.option("--out", "-o", help="Also write the report as JSON here; must not exist unless --overwrite.")
 @OVERWRITE
-def report_cmd(source: str, target: str, patched: tuple[str, ...], out: str | None, overwrite: bool) -> None:
-    """TIR and Recovery of patched models, with paired bootstrap 95% intervals."""
+def report_cmd(
+    source: str, target: str, patched: tuple[str, ...], keep: str | None, out: str | None, overwrite: bool
+) -> None:
+    """TIR and Recovery of patched models, with paired bootstrap 95% intervals (and with --keep, Retention)."""
     from surgery.evaluation.report import markdown, report, save_report
 
     if out:
         check_new_file(Path(out), overwrite)
-    result = report(source, target, list(patched))
+    result = report(source, target, list(patched), keep=keep)
     click.echo(markdown(result))
     if out:
         save_report(result, out)

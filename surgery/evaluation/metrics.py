@@ -1,10 +1,13 @@
-"""Accuracy intervals and the transplant metrics (TIR, Recovery) with paired bootstrap intervals."""
+"""Accuracy intervals and the transplant metrics (TIR, Recovery, Retention) with paired bootstrap intervals."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from surgery.errors import SurgeryError
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -41,8 +44,9 @@ def recovery(acc_patched: float, acc_target: float, acc_source: float) -> float 
     Works for any score, higher or lower is better (accuracy, or gold NLL where lower is better).
     """
     gap = acc_source - acc_target
+    # The ratio first, so that a patched score equal to the source's is exactly 100 (not 100 times x, over x).
     # `+ 0.0` turns -0.0 (no change over a negative gap) into 0.0, so it never prints as "-0.0".
-    return 100.0 * (acc_patched - acc_target) / gap + 0.0 if gap != 0 else None
+    return 100.0 * ((acc_patched - acc_target) / gap) + 0.0 if gap != 0 else None
 
 
 def paired_bootstrap(
@@ -85,3 +89,82 @@ def _percentiles(values: list[float], samples: int) -> tuple[float, float] | Non
         return None
     values = sorted(values)
     return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of the target's advantage over the source on a keep set W a patched model keeps.
+
+    From per-row keep NLLs (nats per token) s (source), t (target), p (patched), on the `rows` all three
+    scored: `pct` = 100 * mean(s - p) / mean(s - t), so 100% is the target itself and 0% a full rollback
+    to the source. Where the target has no advantage on W (`advantage`, mean(s - t), is not above 0, or its
+    95% interval reaches 0), a share of it means nothing: `pct` and `ci95` are None, `undefined` says why,
+    and `nll_change`, mean(p - t), is the measure instead (a regression check: above 0 is worse than the
+    target). Every interval is a paired bootstrap over the same resampled rows.
+    """
+
+    pct: float | None
+    ci95: tuple[float, float] | None
+    nll_change: float
+    nll_change_ci95: tuple[float, float]
+    advantage: float
+    advantage_ci95: tuple[float, float]
+    undefined: str | None
+    rows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def retention(
+    source: Sequence[float], target: Sequence[float], patched: Sequence[float], samples: int = 2000, seed: int = 0
+) -> Retention:
+    """Retention % on a keep set, from per-row keep NLLs of the source, target and patched model (same rows).
+
+    Rows any of the three has no NLL for (NaN: nothing scored) are left out.
+
+    Raises:
+        SurgeryError: the lists differ in length, or no row has an NLL in all three.
+    """
+    if not len(source) == len(target) == len(patched):
+        raise SurgeryError(
+            f"keep NLLs of {len(source)}, {len(target)} and {len(patched)} rows; measure all three on the same rows"
+        )
+    rows = [i for i in range(len(target)) if all(x[i] == x[i] for x in (source, target, patched))]  # drops NaN
+    if not rows:
+        raise SurgeryError("no keep row has an NLL in all three models; use a keep set of longer texts")
+    s, t, p = ([x[i] for i in rows] for x in (source, target, patched))
+    advantage = [a - b for a, b in zip(s, t, strict=True)]
+    change = [a - b for a, b in zip(p, t, strict=True)]
+    # The same seed draws the same resampled rows in every interval, so they describe one bootstrap.
+    adv, adv_ci = _mean(advantage), mean_interval(advantage, samples, seed)
+    undefined = None
+    if adv <= 0 or adv_ci[0] <= 0:
+        undefined = f"target has no advantage: source - target {adv:+.3f} nats [{adv_ci[0]:+.3f}, {adv_ci[1]:+.3f}]"
+    # Retention is Recovery with source and target swapped: the share of the way from the source back to the target.
+    pct = recovery(_mean(p), _mean(s), _mean(t))
+    return Retention(
+        pct=None if undefined else pct,
+        ci95=None if undefined else paired_bootstrap(t, s, p, samples, seed)["recovery"],
+        nll_change=_mean(change),
+        nll_change_ci95=mean_interval(change, samples, seed),
+        advantage=adv,
+        advantage_ci95=adv_ci,
+        undefined=undefined,
+        rows=len(rows),
+    )
+
+
+def describe(r: Retention, workload: str | None = None) -> str:
+    """Retention as report, sweep, select and the demo print it: "Retention 87.5% [70.1, 99.0] on W", or where
+    it is undefined "keep NLL +0.012 nats [-0.003, 0.027] on W (target has no advantage: ...)"."""
+    on = f" on {workload}" if workload else ""
+    if r.pct is None:
+        lo, hi = r.nll_change_ci95
+        return f"keep NLL {r.nll_change:+.3f} nats [{lo:+.3f}, {hi:+.3f}]{on} ({r.undefined})"
+    band = f" [{r.ci95[0]:.1f}, {r.ci95[1]:.1f}]" if r.ci95 else ""
+    return f"Retention {r.pct:.1f}%{band}{on}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)

@@ -1,4 +1,5 @@
-"""`surgery report`: TIR and Recovery of patched models against their source and target."""
+"""`surgery report`: TIR and Recovery of patched models against their source and target, and with `--keep W`
+their Retention on the keep set W (from the keep files `surgery eval --keep W` wrote)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
-from surgery.evaluation.metrics import paired_bootstrap, recovery, tir
+from surgery.evaluation.keep import KeepNLL, keep_path, read_keep
+from surgery.evaluation.metrics import Retention, describe, paired_bootstrap, recovery, retention, tir
 from surgery.evaluation.runner import RECORDS, SUMMARY, read_records
 from surgery.fileio import read_json_object, write_json_atomic
 
@@ -40,7 +42,8 @@ class ReportRow:
     """One patched model against the baselines; an undefined metric is None and its `*_undefined` says why.
 
     `nll_source` and `nll_target` are the baselines' gold NLL on the problems all three scored (None, and
-    left out of the JSON, where none has one).
+    left out of the JSON, where none has one). `keep_nll` (the mean keep NLL) and `retention` are there only
+    with `report --keep` (None, and left out of the JSON, without).
     """
 
     patched: str
@@ -58,12 +61,28 @@ class ReportRow:
     nll_recovery_pct: float | None
     nll_recovery_ci95: Interval | None
     nll_undefined: str | None
+    keep_nll: float | None = None
+    retention: Retention | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.nll is None:
             del d["nll_source"], d["nll_target"]
+        if self.retention is None:
+            del d["keep_nll"], d["retention"]
         return d
+
+
+@dataclass(frozen=True)
+class KeepSet:
+    """The keep set of `report --keep`: which rows (`PromptSet` name, sha256, count), and the baselines' mean
+    keep NLL on them in nats per token."""
+
+    workload: str
+    sha256: str
+    rows: int
+    source_nll: float
+    target_nll: float
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,7 @@ class Report:
     source: Baseline
     target: Baseline
     rows: tuple[ReportRow, ...]
+    keep: KeepSet | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -82,6 +102,7 @@ class Report:
             "problems": self.problems,
             "source": asdict(self.source),
             "target": asdict(self.target),
+            **({"keep": asdict(self.keep)} if self.keep else {}),
             "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -109,21 +130,53 @@ def _nll_row(s_nll: dict[str, float], t_nll: dict[str, float], p_nll: dict[str, 
     }
 
 
-def report(source: str | Path, target: str | Path, patched: list[str | Path], samples: int = 2000) -> Report:
+def _keep_of(folder: str | Path, summary: dict, spec: str) -> KeepNLL:
+    """The keep file of a results folder, checked to be of the model its eval measured."""
+    record = read_keep(Path(folder), spec)
+    evaluated = summary["settings"].get("model_fingerprint")
+    if record.model_fingerprint != evaluated:
+        raise SurgeryError(
+            f"{keep_path(Path(folder), record.workload)} measured another model (fingerprint "
+            f"{record.model_fingerprint[:19]}…) than the eval in {folder} ({str(evaluated)[:19]}…); delete it and "
+            f"run `surgery eval MODEL --keep {spec} -o {folder}`"
+        )
+    return record
+
+
+def _same_measure(records: dict[str, KeepNLL]) -> None:
+    """Refuse keep NLLs measured in different dtypes or prompt formats: their differences are what Retention is."""
+    t = records["target"]
+    for name, r in records.items():
+        if (r.dtype, r.chat) != (t.dtype, t.chat):
+            raise SurgeryError(
+                f"the keep NLL of {name} was measured with dtype={r.dtype}, chat={r.chat} but the target's with "
+                f"dtype={t.dtype}, chat={t.chat}; measure all three alike (eval's --dtype and --no-chat)"
+            )
+
+
+def report(
+    source: str | Path, target: str | Path, patched: list[str | Path], samples: int = 2000, keep: str | None = None
+) -> Report:
     """Compute TIR and Recovery (with paired bootstrap 95% intervals) for each patched result.
 
     Args:
         source, target: results folders of the baselines.
         patched: results folders of patched models.
         samples: bootstrap resamples.
+        keep: a keep set (as `eval --keep` was given it): each folder's keep NLL on it gives each patched
+            result its Retention (`metrics.retention`), or where the target has no advantage on it, the keep
+            NLL change.
 
     Returns:
         The baselines and a row per patched result; undefined metrics are None with a reason.
 
     Raises:
-        SurgeryError: the results are of different benchmarks, subsets or settings.
+        SurgeryError: the results are of different benchmarks, subsets or settings; with `keep`, a folder has
+            no keep file for it (or one of other rows, or of another model), or they were measured differently.
     """
     (s_sum, s_rec, s_nll), (t_sum, t_rec, t_nll) = _load(source), _load(target)
+    if keep is not None:
+        s_keep, t_keep = _keep_of(source, s_sum, keep), _keep_of(target, t_sum, keep)
     ids = list(t_rec)
     key = ("benchmark", "benchmark_sha256", "problem_ids_sha256", "shots", "chat", "max_new_tokens", "prompt")
 
@@ -143,6 +196,11 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
                     )
         if set(p_rec) != set(ids) or set(s_rec) != set(ids):
             raise SurgeryError("the results cover different problems; evaluate all three on the same subset")
+        kept = {}
+        if keep is not None:
+            p_keep = _keep_of(folder, p_sum, keep)
+            _same_measure({"source": s_keep, "target": t_keep, "patched " + str(folder): p_keep})
+            kept = {"keep_nll": p_keep.mean, "retention": retention(s_keep.nll, t_keep.nll, p_keep.nll, samples)}
         s, t, p = s_sum["accuracy"], t_sum["accuracy"], p_sum["accuracy"]
         intervals = paired_bootstrap([s_rec[i] for i in ids], [t_rec[i] for i in ids], [p_rec[i] for i in ids], samples)
         rows.append(
@@ -157,6 +215,7 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
                 recovery_ci95=intervals["recovery"],
                 recovery_undefined=None if s != t else "source and target accuracies are equal (no gap)",
                 **_nll_row(s_nll, t_nll, p_nll, samples),
+                **kept,
             )
         )
     return Report(
@@ -165,6 +224,7 @@ def report(source: str | Path, target: str | Path, patched: list[str | Path], sa
         Baseline(str(source), s_sum["accuracy"], s_sum["accuracy_ci95"], s_sum.get("nll_mean")),
         Baseline(str(target), t_sum["accuracy"], t_sum["accuracy_ci95"], t_sum.get("nll_mean")),
         tuple(rows),
+        KeepSet(t_keep.workload, t_keep.sha256, t_keep.rows, s_keep.mean, t_keep.mean) if keep is not None else None,
     )
 
 
@@ -182,14 +242,20 @@ def markdown(result: Report) -> str:
     def nll(value: float | None) -> str:
         return "" if value is None else f" (gold NLL {value:.4f})"
 
-    s, t = result.source, result.target
+    s, t, k = result.source, result.target, result.keep
+    keep_set = (
+        f" Keep set {k.workload} ({k.rows} rows): keep NLL source {k.source_nll:.4f}, target {k.target_nll:.4f}."
+        if k
+        else ""
+    )
     lines = [
         f"{result.benchmark}, {result.problems} problems. "
         f"Source {pct(s.accuracy, s.accuracy_ci95)}{nll(s.nll)}, "
-        f"target {pct(t.accuracy, t.accuracy_ci95)}{nll(t.nll)}.",
+        f"target {pct(t.accuracy, t.accuracy_ci95)}{nll(t.nll)}.{keep_set}",
         "",
-        "| patched | accuracy [95% CI] | TIR [95% CI] | Recovery % [95% CI] | gold NLL | NLL Recovery % [95% CI] |",
-        "|---|---|---|---|---|---|",
+        "| patched | accuracy [95% CI] | TIR [95% CI] | Recovery % [95% CI] | gold NLL | NLL Recovery % [95% CI] |"
+        + (f" keep {k.workload} [95% CI] |" if k else ""),
+        "|---|---|---|---|---|---|" + ("---|" if k else ""),
     ]
     for r in result.rows:
         lines.append(
@@ -198,6 +264,7 @@ def markdown(result: Report) -> str:
             f"| {metric(r.recovery_pct, r.recovery_ci95, r.recovery_undefined, '.1f')} "
             f"| {'-' if r.nll is None else format(r.nll, '.4f')} "
             f"| {metric(r.nll_recovery_pct, r.nll_recovery_ci95, r.nll_undefined, '.1f')} |"
+            + (f" {describe(r.retention)} |" if r.retention else "")
         )
     return "\n".join(lines)
 

@@ -5,6 +5,8 @@ Results directory:
 - `records.jsonl`: one line per problem, appended and fsynced per batch. A rerun skips the ids
   already there; a torn last line (a kill mid-write) is dropped, so no record is ever half.
 - `summary.json`: accuracy with a 95% Wilson interval, mean gold NLL, fingerprint, settings.
+- `keep/<name>.json` (with `--keep W`): the model's NLL per row of the keep set W (`evaluation.keep`),
+  measured once after the generation and reused by a rerun; what `report --keep W` reads.
 
 Under `torchrun`/`accelerate launch` each rank takes every WORLD_SIZE-th problem and writes
 `records.rankN.jsonl`; rank 0 merges them into `records.jsonl` and writes the summary.
@@ -15,9 +17,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from surgery.analysis.nll import gold_nll
+from surgery.analysis.nll import GoldSet, encode_gold, gold_nll
+from surgery.analysis.workloads import PromptSet
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import check_generation_options, load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
@@ -37,6 +41,7 @@ from surgery.evaluation.benchmarks import (
     select_problems,
 )
 from surgery.evaluation.generate import greedy_generate, render, uses_chat
+from surgery.evaluation.keep import KeepNLL, keep_sets, measured, reusable, save_keep
 from surgery.evaluation.metrics import wilson_interval
 from surgery.evaluation.summary import EvalSettings, EvalSummary
 from surgery.fileio import write_atomic, write_json_atomic
@@ -160,6 +165,7 @@ def evaluate(
     max_memory: str | None = None,
     patch: str | Path | None = None,
     prompt: str = "surgery",
+    keep: Sequence[str] = (),
     options: ModelOptions | None = None,
 ) -> EvalSummary:
     """Evaluate a checkpoint on a benchmark and write records and a summary to `out`.
@@ -177,6 +183,9 @@ def evaluate(
             treats the two alike. Not with `max_memory` (an offloaded weight cannot take the patch).
         prompt: `surgery` (the answer-format instruction; the chat template when `options.chat` and present) or
             `lm-eval` (lm-eval-harness's gsm8k prompt and stop strings, never a chat template).
+        keep: keep sets (`general-text:N`, a JSONL, ...) to measure the model's NLL on, per row, into
+            `out/keep/<name>.json` (see `evaluation.keep`) once the generation is complete; a rerun reuses a
+            keep file of the same rows, model and dtype, so adding `keep` to a complete eval only measures it.
         options: how the model is loaded and prompted (dtype, chat template, device, trust_remote_code,
             a progress bar); default `ModelOptions()`.
 
@@ -184,7 +193,8 @@ def evaluate(
         The summary (also in `out/summary.json`, as `summary.to_dict()`).
 
     Raises:
-        SurgeryError: bad settings, benchmark, checkpoint or patch, or `out` holding results of other settings.
+        SurgeryError: bad settings, benchmark, keep set, checkpoint or patch, or `out` holding results of other
+            settings (a keep file of other rows or of another model too).
     """
     options = options or ModelOptions()
     check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
@@ -197,10 +207,12 @@ def evaluate(
     if prompt not in PROMPT_STYLES:
         raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
     bench, problems = prepare(benchmark, limit, seed, shots)
+    workloads = keep_sets(keep)
     ckpt = open_checkpoint(model)
     ckpt.check_config()  # before transformers builds anything from it
     patched = open_patch(patch, originals=False) if patch is not None else None
     tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
+    golds = [encode_gold(tokenizer, w, options.chat) for w in workloads]  # a template that fails refuses here
 
     def run(lm) -> EvalSummary:
         fingerprint, label = ckpt.fingerprint, str(ckpt.path)
@@ -222,9 +234,34 @@ def evaluate(
             fingerprint=fingerprint,
             prompt=prompt,
         )
-        return evaluate_loaded(lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, options.progress)
+        # Checked before the generation writes anything: a keep file of other rows or of another model refuses.
+        found = [
+            reusable(Path(out), w, fingerprint=settings.model_fingerprint, dtype=settings.dtype, chat=gold.chat)
+            for w, gold in zip(workloads, golds, strict=True)
+        ]
+        summary = evaluate_loaded(
+            lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, options.progress
+        )
+        todo = [(w, gold) for w, gold, old in zip(workloads, golds, found, strict=True) if old is None]
+        _measure_keep(lm, Path(out), todo, settings)
+        for old in filter(None, found):
+            print(f"keep NLL on {old.workload} in {out}: already measured, reused", file=sys.stderr)
+        return summary
 
     return with_model(ckpt.path, options, run, max_memory=max_memory)
+
+
+def _measure_keep(lm, out: Path, todo: list[tuple[PromptSet, GoldSet]], settings: EvalSettings) -> None:
+    """Measure and save the keep NLL of each set in `todo` (on rank 0 under torchrun; the others wait)."""
+    rank, world = dist_info()
+    if rank == 0:
+        for workload, gold in todo:
+            nll = measured(lm, gold)
+            record = KeepNLL.of(
+                workload, nll, fingerprint=settings.model_fingerprint, dtype=settings.dtype, chat=gold.chat
+            )
+            save_keep(out, record)
+    barrier(world)
 
 
 def evaluate_loaded(

@@ -469,7 +469,7 @@ def test_sweep_table_plot_and_no_checkpoints(tmp_path: Path, eval_pair) -> None:
 @pytest.mark.slow
 def test_data_parallel_equals_single_process(tmp_path: Path, eval_pair) -> None:
     single = tmp_path / "single"
-    run_eval(eval_pair, single, batch_size=2)
+    run_eval(eval_pair, single, batch_size=2, keep=["general-text:2"])
     args = [
         "eval",
         str(eval_pair["target"]),
@@ -480,7 +480,7 @@ def test_data_parallel_equals_single_process(tmp_path: Path, eval_pair) -> None:
         "--batch-size",
         "2",
     ]
-    done = torchrun([*args, "-q", "-o", str(tmp_path / "dp")])
+    done = torchrun([*args, "--keep", "general-text:2", "-q", "-o", str(tmp_path / "dp")])
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = (read_records(d / "records.jsonl") for d in (single, tmp_path / "dp"))
     assert [r["id"] for r in a] == [r["id"] for r in b]
@@ -489,6 +489,9 @@ def test_data_parallel_equals_single_process(tmp_path: Path, eval_pair) -> None:
     assert not list((tmp_path / "dp").glob("records.rank*.jsonl"))
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (single, tmp_path / "dp"))
     assert sa["accuracy"] == sb["accuracy"] and sa["correct"] == sb["correct"]
+    # The keep NLL is measured once (on rank 0), as in one process.
+    ka, kb = (json.loads((d / "keep" / "general-text-2-0.json").read_text()) for d in (single, tmp_path / "dp"))
+    assert ka["nll"] == pytest.approx(kb["nll"], rel=1e-5) and ka["model_fingerprint"] == kb["model_fingerprint"]
 
 
 def test_the_default_k_grid_is_clipped_to_the_manifest(tmp_path: Path, eval_pair) -> None:

@@ -245,11 +245,17 @@ def test_keep_sets_of_other_rows_are_refused(tmp_path: Path, trio) -> None:
             watch=tmp_path)  # fmt: skip
 
 
-def test_eval_keep_refuses_a_keep_set_without_solutions(tmp_path: Path, trio) -> None:
+def test_eval_keep_refuses_a_keep_set_without_solutions_or_two_sharing_a_file(tmp_path: Path, trio) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
+    args = ["eval", trio["root"] / "target", "-b", trio["root"] / "b.jsonl", "-o", tmp_path / "r"]
     refused(
-        ["eval", trio["root"] / "target", "-b", trio["root"] / "b.jsonl", "--keep", prompts, "-o", tmp_path / "r"],
-        "--keep needs gold solutions, and workload prompts.jsonl has none",
+        [*args, "--keep", prompts], "--keep needs gold solutions, and workload prompts.jsonl has none", watch=tmp_path
+    )
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "kw.jsonl").write_text(json.dumps({"text": "seven eight nine"}) + "\n")
+    refused(
+        [*args, "--keep", trio["root"] / "kw.jsonl", "--keep", tmp_path / "other" / "kw.jsonl"],
+        "two --keep sets (kw.jsonl and kw.jsonl, other rows) would share the keep file keep/kw.jsonl.json",
         watch=tmp_path,
     )

@@ -120,7 +120,7 @@ def reusable(folder: Path, workload: PromptSet, *, fingerprint: str, dtype: str,
     Raises:
         SurgeryError: it holds a measurement of other rows, another model, or another dtype or prompt format.
     """
-    path = keep_path(folder, workload.name)
+    path = keep_path(folder.absolute(), workload.name)  # absolute in messages, as in every refusal
     if not path.is_file():
         return None
     old = load_keep(path)
@@ -152,7 +152,7 @@ def read_keep(folder: Path, spec: str) -> KeepNLL:
     Raises:
         SurgeryError: there is none, or it was measured on other rows; the message names the eval that makes it.
     """
-    workload = load_workload(spec)
+    workload, folder = load_workload(spec), folder.absolute()  # absolute in messages, as in every refusal
     path = keep_path(folder, workload.name)
     fix = f"surgery eval MODEL --keep {spec} -o {folder}"
     if not path.is_file():

@@ -132,11 +132,12 @@ def _nll_row(s_nll: dict[str, float], t_nll: dict[str, float], p_nll: dict[str, 
 
 def _keep_of(folder: str | Path, summary: dict, spec: str) -> KeepNLL:
     """The keep file of a results folder, checked to be of the model its eval measured."""
-    record = read_keep(Path(folder), spec)
+    folder = Path(folder).absolute()
+    record = read_keep(folder, spec)
     evaluated = summary["settings"].get("model_fingerprint")
     if record.model_fingerprint != evaluated:
         raise SurgeryError(
-            f"{keep_path(Path(folder), record.workload)} measured another model (fingerprint "
+            f"{keep_path(folder, record.workload)} measured another model (fingerprint "
             f"{record.model_fingerprint[:19]}…) than the eval in {folder} ({str(evaluated)[:19]}…); delete it and "
             f"run `surgery eval MODEL --keep {spec} -o {folder}`"
         )

@@ -16,7 +16,9 @@ from surgery.demo.pairs import ADDITION_SFT, QWEN_ROLLBACK, ROLLBACK, Recipe, bu
 from surgery.importers.from_gguf import import_gguf
 from tests.helpers import CHAT_TEMPLATE, cli, write_gguf
 
-TINY = demo.DemoSettings(workload="gsm8k-train:2", analysis_tokens=2, top_k=2, limit=3, eval_tokens=3, batch_size=3)
+TINY = demo.DemoSettings(
+    workload="gsm8k-train:2", analysis_tokens=2, top_k=2, limit=3, eval_tokens=3, batch_size=3, keep="general-text:3"
+)
 
 
 @pytest.fixture
@@ -43,6 +45,11 @@ def test_demo_runs_end_to_end_and_reuses_its_cache(tmp_path: Path, tiny_gguf: Pa
     # What it prints reads as text: no Python dict or repr anywhere (the recipe and the result paths).
     assert not any("{'" in line or "'}" in line for line in lines), [x for x in lines if "{'" in x]
     assert any(line.startswith("  results patched") for line in lines)
+    # Both sides: Recovery on the task beside what the patched model kept of the target on the keep set.
+    both = [line for line in lines if line.startswith("patched: Recovery")]
+    assert len(both) == 1 and both[0].endswith(")") and "on general-text:3" in both[0], both
+    assert ("Retention" in both[0]) == (rep["rows"][0]["retention"]["pct"] is not None)
+    assert rep["keep"]["workload"] == "general-text:3:0" and rep["keep"]["rows"] == 3
 
     again: list[str] = []
     rep2 = demo.run_demo(tmp_path / "work", TINY, log=again.append)

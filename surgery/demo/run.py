@@ -28,13 +28,17 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class DemoSettings:
     """What the demo runs; the defaults fit the 25-minute budget on 2 CPU cores.
 
-    `pair` names a `DemoPair` of `PAIRS`; `dtype` is the compute dtype of analysis and evaluation: `fast` is
+    `pair` names a `DemoPair` of `PAIRS`; `keep` is the keep set the report's Retention is measured on (the
+    vendored general text, or for the 1.5B pair the held-out docstrings of what its update was for); `dtype` is
+    the compute dtype of analysis and evaluation: `fast` is
     bfloat16 where the CPU runs it natively (4-5x faster than float32 there), float32 elsewhere (an
     AVX2-only CPU emulates bfloat16, far slower).
     """
 
     pair: str = "smollm2-addition"
     workload: str = "addition-train:32"
+    # What the target must not lose (`eval --keep`, `report --keep`): general text the base handles.
+    keep: str = "general-text:48"
     analysis_tokens: int = 64
     method: str = "taylor"
     top_k: int = 16
@@ -110,6 +114,7 @@ PAIRS = {
         DemoSettings(
             pair="qwen-rollback",
             workload="gsm8k-train:32",
+            keep="stdlib-docs:48",
             method="taylor",
             top_k=16,
             benchmark="gsm8k",
@@ -246,6 +251,7 @@ def run_demo(
     from surgery.checkpoints.loading import native_bf16
     from surgery.checkpoints.options import ModelOptions
     from surgery.demo.pairs import build_pair
+    from surgery.evaluation.metrics import describe
     from surgery.evaluation.report import markdown, report, save_report
     from surgery.evaluation.runner import evaluate
     from surgery.transplants.verify import verify
@@ -306,7 +312,10 @@ def run_demo(
     verify(patched, target=target, source=source)
     log("verify: OK (every tensor matches its origin)")
 
-    step(f"6/7 evaluate on {s.benchmark} (test split, {s.limit} problems, seed {s.seed}, {s.eval_tokens} new tokens)")
+    step(
+        f"6/7 evaluate on {s.benchmark} (test split, {s.limit} problems, seed {s.seed}, {s.eval_tokens} new tokens), "
+        f"and the keep NLL on {s.keep}"
+    )
     results = {}
     for role, model in (("source", source), ("target", target), ("patched", patched)):
         # Keyed by settings and fingerprint: an unchanged model under unchanged settings resumes (or skips)
@@ -323,6 +332,7 @@ def run_demo(
             seed=s.seed,
             max_new_tokens=s.eval_tokens,
             batch_size=s.batch_size,
+            keep=[s.keep],
             options=ModelOptions(dtype=s.dtype),
         )
         results[role] = folder
@@ -331,10 +341,15 @@ def run_demo(
             f"gold NLL {summary.nll_mean:.4f} nats/token  [{time.perf_counter() - t0:.0f} s] -> {folder}"
         )
 
-    step("7/7 report")
-    rep = report(results["source"], results["target"], [results["patched"]])
+    step(f"7/7 report: Recovery on {s.benchmark}, Retention on {s.keep}")
+    rep = report(results["source"], results["target"], [results["patched"]], keep=s.keep)
     save_report(rep, run / "report.json")
     log(markdown(rep))
+    row = rep.rows[0]
+    recovered = "undefined" if row.recovery_pct is None else f"{row.recovery_pct:.1f}%"
+    band = f" [{row.recovery_ci95[0]:.1f}, {row.recovery_ci95[1]:.1f}]" if row.recovery_ci95 else ""
+    assert row.retention is not None  # the report was asked for --keep
+    log(f"patched: Recovery {recovered}{band} on {s.benchmark}; {describe(row.retention, s.keep)}")
     paths = {
         "base": str(base),
         "source": str(source),

@@ -536,3 +536,47 @@ def test_a_sweep_folder_that_recorded_the_dtype_asked_for_still_reports(tmp_path
     assert r.exit_code == 0, r.output
     again = cli(*args)
     assert again.exit_code == 2 and "holds results for other settings (dtype: 'auto', now 'float32')" in again.output
+
+
+def test_sweep_blends_at_each_alpha_and_reports_retention(tmp_path: Path, eval_pair) -> None:
+    """`--alphas` evaluates each K blended as `transplant --alpha` writes it; `--keep` adds each row's Retention,
+    equal to what eval --keep and report --keep give for the checkpoint written on disk."""
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
+    out = tmp_path / "sweep"
+    result = cli("sweep", "-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "--k", "4",
+                 "--alphas", "0.5,1", "--keep", "general-text:3", "--no-random", "--max-new-tokens", "1",
+                 "-b", eval_pair["bench"], "--limit", 2, "-q", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "sweep.json").read_text())
+    assert table["alphas"] == [0.5, 1.0] and table["keep"] == ["general-text:3"]
+    assert [(r["k"], r["alpha"]) for r in table["rows"]] == [(4, 0.5), (4, 1.0)]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "lae-k4-a0.5-m1",
+        "lae-k4-m1",
+        "source-m1",
+        "target-m1",
+    ]
+    assert all(len(r["retention"]) == 1 for r in table["rows"])
+    assert "| 0.5 | lae |" in (out / "sweep.md").read_text() and "keep general-text:3" in (out / "sweep.md").read_text()
+    # The blended model measured in memory is the checkpoint transplant --alpha 0.5 writes: same keep NLL.
+    patched = tmp_path / "patched"
+    args = ("-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "-k", 4, "--alpha", 0.5, "-q")
+    assert cli("transplant", *args, "-o", patched).exit_code == 0
+    save_tokenizer(patched)
+    disk = tmp_path / "disk"
+    evaluate(patched, eval_pair["bench"], disk, limit=2, max_new_tokens=1, keep=["general-text:3"],
+             options=ModelOptions(progress=False))  # fmt: skip
+    swept = json.loads((out / "lae-k4-a0.5-m1" / "keep" / "general-text-3-0.json").read_text())
+    on_disk = json.loads((disk / "keep" / "general-text-3-0.json").read_text())
+    assert swept["nll"] == on_disk["nll"] and swept["model_fingerprint"] == on_disk["model_fingerprint"]
+    # Retention in the table is report --keep's on the same folders.
+    rep = report(out / "source-m1", out / "target-m1", [out / "lae-k4-a0.5-m1"], keep="general-text:3")
+    assert table["rows"][0]["retention"][0] == json.loads(json.dumps(rep.rows[0].retention.to_dict()))
+
+
+@pytest.mark.parametrize("alphas", ["0", "0.5,1.5", "half"])
+def test_sweep_refuses_bad_alphas_before_loading(tmp_path: Path, eval_pair, alphas: str) -> None:
+    manifest = write_manifest(tmp_path / "m.json", eval_pair["source"], eval_pair["target"])
+    refused(["sweep", "-t", eval_pair["target"], "-s", eval_pair["source"], "-m", manifest, "--k", "4",
+             "--alphas", alphas, "-b", eval_pair["bench"], "-o", tmp_path / "sweep"], "--alphas",
+            watch=tmp_path / "sweep")  # fmt: skip

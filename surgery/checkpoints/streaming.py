@@ -86,11 +86,11 @@ def check_convertible(src: str, dst: str, what: str) -> None:
         )
 
 
-def check_alpha(alpha: float) -> None:
+def check_alpha(alpha: float, flag: str = "--alpha") -> None:
     """Refuse a blend weight outside (0, 1]: 1 copies the source's tensors, and 0 would be the target itself."""
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= 1:
         raise SurgeryError(
-            f"--alpha {alpha!r} is out of range; pass 0 < A <= 1 (1 copies the source's tensors, 0.5 is the midpoint)"
+            f"{flag} {alpha!r} is out of range; pass 0 < A <= 1 (1 copies the source's tensors, 0.5 is the midpoint)"
         )
 
 

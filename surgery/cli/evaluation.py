@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING
 import click
 
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.options import MAX_MEMORY, OVERWRITE, SELECT_OPTIONS, ks_option, model_options, stack
+from surgery.cli.options import (
+    ALPHAS,
+    KEEP_SETS,
+    MAX_MEMORY,
+    OVERWRITE,
+    SELECT_OPTIONS,
+    ks_option,
+    model_options,
+    stack,
+)
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import BENCHMARKS
 from surgery.evaluation.k_grid import SWEEP_SMALLEST_K
@@ -138,6 +147,8 @@ def echo_selection(result: SelectResult) -> None:
     help="Also evaluate the random-K baseline at every K (one more evaluation per K and budget).",
 )
 @click.option("--force", is_flag=True, help="Use a manifest made for other checkpoints.")
+@ALPHAS
+@KEEP_SETS
 @click.option("--out", "-o", required=True, help="Folder for the evaluations, sweep.md/json and sweep.png.")
 def sweep_cmd(
     target: str,
@@ -154,9 +165,12 @@ def sweep_cmd(
     random_seed: int,
     random: bool,
     force: bool,
+    alphas: str | None,
+    keep: tuple[str, ...],
     out: str,
 ) -> None:
-    """Accuracy, TIR and Recovery against K, swapping modules in memory (no checkpoint per K)."""
+    """Accuracy, TIR and Recovery against K (and alpha), swapping modules in memory (no checkpoint per K); with
+    --keep, each patched model's Retention too."""
     from surgery.evaluation.sweep import markdown, sweep
 
     table = sweep(
@@ -174,10 +188,22 @@ def sweep_cmd(
         random_seed=random_seed,
         random=random,
         force=force,
+        alphas=alphas,
+        keep=keep,
         options=options,
     )
     click.echo(markdown(table))
     click.echo(f"table and plot in {out}")
+
+
+# `analyze` and `select` take it; `solutions.SOLVERS` are its values (checked there, so --help stays torch-free).
+SOLUTIONS = click.option(
+    "--solutions",
+    metavar="source",
+    help="source: score the source's own answers that the gold answers grade correct instead of the gold solutions "
+    "(analyze: taylor's and swap-nll's workload; select and --auto-k: the --validation of --metric nll). Generated "
+    "once (--max-new-tokens) into surgery's cache, SURGERY_CACHE or ~/.cache/surgery/solutions/, and reused.",
+)
 
 
 @click.command("select")
@@ -189,9 +215,14 @@ def sweep_cmd(
     "--validation", required=True, help="Held-out problems with gold solutions, e.g. gsm8k-train:64:1 (another seed)."
 )
 @SELECT_OPTIONS
+@SOLUTIONS
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
 @click.option(
-    "--max-new-tokens", type=int, default=256, show_default=True, help="Decoding budget for --metric accuracy."
+    "--max-new-tokens",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Decoding budget for --metric accuracy and --solutions source.",
 )
 @model_options
 @click.option(
@@ -210,6 +241,7 @@ def select_cmd(
     ks: str | None,
     min_recovery: float,
     metric: str,
+    solutions: str | None,
     batch_size: int,
     max_new_tokens: int,
     options: ModelOptions,
@@ -238,5 +270,60 @@ def select_cmd(
         max_new_tokens=max_new_tokens,
         options=options,
         overwrite=overwrite,
+        solutions=solutions,
     )
     echo_selection(result)
+
+
+@click.command("solutions")
+@click.argument("model")
+@click.option(
+    "--workload",
+    "-w",
+    required=True,
+    help=f"The problems: {', '.join(BENCHMARKS)}, gsm8k-train:N[:SEED], math-train:N, addition-train:N, or a JSONL "
+    "with question and answer (or prompt and a solution ending in '#### N' or \\boxed{}).",
+)
+@click.option("--limit", type=int, help="Answer a seeded random subset of N problems.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit subset.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Greedy decoding budget.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per generate call.")
+@model_options
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    help="Workload to write (JSONL), one line per correct answer; the answers are kept, resumably, in OUT.eval/.",
+)
+@OVERWRITE
+def solutions_cmd(
+    model: str,
+    workload: str,
+    limit: int | None,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int,
+    options: ModelOptions,
+    out: str,
+    overwrite: bool,
+) -> None:
+    """Answer the problems with MODEL as eval does and keep its correct answers: a workload of eval's exact prompts
+    and MODEL's own solutions, for taylor, swap-nll and select --metric nll."""
+    from surgery.evaluation.solutions import solutions
+
+    result = solutions(
+        model,
+        workload,
+        out,
+        limit=limit,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        options=options,
+        overwrite=overwrite,
+    )
+    s = result.summary
+    click.echo(
+        f"wrote {out}: {s.correct} of {s.problems} answers graded correct ({100 * s.accuracy:.1f}%), "
+        f"{result.prompt_format} prompts as eval renders them; answers in {result.records}"
+    )

@@ -83,6 +83,19 @@ def ks_option(smallest: int = 1) -> Callable[[Any], Any]:
     )
 
 
+# What a patch costs the target, and blends instead of copies: `sweep` and `select` take both.
+KEEP_SETS = click.option(
+    "--keep",
+    multiple=True,
+    help="A keep set, what the target must not lose (general-text:N, stdlib-docs:N, a JSONL of text): each "
+    "model's NLL on it is measured and each patched one gets its Retention; repeatable.",
+)
+ALPHAS = click.option(
+    "--alphas",
+    help="Comma-separated blends in (0, 1], e.g. 0.25,0.5,1: each K at each alpha (as transplant --alpha writes) "
+    "[default: 1, a copy].",
+)
+
 # How `select` chooses K; `analyze --auto-k` takes the same flags.
 SELECT_OPTIONS = stack(
     ks_option(),

@@ -235,23 +235,36 @@ def evaluate(
             prompt=prompt,
         )
         # Checked before the generation writes anything: a keep file of other rows or of another model refuses.
-        found = [
-            reusable(Path(out), w, fingerprint=settings.model_fingerprint, dtype=settings.dtype, chat=gold.chat)
-            for w, gold in zip(workloads, golds, strict=True)
-        ]
+        todo = keep_pending(Path(out), list(zip(workloads, golds, strict=True)), settings)
         summary = evaluate_loaded(
             lm, tokenizer, bench, problems, settings, Path(out), label, batch_size, options.progress
         )
-        todo = [(w, gold) for w, gold, old in zip(workloads, golds, found, strict=True) if old is None]
-        _measure_keep(lm, Path(out), todo, settings)
-        for old in filter(None, found):
-            print(f"keep NLL on {old.workload} in {out}: already measured, reused", file=sys.stderr)
+        measure_keep(lm, Path(out), todo, settings)
         return summary
 
     return with_model(ckpt.path, options, run, max_memory=max_memory)
 
 
-def _measure_keep(lm, out: Path, todo: list[tuple[PromptSet, GoldSet]], settings: EvalSettings) -> None:
+KeepSets = list[tuple[PromptSet, GoldSet]]  # keep sets, each with its rows encoded for the model measured
+
+
+def keep_pending(out: Path, sets: KeepSets, settings: EvalSettings) -> KeepSets:
+    """The keep sets whose NLL `out` does not hold yet for this model (`settings`); the others are reused, and say so.
+
+    Raises:
+        SurgeryError: `out` holds a keep file of other rows, of another model, or of another dtype or prompt format.
+    """
+    todo = []
+    for workload, gold in sets:
+        old = reusable(out, workload, fingerprint=settings.model_fingerprint, dtype=settings.dtype, chat=gold.chat)
+        if old is None:
+            todo.append((workload, gold))
+        else:
+            print(f"keep NLL on {old.workload} in {out}: already measured, reused", file=sys.stderr)
+    return todo
+
+
+def measure_keep(lm, out: Path, todo: KeepSets, settings: EvalSettings) -> None:
     """Measure and save the keep NLL of each set in `todo` (on rank 0 under torchrun; the others wait)."""
     rank, world = dist_info()
     if rank == 0:

@@ -1,27 +1,35 @@
-"""`surgery sweep`: accuracy, TIR and Recovery against K, without writing a checkpoint per K.
+"""`surgery sweep`: accuracy, TIR and Recovery against K (and alpha), without writing a checkpoint per K.
 
 The target is loaded once. For each K the selected modules' tensors are copied in place from
-the memory-mapped source (cast to the target's dtype), the model is evaluated, and the
-original tensors are copied back, bit for bit. A seeded random-K selection is evaluated the
-same way beside it: the baseline the ranking must beat.
+the memory-mapped source (cast to the target's dtype), or with `alphas` blended with the target's
+(`target + alpha * (source - target)`, as `transplant --alpha` writes them), the model is evaluated,
+and the original tensors are copied back, bit for bit. A seeded random-K selection is evaluated the
+same way beside it: the baseline the ranking must beat. With keep sets, every model's keep NLL is
+measured into its folder too, and each row gets its Retention: what the patch costs the target.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from surgery.analysis.nll import encode_gold
 from surgery.analysis.ranking import baseline_method, build_manifest
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
+from surgery.checkpoints.streaming import check_alpha
 from surgery.checkpoints.swap import swapped
 from surgery.distributed import dist_info
+from surgery.errors import SurgeryError
 from surgery.evaluation.k_grid import SWEEP_SMALLEST_K, default_grid, parse_ints, parse_ks
+from surgery.evaluation.keep import keep_sets
+from surgery.evaluation.metrics import Retention, describe
 from surgery.evaluation.report import Interval, report
-from surgery.evaluation.runner import eval_settings, evaluate_loaded, prepare
+from surgery.evaluation.runner import eval_settings, evaluate_loaded, keep_pending, measure_keep, prepare
 from surgery.fileio import write_atomic, write_json_atomic
 from surgery.manifest import check_ranked_for, file_sha256, load_manifest, select_modules
 from surgery.transplants.records import ManifestRef
@@ -52,6 +60,8 @@ class SweepRow:
     tir_undefined: str | None
     recovery_undefined: str | None
     nll_undefined: str | None
+    alpha: float = 1.0
+    retention: tuple[Retention, ...] = ()  # one per keep set of the table, in its order
 
 
 @dataclass(frozen=True)
@@ -78,12 +88,16 @@ class SweepTable:
     k: tuple[int, ...]
     max_new_tokens: tuple[int, ...]
     rows: tuple[SweepRow, ...]
+    alphas: tuple[float, ...] = (1.0,)
+    keep: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
             **asdict(self),
             "k": list(self.k),
             "max_new_tokens": list(self.max_new_tokens),
+            "alphas": list(self.alphas),
+            "keep": list(self.keep),
             "rows": [asdict(r) for r in self.rows],
         }
 
@@ -104,6 +118,8 @@ def sweep(
     random_seed: int = 0,
     random: bool = True,
     force: bool = False,
+    alphas: str | None = None,
+    keep: Sequence[str] = (),
     options: ModelOptions | None = None,
 ) -> SweepTable:
     """Evaluate source, target, and the target patched with the top-K (and random-K) modules.
@@ -120,6 +136,10 @@ def sweep(
         random_seed: seed of the random-K baseline.
         random: also evaluate the random-K baseline at every K (one more evaluation per K and budget).
         force: accept a manifest made for other checkpoints (with a warning).
+        alphas: comma-separated blends, e.g. "0.25,0.5,1": each K is evaluated at each alpha (`transplant --alpha`);
+            None for 1 alone (a copy).
+        keep: keep sets (as `eval --keep` takes them): each model's keep NLL on them is measured into its folder,
+            and each row gets its Retention on each (`metrics.retention`).
         options: how the models are loaded and prompted (no `max_memory`: swapping weights in place needs
             them all in memory); default `ModelOptions()`.
 
@@ -132,6 +152,8 @@ def sweep(
     """
     options = options or ModelOptions()
     budgets = parse_ints(max_new_tokens, "--max-new-tokens")
+    blends = parse_alphas(alphas)
+    workloads = keep_sets(keep)
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     man = load_manifest(manifest)
     check_ranked_for(man, src, tgt, force, path=manifest)
@@ -149,6 +171,7 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
 
     def run(lm, tokenizer, label: str, fingerprint: str, budget: int) -> None:
+        folder = out / f"{label}-m{budget}"
         settings = eval_settings(
             lm,
             tokenizer,
@@ -161,9 +184,10 @@ def sweep(
             max_new_tokens=budget,
             fingerprint=fingerprint,
         )
-        evaluate_loaded(
-            lm, tokenizer, bench, problems, settings, out / f"{label}-m{budget}", label, batch_size, options.progress
-        )
+        golds = [(w, encode_gold(tokenizer, w, options.chat)) for w in workloads]
+        todo = keep_pending(folder, golds, settings)
+        evaluate_loaded(lm, tokenizer, bench, problems, settings, folder, label, batch_size, options.progress)
+        measure_keep(lm, folder, todo, settings)
 
     def on_source(lm) -> None:
         for budget in budgets:
@@ -175,9 +199,11 @@ def sweep(
             for k in k_values:
                 for method, ranking in rankings:
                     chosen = [t for m in select_modules(ranking, top_k=k) for t in m.tensors]
-                    # The fingerprint of the checkpoint `transplant` would write: its card can carry this.
-                    with swapped(lm, src, chosen):
-                        run(lm, tgt_tokenizer, f"{method}-k{k}", output_fingerprint(tgt, src, chosen), budget)
+                    for alpha in blends:
+                        # The fingerprint of the checkpoint `transplant` would write: its card can carry this.
+                        fingerprint = output_fingerprint(tgt, src, chosen, alpha=alpha)
+                        with swapped(lm, src, chosen, alpha=alpha):
+                            run(lm, tgt_tokenizer, label(method, k, alpha), fingerprint, budget)
 
     # One model in memory at a time: the source, then the target with each selection swapped in.
     src_tokenizer = load_tokenizer(src.path, options.trust_remote_code)
@@ -199,7 +225,9 @@ def sweep(
         methods[0],
         tuple(k_values),
         tuple(budgets),
-        _rows(out, methods, k_values, budgets),
+        _rows(out, methods, k_values, budgets, blends, keep),
+        tuple(blends),
+        tuple(keep),
     )
     if dist_info()[0] == 0:  # under torchrun every rank has the table; one writes it
         write_json_atomic(out / "sweep.json", table.to_dict())
@@ -215,18 +243,52 @@ _REPORTED = (
 )
 
 
-def _rows(out: Path, methods: list[str], k_values: list[int], budgets: list[int]) -> tuple[SweepRow, ...]:
+def label(method: str, k: int, alpha: float) -> str:
+    """A patched model's name in a sweep folder: `taylor-k16`, or blended `taylor-k16-a0.5`."""
+    return f"{method}-k{k}" + (f"-a{alpha:g}" if alpha != 1 else "")
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    """`--alphas`: comma-separated blends in (0, 1], each once, in the order given; None for [1.0].
+
+    Raises:
+        SurgeryError: a value that is not a number, or is outside (0, 1].
+    """
+    if text is None:
+        return [1.0]
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise SurgeryError(f"--alphas {text!r}: {part!r} is not a number; pass e.g. 0.25,0.5,1") from None
+        check_alpha(value, "--alphas")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def _rows(
+    out: Path, methods: list[str], k_values: list[int], budgets: list[int], alphas: list[float], keep: Sequence[str]
+) -> tuple[SweepRow, ...]:
     rows = []
     for budget in budgets:
         for k in k_values:
-            folders = [out / f"{m}-k{k}-m{budget}" for m in methods]
-            r = report(out / f"source-m{budget}", out / f"target-m{budget}", folders)
-            for row, m in zip(r.rows, methods, strict=True):
+            names = [(m, a) for m in methods for a in alphas]
+            folders = [out / f"{label(m, k, a)}-m{budget}" for m, a in names]
+            source, target = out / f"source-m{budget}", out / f"target-m{budget}"
+            r = report(source, target, folders)
+            kept = [report(source, target, folders, keep=spec).rows for spec in keep]
+            for i, (row, (m, a)) in enumerate(zip(r.rows, names, strict=True)):
                 s, t = r.source, r.target
                 reported = {x: getattr(row, x) for x in _REPORTED}
+                retained = tuple(k_rows[i].retention for k_rows in kept)
                 rows.append(
-                    SweepRow(budget, k, m, s.accuracy, s.accuracy_ci95, t.accuracy, t.accuracy_ci95, **reported)
-                )
+                    SweepRow(
+                        budget, k, m, s.accuracy, s.accuracy_ci95, t.accuracy, t.accuracy_ci95, **reported,
+                        alpha=a, retention=retained,  # type: ignore[arg-type]  (report --keep sets every row's)
+                    )
+                )  # fmt: skip
     return tuple(rows)
 
 
@@ -240,65 +302,90 @@ def markdown(table: SweepTable) -> str:
         return format(scale * x, fmt) + band
 
     m = table.manifest
+    blended = table.alphas != (1.0,)
     lines = [
         f"{table.benchmark}, {table.problems} problems (seed {table.seed}, {table.shots}-shot, "
         f"{table.dtype}); source {table.source}, target {table.target}; ranking `{m.method}` from "
         f"{m.path} (sha256 {m.sha256[:12]}…), "
         + ("no random-K baseline" if table.random_seed is None else f"random-K seed {table.random_seed}")
         + ". 95% intervals: "
-        "Wilson for accuracy, paired bootstrap for TIR and Recovery.",
+        "Wilson for accuracy, paired bootstrap for TIR, Recovery and Retention.",
         "",
-        "| max_new_tokens | K | method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |",
-        "|---" * 10 + "|",
+        "| max_new_tokens | K | "
+        + ("alpha | " if blended else "")
+        + "method | source | target | patched | TIR | Recovery % | gold NLL | NLL Recovery % |"
+        + "".join(f" keep {w} |" for w in table.keep),
+        "|---" * (10 + blended + len(table.keep)) + "|",
     ]
     for r in table.rows:
         lines.append(
-            f"| {r.max_new_tokens} | {r.k} | {r.method} | {100 * r.source:.1f}% | {100 * r.target:.1f}% "
+            f"| {r.max_new_tokens} | {r.k} | "
+            + (f"{r.alpha:g} | " if blended else "")
+            + f"{r.method} | {100 * r.source:.1f}% | {100 * r.target:.1f}% "
             f"| {num(r.accuracy, r.accuracy_ci95, '.1f', 100)}% | {num(r.tir, r.tir_ci95, '.2f')} "
             f"| {num(r.recovery_pct, r.recovery_ci95, '.1f')} | {num(r.nll, None, '.4f')} "
             f"| {num(r.nll_recovery_pct, r.nll_recovery_ci95, '.1f')} |"
+            + "".join(f" {describe(x)} |" for x in r.retention)
         )
     return "\n".join(lines) + "\n"
 
 
 def _plot(table: SweepTable, path: Path) -> None:
-    """Accuracy, TIR, Recovery and gold-NLL Recovery against K, with 95% bands: a line per max_new_tokens,
-    random-K dashed; the x-axis at the swept K; a panel with no defined value says why."""
+    """Accuracy, TIR, Recovery, gold-NLL Recovery (and with keep sets, Retention on the first) against K, with 95%
+    bands: a line per max_new_tokens and alpha, random-K dashed; the x-axis at the swept K; a panel with no
+    defined value says why."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
-    panels = (("accuracy", "accuracy_ci95", 100), ("tir", "tir_ci95", 1))
-    panels += (("recovery_pct", "recovery_ci95", 1), ("nll_recovery_pct", "nll_recovery_ci95", 1))
-    reasons = {"tir": "tir_undefined", "recovery_pct": "recovery_undefined", "nll_recovery_pct": "nll_undefined"}
+    def field(key: str, ci: str, scale: float) -> Callable[[SweepRow], tuple[float, Interval | None] | None]:
+        def value(r: SweepRow) -> tuple[float, Interval | None] | None:
+            v = getattr(r, key)
+            c = getattr(r, ci)
+            return None if v is None else (scale * v, (scale * c[0], scale * c[1]) if c else None)
+
+        return value
+
+    def kept(r: SweepRow) -> tuple[float, Interval | None] | None:
+        first = r.retention[0]
+        return None if first.pct is None else (first.pct, first.ci95)
+
+    panels = [
+        ("accuracy %", field("accuracy", "accuracy_ci95", 100), None),
+        ("TIR (patched / target)", field("tir", "tir_ci95", 1), "tir_undefined"),
+        ("Recovery %", field("recovery_pct", "recovery_ci95", 1), "recovery_undefined"),
+        ("gold-NLL Recovery %", field("nll_recovery_pct", "nll_recovery_ci95", 1), "nll_undefined"),
+    ]
+    if table.keep:
+        panels.append((f"Retention % on {table.keep[0]}", kept, None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.8))
     for budget in table.max_new_tokens:
-        for method, style in ((table.method, "-o"), (baseline_method().name, "--x")):
-            rows = [r for r in table.rows if r.max_new_tokens == budget and r.method == method]
-            label = f"{method}, {budget} tok"
-            for ax, (key, ci, scale) in zip(axes, panels, strict=True):
-                pts = [(r.k, scale * getattr(r, key), getattr(r, ci)) for r in rows if getattr(r, key) is not None]
-                if not pts:
-                    continue
-                (line,) = ax.plot([k for k, _, _ in pts], [v for _, v, _ in pts], style, label=label)
-                band = [(k, scale * c[0], scale * c[1]) for k, _, c in pts if c]
-                if band:
-                    ks, lo, hi = zip(*band, strict=True)
-                    ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+        for alpha in table.alphas:
+            for method, style in ((table.method, "-o"), (baseline_method().name, "--x")):
+                rows = [r for r in table.rows if (r.max_new_tokens, r.method, r.alpha) == (budget, method, alpha)]
+                label = f"{method}, {budget} tok" + (f", alpha {alpha:g}" if len(table.alphas) > 1 else "")
+                for ax, (_, value, _) in zip(axes, panels, strict=True):
+                    pts = [(r.k, *v) for r in rows if (v := value(r)) is not None]
+                    if not pts:
+                        continue
+                    (line,) = ax.plot([k for k, _, _ in pts], [v for _, v, _ in pts], style, label=label)
+                    band = [(k, c[0], c[1]) for k, _, c in pts if c]
+                    if band:
+                        ks, lo, hi = zip(*band, strict=True)
+                        ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
         first = next(r for r in table.rows if r.max_new_tokens == budget)
         axes[0].axhline(100 * first.source, color="green", lw=0.8, ls=":", label=f"source, {budget} tok")
         axes[0].axhline(100 * first.target, color="red", lw=0.8, ls=":", label=f"target, {budget} tok")
-    titles = ("accuracy %", "TIR (patched / target)", "Recovery %", "gold-NLL Recovery %")
-    for ax, title, (key, _, _) in zip(axes, titles, panels, strict=True):
+    for ax, (title, value, reason) in zip(axes, panels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xticks(table.k, [str(k) for k in table.k])
         ax.minorticks_off()
         ax.set_xlabel("K (modules transplanted)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if key in reasons and all(getattr(r, key) is None for r in table.rows):
-            why = getattr(table.rows[0], reasons[key])
+        if all(value(r) is None for r in table.rows):
+            why = getattr(table.rows[0], reason) if reason else table.rows[0].retention[0].undefined
             ax.text(0.5, 0.5, f"undefined\n({why})", ha="center", va="center", transform=ax.transAxes, color="gray")
     axes[0].set_ylim(bottom=0, top=max(5.0, axes[0].get_ylim()[1]))
     handles, labels = axes[0].get_legend_handles_labels()

@@ -47,6 +47,7 @@ for command in (
     analysis.manifest_cmd,
     analysis.analyze_cmd,
     evaluation.eval_cmd,
+    evaluation.solutions_cmd,
     evaluation.report_cmd,
     evaluation.sweep_cmd,
     evaluation.select_cmd,

@@ -1,7 +1,7 @@
 """`analyze --auto-k`: rank a pair, then choose K on held-out problems, into one manifest.
 
 Here rather than in `analysis.analyze`, because choosing K evaluates (the analysis layer may not import
-evaluation).
+evaluation), as do the source's answers of `--solutions source`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from surgery.analysis.analyze import analyze
 from surgery.checkpoints.options import ModelOptions
 from surgery.evaluation.select import SelectResult, check_auto_k, choose_k
+from surgery.evaluation.solutions import ranking_workload
 
 
 def analyze_and_select(
@@ -30,6 +31,7 @@ def analyze_and_select(
     metric: str = "nll",
     options: ModelOptions | None = None,
     overwrite: bool = False,
+    solutions: str | None = None,
 ) -> SelectResult:
     """`analyze` the pair on `workload`, then `select` K on `validation`, and write one manifest with both.
 
@@ -38,9 +40,13 @@ def analyze_and_select(
 
     Args:
         workload, out, source, target, method, seed, max_new_tokens, batch_size, max_memory: as in `analyze`.
-        validation, ks, min_recovery, metric: as in `select` (`batch_size` is its batch size too).
+        validation, ks, min_recovery, metric: as in `select` (`batch_size` is its batch size too, and
+            `max_new_tokens` its decoding budget: every answer the command generates has the one budget).
         options: how the models are loaded and prompted, for both steps; default `ModelOptions()`.
         overwrite: replace an existing `out` and the PNG of the curve beside it.
+        solutions: `source` to rank on the source's own correct answers to the workload's problems instead of
+            its gold solutions (`solutions.ranking_workload`), and, with `metric` `nll`, to choose K on its correct
+            answers to the validation problems (as `select` does).
 
     Returns:
         What `select` wrote: the ranked manifest with its `selection`, the curve's table and plot.
@@ -50,6 +56,7 @@ def analyze_and_select(
     """
     options = options or ModelOptions()
     out = Path(out)
+    validation_solutions = solutions if metric == "nll" else None  # accuracy grades each model's own answers
     check_auto_k(
         workload,
         validation,
@@ -61,9 +68,21 @@ def analyze_and_select(
         metric=metric,
         overwrite=overwrite,
         options=options,
+        solutions=validation_solutions,
+    )
+    ranked_on = ranking_workload(
+        workload,
+        solutions,
+        out,
+        source=source,
+        method=method,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        options=options,
+        overwrite=overwrite,
     )
     analyze(
-        workload,
+        ranked_on,
         out,
         source=source,
         target=target,
@@ -85,6 +104,8 @@ def analyze_and_select(
         min_recovery=min_recovery,
         metric=metric,
         batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
         options=options,
         overwrite=True,  # the manifest `analyze` just wrote, now with its K
+        solutions=validation_solutions,
     )

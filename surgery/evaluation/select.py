@@ -6,6 +6,11 @@ default, one teacher-forced pass per K) or accuracy (`accuracy`, greedy generati
 `eval` does). Recovery is measured against both baselines, the source and the target, with a paired
 bootstrap interval. The smallest K whose Recovery reaches `min_recovery` is chosen; if none does, the
 best K, and the rule says so. When the baselines' own gap is within noise, no K is chosen from it.
+
+A validation workload of prompts already rendered (`surgery solutions` writes one) is scored as it is
+(`nll` only: its prompts cannot be asked again as problems). With `solutions="source"`, the validation
+becomes the source's own correct answers to its problems (`solutions.source_solutions`, cached): the NLL
+of answering as the source does, rather than of imitating the gold solutions.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from surgery.analysis.nll import encode_gold, gold_nll
 from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
@@ -22,23 +28,23 @@ from surgery.checkpoints.loading import load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.errors import SurgeryError
-from surgery.evaluation.benchmarks import (
-    STOP_STRINGS,
-    Problem,
-    extract_boxed,
-    grade,
-    gsm8k_gold,
-    prompt_messages,
-    prompt_text,
-)
+from surgery.evaluation.benchmarks import STOP_STRINGS, Benchmark, grade, prompt_messages, prompt_text
 from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.k_grid import parse_ks
 from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
+from surgery.evaluation.solutions import (
+    check_solver,
+    find_cached,
+    solution_problems,
+    source_solutions,
+    workload_benchmark,
+)
 from surgery.fileio import check_new_file
 from surgery.manifest import (
     CurvePoint,
     Manifest,
     Selection,
+    Workload,
     check_ranked_for,
     load_manifest,
     save_manifest,
@@ -71,14 +77,31 @@ class SelectResult:
         return self.manifest.selection
 
 
-def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float) -> None:
-    """Refuse a bad `--metric` or `--min-recovery`, and outputs that are not new: the manifest `out` and its PNG.
+@dataclass(frozen=True)
+class _Validation:
+    """The validation set as measured: the workload, and its problems where `eval`'s rendering is applied here
+    (None for prompts already rendered, used as they are)."""
+
+    prompts: PromptSet
+    bench: Benchmark | None
+
+
+def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float, solutions: str | None = None) -> None:
+    """Refuse a bad `--metric`, `--min-recovery` or `--solutions`, and outputs that are not new: the manifest
+    `out` and its PNG.
 
     Both follow the rule of every `-o` (`check_new_file`): an existing file is replaced only with `overwrite`.
     """
     out = out.absolute()  # as messages name paths
     if metric not in METRICS:
         raise SurgeryError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    if solutions is not None:
+        check_solver(solutions)
+        if metric != "nll":
+            raise SurgeryError(
+                f"--solutions {solutions} changes the solutions --metric nll scores; --metric {metric} grades the "
+                "answers of each model itself: drop one"
+            )
     if not 0 <= min_recovery <= 100:
         raise SurgeryError(f"--min-recovery {min_recovery} is outside 0-100; give a percentage")
     if out.suffix != ".json":
@@ -99,6 +122,7 @@ def check_auto_k(
     metric: str,
     overwrite: bool,
     options: ModelOptions | None = None,
+    solutions: str | None = None,
 ) -> None:
     """What `analyze --auto-k` checks before it ranks, so that a refusal never leaves a manifest without a K.
 
@@ -108,13 +132,12 @@ def check_auto_k(
     Raises:
         SurgeryError: as `select` does.
     """
-    check_options(out, overwrite, metric, min_recovery)
+    check_options(out, overwrite, metric, min_recovery, solutions)
     trust = (options or ModelOptions()).trust_remote_code
     parse_ks(ks, len(find_candidates(open_checkpoint(source), open_checkpoint(target), trust).candidates))
-    held_out = load_workload(validation)
-    _problems(held_out, metric)  # gold solutions, and final answers for accuracy
+    held_out = _validation(validation, metric, solutions)  # gold solutions, final answers where they are graded
     ranking = load_workload(workload)
-    check_held_out(held_out, ranking.name, ranking.sha256, ranking.prompts)
+    check_held_out([held_out.prompts], ranking.name, ranking.sha256, ranking.prompts)
 
 
 def choose_k(
@@ -131,6 +154,7 @@ def choose_k(
     max_new_tokens: int = 256,
     options: ModelOptions | None = None,
     overwrite: bool = False,
+    solutions: str | None = None,
 ) -> SelectResult:
     """Measure the top K of `manifest` for each K on `validation`, choose K, and write the manifest with it.
 
@@ -139,56 +163,65 @@ def choose_k(
 
     Args:
         manifest: the ranking (from `analyze` or `manifest`).
-        validation: a workload with gold solutions, disjoint from the ranking's (see `load_workload`).
+        validation: a workload with gold solutions, disjoint from the ranking's (see `load_workload`); one of
+            prompts already rendered (`surgery solutions`) is scored as it is, with `metric` `nll` only.
         out: where to write the manifest with its `selection` (a PNG of the curve goes beside it).
         source, target: the checkpoints it ranks (fingerprints must match).
         ks: comma-separated K values; default `k_grid.DEFAULT_KS` up to the manifest's module count (and that count).
         min_recovery: the Recovery, in percent, that the chosen K must reach.
         metric: `nll` or `accuracy`.
         batch_size: problems per forward pass (or `generate` call).
-        max_new_tokens: the decoding budget for `accuracy`.
+        max_new_tokens: the decoding budget for `accuracy`, and for the source's answers with `solutions`.
         options: how the models are loaded and prompted.
         overwrite: replace an existing `out` (which may be `manifest` itself) and the PNG beside it.
+        solutions: `source` to score, instead of the gold solutions, the source's own answers to the validation
+            problems that their gold answers grade correct (`source_solutions`: generated once, kept in surgery's
+            cache); `nll` only.
 
     Returns:
         The manifest written, with `selection`, and the curve's table.
 
     Raises:
         SurgeryError: bad options, an output that exists (without `overwrite`), a validation set without
-            solutions or overlapping the ranking's prompts, a manifest for other checkpoints, or a baseline
-            gap within noise.
+            solutions or overlapping the ranking's prompts, a manifest for other checkpoints, a baseline gap
+            within noise, or (with `solutions`) no answer of the source graded correct.
     """
     options = options or ModelOptions()
     out = Path(out)
-    check_options(out, overwrite, metric, min_recovery)
+    check_options(out, overwrite, metric, min_recovery, solutions)
     man = load_manifest(manifest)
     k_values = parse_ks(ks, len(man.modules))
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     check_ranked_for(man, src, tgt, path=manifest, forceable=False)
-    prompts = load_workload(validation)
-    problems = _problems(prompts, metric)
-    _check_disjoint(man, prompts)
+    held_out = _validation(validation, metric, solutions)
+    _check_disjoint(man, held_out, src, options)
+    what = metric
+    if solutions is not None:
+        solved = source_solutions(
+            src.path, validation, max_new_tokens=max_new_tokens, batch_size=batch_size, options=options
+        )
+        held_out = _Validation(load_workload(str(solved.out)), None)
+        what = f"{metric} of the source's correct answers"
+    count = len(held_out.prompts.prompts)
 
     measure = _nll_scores if metric == "nll" else _accuracy_scores
 
     def on_source(lm, tokenizer) -> dict[str, list[float]]:
-        return {"source": measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)}
+        return {"source": measure(lm, tokenizer, held_out, options, batch_size, max_new_tokens)}
 
     def on_target(lm, tokenizer) -> dict[str, list[float]]:
-        result = {"target": measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)}
+        result = {"target": measure(lm, tokenizer, held_out, options, batch_size, max_new_tokens)}
         for k in k_values:
             tensors = [t for m in select_modules(man.modules, top_k=k) for t in m.tensors]
             with swapped(lm, src, tensors):
-                result[f"k{k}"] = measure(lm, tokenizer, problems, options, batch_size, max_new_tokens)
+                result[f"k{k}"] = measure(lm, tokenizer, held_out, options, batch_size, max_new_tokens)
         return result
 
     ks_text = ",".join(map(str, k_values))
-    print(
-        f"select: {len(problems)} validation problems ({metric}); source, target, then K = {ks_text}", file=sys.stderr
-    )
+    print(f"select: {count} validation problems ({what}); source, target, then K = {ks_text}", file=sys.stderr)
     per_problem = {**_with_model(src, options, on_source), **_with_model(tgt, options, on_target)}
     s, t = per_problem["source"], per_problem["target"]
-    _check_gap(s, t, metric, len(problems))
+    _check_gap(s, t, metric, count)
     mean = {key: sum(v) / len(v) for key, v in per_problem.items()}
     curve = tuple(
         CurvePoint(
@@ -214,7 +247,7 @@ def choose_k(
         k=chosen.k,
         rule=rule,
         metric=metric,
-        validation={"name": prompts.name, "sha256": prompts.sha256, "count": len(problems)},
+        validation={"name": held_out.prompts.name, "sha256": held_out.prompts.sha256, "count": count},
         baselines={"source": mean["source"], "target": mean["target"]},
         curve=curve,
     )
@@ -251,79 +284,99 @@ def _with_model(ckpt: Checkpoint, options: ModelOptions, work: Callable[..., dic
     return with_model(ckpt.path, options, lambda lm: work(lm, tokenizer))
 
 
-def _problems(prompts: PromptSet, metric: str) -> list[Problem]:
-    """The validation problems; `accuracy` also needs a final answer in each solution."""
-    solutions = require_solutions(prompts, "select")
-    problems = []
-    for i, (question, solution) in enumerate(zip(prompts.prompts, solutions, strict=True)):
-        answer = ""
-        if metric == "accuracy":
-            answer = (gsm8k_gold(solution) if "####" in solution else "") or extract_boxed(solution)
-            if not answer:
-                raise SurgeryError(
-                    f"--metric accuracy grades final answers, and validation problem {i + 1} has none "
-                    "(GSM8K's '#### N' or a \\boxed{} answer); use --metric nll or another workload"
-                )
-        problems.append(Problem(f"{prompts.name}:{i}", question, answer, solution))
-    return problems
+def _validation(spec: str, metric: str, solutions: str | None) -> _Validation:
+    """The validation set: a rendered one as it is (`nll` only), else its problems, with final answers for
+    `accuracy`. With `solutions`, the problems the source answers (`solution_problems`: a benchmark too)."""
+    if solutions is not None:
+        bench = solution_problems(spec, f"--solutions {solutions}")
+        questions = tuple(p.question for p in bench.problems)
+        return _Validation(PromptSet(bench.name, questions, tuple(p.solution for p in bench.problems)), bench)
+    prompts = load_workload(spec)
+    if prompts.prompt_format is not None and metric == "nll":
+        require_solutions(prompts, "select")
+        return _Validation(prompts, None)
+    return _Validation(prompts, workload_benchmark(prompts, f"--metric {metric}", answers=metric == "accuracy"))
 
 
-def _grader(problems: list[Problem]) -> str:
-    return "gsm8k" if all("####" in p.solution for p in problems) else "math"
+def _rendered(tokenizer, bench: Benchmark, chat: bool) -> list[tuple[str, list[int], str]]:
+    """Each problem's prompt as `eval` renders it: (text, token ids, format)."""
+    g = bench.grader
+    return [render(tokenizer, prompt_messages(p, g, 0), prompt_text(p, g, 0), chat) for p in bench.problems]
 
 
-def _rendered(tokenizer, problems: list[Problem], chat: bool) -> list[list[int]]:
-    grader = _grader(problems)
-    return [render(tokenizer, prompt_messages(p, grader, 0), prompt_text(p, grader, 0), chat)[1] for p in problems]
+def _as_eval_renders(tokenizer, validation: _Validation, chat: bool) -> PromptSet:
+    """The validation workload with its prompts rendered as `eval` renders them (a rendered workload)."""
+    if validation.bench is None:
+        return validation.prompts
+    rendered = _rendered(tokenizer, validation.bench, chat)
+    texts = tuple(text for text, _, _ in rendered)
+    return PromptSet(validation.prompts.name, texts, validation.prompts.solutions, rendered[0][2])
 
 
-def _nll_scores(lm, tokenizer, problems, options, batch_size, max_new_tokens) -> list[float]:
-    """Per-problem gold NLL, prompts rendered as `eval` renders them."""
-    from surgery.analysis.nll import gold_nll
-
-    sols = [tokenizer(p.solution, add_special_tokens=False)["input_ids"] for p in problems]
-    return gold_nll(lm, _rendered(tokenizer, problems, options.chat), sols, tokenizer.pad_token_id)
+def _nll_scores(lm, tokenizer, validation: _Validation, options, batch_size, max_new_tokens) -> list[float]:
+    """Per-problem NLL of the solutions, prompts rendered as `eval` renders them (or as they are, if rendered)."""
+    gold = encode_gold(tokenizer, _as_eval_renders(tokenizer, validation, options.chat), options.chat)
+    return gold_nll(lm, gold.prompts, gold.solutions, gold.pad_id)
 
 
-def _accuracy_scores(lm, tokenizer, problems, options, batch_size, max_new_tokens) -> list[float]:
+def _accuracy_scores(lm, tokenizer, validation: _Validation, options, batch_size, max_new_tokens) -> list[float]:
     """Per-problem correctness (1.0 or 0.0) of greedy answers, graded as `eval` grades them."""
-    grader = _grader(problems)
+    bench = validation.bench
+    assert bench is not None  # `_validation` refuses rendered prompts for accuracy
     outputs: dict[int, str] = {}
-    prompts = _rendered(tokenizer, problems, options.chat)
+    prompts = [ids for _, ids, _ in _rendered(tokenizer, bench, options.chat)]
     stops = () if options.chat and getattr(tokenizer, "chat_template", None) else STOP_STRINGS
 
     def keep(rows: list[int], texts: list[str], counts: list[int]) -> None:
         outputs.update(zip(rows, texts, strict=True))
 
     greedy_generate(lm, tokenizer, prompts, max_new_tokens, batch_size, stops, keep)
-    return [1.0 if grade(grader, outputs[i], p.answer)["correct"] else 0.0 for i, p in enumerate(problems)]
+    return [1.0 if grade(bench.grader, outputs[i], p.answer)["correct"] else 0.0 for i, p in enumerate(bench.problems)]
 
 
-def _check_disjoint(man: Manifest, validation: PromptSet) -> None:
-    """Refuse validation problems the manifest's ranking was computed on (its workload reloaded by name)."""
+def _check_disjoint(man: Manifest, validation: _Validation, source: Checkpoint, options: ModelOptions) -> None:
+    """Refuse validation problems the manifest's ranking was computed on.
+
+    The ranking workload is reloaded by name, or found in the solutions cache (`analyze --solutions source`).
+    A ranking on rendered prompts is compared with the validation problems as `eval` renders them with the
+    source's tokenizer, so that a ranking on the source's answers to some problems cannot choose K on the same
+    problems' gold solutions.
+    """
     if man.workload is None:
         return  # ranked from weights or a seed: no prompts to overlap
+    ranking = _reload(man.workload)
+    held_out = [validation.prompts]
+    if ranking is not None and ranking.prompt_format is not None and validation.bench is not None:
+        tokenizer = load_tokenizer(source.path, options.trust_remote_code)
+        held_out.append(_as_eval_renders(tokenizer, validation, options.chat))
+    check_held_out(held_out, man.workload.name, man.workload.sha256, ranking.prompts if ranking else None)
+
+
+def _reload(workload: Workload) -> PromptSet | None:
+    """A manifest's ranking workload loaded again: by its name, or from the solutions cache; None if neither."""
     try:
-        prompts: Sequence[str] | None = load_workload(man.workload.name).prompts
+        return load_workload(workload.name)
     except SurgeryError:
-        prompts = None
-    check_held_out(validation, man.workload.name, man.workload.sha256, prompts)
+        found = find_cached(workload.name, workload.sha256)
+        return load_workload(str(found)) if found is not None else None
 
 
-def check_held_out(validation: PromptSet, ranking: str, sha256: str, prompts: Sequence[str] | None) -> None:
+def check_held_out(validations: Sequence[PromptSet], ranking: str, sha256: str, prompts: Sequence[str] | None) -> None:
     """Refuse a validation set that is the ranking workload (`ranking`, its `sha256`) or shares a prompt with it.
 
+    `validations` are the validation set in each form it is compared in (as given, and as `eval` renders it).
     `prompts` are the ranking workload's, None when it cannot be reloaded (a JSONL not found from here):
     then only an identical validation set can be refused, and a note says so.
 
     Raises:
         SurgeryError: the same workload, or shared prompts.
     """
-    if sha256 == validation.sha256:
-        raise SurgeryError(
-            f"the validation workload {validation.name} is the ranking's own ({ranking}); "
-            "choose K on held-out problems, e.g. another seed: gsm8k-train:64:1"
-        )
+    for validation in validations:
+        if sha256 == validation.sha256:
+            raise SurgeryError(
+                f"the validation workload {validation.name} is the ranking's own ({ranking}); "
+                "choose K on held-out problems, e.g. another seed: gsm8k-train:64:1"
+            )
     if prompts is None:
         print(
             f"note: the ranking workload {ranking} cannot be reloaded here, so only an identical "
@@ -331,12 +384,13 @@ def check_held_out(validation: PromptSet, ranking: str, sha256: str, prompts: Se
             file=sys.stderr,
         )
         return
-    shared = set(prompts) & set(validation.prompts)
-    if shared:
-        raise SurgeryError(
-            f"the validation workload {validation.name} shares {len(shared)} prompts with the ranking workload "
-            f"{ranking}; choose K on held-out problems, e.g. another seed"
-        )
+    for validation in validations:
+        shared = set(prompts) & set(validation.prompts)
+        if shared:
+            raise SurgeryError(
+                f"the validation workload {validation.name} shares {len(shared)} prompts with the ranking workload "
+                f"{ranking}; choose K on held-out problems, e.g. another seed"
+            )
 
 
 def _check_gap(source: list[float], target: list[float], metric: str, n: int) -> None:

@@ -288,7 +288,7 @@ def _validation(spec: str, metric: str, solutions: str | None) -> _Validation:
     """The validation set: a rendered one as it is (`nll` only), else its problems, with final answers for
     `accuracy`. With `solutions`, the problems the source answers (`solution_problems`: a benchmark too)."""
     if solutions is not None:
-        bench = solution_problems(spec, f"--solutions {solutions}")
+        bench = solution_problems(spec, f"--solutions {solutions}", benchmarks=False)
         questions = tuple(p.question for p in bench.problems)
         return _Validation(PromptSet(bench.name, questions, tuple(p.solution for p in bench.problems)), bench)
     prompts = load_workload(spec)

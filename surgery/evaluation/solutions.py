@@ -115,7 +115,7 @@ def workload_benchmark(prompts: PromptSet, what: str, *, answers: bool) -> Bench
     return Benchmark(prompts.name, grader, tuple(problems))
 
 
-def solution_problems(spec: str, what: str) -> Benchmark:
+def solution_problems(spec: str, what: str, *, benchmarks: bool = True) -> Benchmark:
     """The problems `solutions` answers, with their gold answers.
 
     Args:
@@ -124,11 +124,19 @@ def solution_problems(spec: str, what: str) -> Benchmark:
             `addition-train:N`, a JSONL with prompt and solution). A JSONL file is read as a benchmark when it
             is one, else as a workload.
         what: what needs them, for messages.
+        benchmarks: whether the built-in benchmarks are taken. Not for `--solutions source`: they are the test
+            problems `eval` scores, and modules ranked or K chosen on them would be chosen on the test.
 
     Raises:
-        SurgeryError: neither a benchmark nor a workload, or a workload without final answers.
+        SurgeryError: neither a benchmark nor a workload, a built-in benchmark where `benchmarks` is false, or a
+            workload without final answers.
     """
     if spec in BENCHMARKS:
+        if not benchmarks:
+            raise SurgeryError(
+                f"{what} answers the problems of a workload, and {spec} is an evaluation benchmark (the test "
+                "problems eval scores); rank and choose K on train problems, e.g. gsm8k-train:64"
+            )
         return load_benchmark(spec)
     if Path(spec).is_file():
         try:
@@ -185,7 +193,7 @@ def solutions(
     check_new_file(out, overwrite)
     records = out.with_name(out.name + ".eval")
     if records.exists() and not records.is_dir():
-        raise SurgeryError(f"{records} is not a folder; move it away: solutions keeps its answers there")
+        raise SurgeryError(f"{records.absolute()} is not a folder; move it away: solutions keeps its answers there")
     check_generation_options(max_new_tokens, batch_size, None, options.device)
     bench = solution_problems(workload, "surgery solutions")
     problems, warning = select_problems(bench, limit, seed)
@@ -206,6 +214,8 @@ def source_solutions(
 ) -> SolutionsResult:
     """`solutions` of every problem of `workload`, kept in surgery's cache (`--solutions source`).
 
+    `workload` is a workload or a JSONL file, not a built-in benchmark (`solution_problems`).
+
     The entry, `solutions/KEY/` in the cache folder (`SURGERY_CACHE`, default `~/.cache/surgery`), is the eval
     results folder with the written workload inside it; KEY is the sha256 of the model's fingerprint, the
     problems and the settings, so a rerun finds it (and resumes it, if it was interrupted) and other settings
@@ -217,7 +227,7 @@ def source_solutions(
     options = options or ModelOptions()
     check_generation_options(max_new_tokens, batch_size, None, options.device)
     ckpt = open_checkpoint(model)
-    bench = solution_problems(workload, "--solutions source")
+    bench = solution_problems(workload, "--solutions source", benchmarks=False)
     problems = list(bench.problems)
     request = {
         "layout": _CACHE_LAYOUT,
@@ -359,8 +369,8 @@ def _solve(
             shutil.rmtree(records)
         raise SurgeryError(
             f"none of the {summary.problems} answers of {ckpt.path.name} to {bench.name} was graded correct, so there "
-            f"is no solution to keep and {out} was not written; use more problems, a larger --max-new-tokens, "
-            "or the gold solutions"
+            f"is no solution to keep and {out.absolute()} was not written; use more problems, a larger "
+            "--max-new-tokens, or the gold solutions"
         )
     lines = [
         {

@@ -50,7 +50,11 @@ class Method:
 
 @dataclass(frozen=True)
 class ModuleEntry:
-    """One ranked module. `a_src`/`a_tgt` are None for methods without activations."""
+    """One ranked module. `a_src`/`a_tgt` are None for methods without activations.
+
+    `task_gain`/`keep_loss`: the two parts of a score traded against a keep workload (`--keep`), score =
+    task_gain - keep_loss; None (and absent from the file) for a score of the task alone.
+    """
 
     name: str
     kind: str
@@ -61,6 +65,14 @@ class ModuleEntry:
     a_tgt: float | None
     score: float
     rank: int
+    task_gain: float | None = None
+    keep_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        """The module as the manifest writes it: the parts of a keep-traded score only where it has them."""
+        obj = {**asdict(self), "tensors": list(self.tensors), "shape": list(self.shape)}
+        parts = ("task_gain", "keep_loss")
+        return {k: v for k, v in obj.items() if not (k in parts and v is None)}
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,7 @@ class Manifest:
             "target": asdict(self.target),
             "workload": asdict(self.workload) if self.workload else None,
             "method": {"name": self.method.name, "params": self.method.params},
-            "modules": [{**asdict(m), "tensors": list(m.tensors), "shape": list(m.shape)} for m in self.modules],
+            "modules": [m.to_dict() for m in self.modules],
             "excluded": [{"name": n, "reason": r} for n, r in self.excluded],
             **({"selection": self.selection.to_dict()} if self.selection else {}),
         }
@@ -183,6 +195,8 @@ def manifest_from_dict(obj: object, where: str = "manifest") -> Manifest:
                 a_tgt=m["a_tgt"],
                 score=m["score"],
                 rank=m["rank"],
+                task_gain=m.get("task_gain"),
+                keep_loss=m.get("keep_loss"),
             )
             for m in obj["modules"]
         ),

@@ -99,14 +99,9 @@ def test_swap_nll_is_the_measured_drop(nudged_pair: dict, tmp_path: Path) -> Non
     assert score == pytest.approx(expected, rel=1e-9)
 
 
-def test_taylor_equals_the_finite_difference(nudged_pair: dict, tmp_path: Path) -> None:
-    """-score is the directional derivative of L along W_src - W_tgt: compare with a central difference."""
-    man = _rank(nudged_pair, "taylor")
-    name = CHANGED[0]
-    score = next(m.score for m in man.modules if m.name == name)
-    w = load_workload(nudged_pair["workload"])
-    tok = load_tokenizer(nudged_pair["target"])
-    gold = encode_gold(tok, w, True)
+def _slope(nudged_pair: dict, name: str, workload: str) -> float:
+    """d/dt of `workload`'s NLL at W_tgt + t (W_src - W_tgt) in module `name`: a central difference."""
+    gold = encode_gold(load_tokenizer(nudged_pair["target"]), load_workload(workload), True)
     tgt = AutoModelForCausalLM.from_pretrained(nudged_pair["target"], dtype=torch.float64)
     src = AutoModelForCausalLM.from_pretrained(nudged_pair["source"], dtype=torch.float64)
     w_t = tgt.get_submodule(name).weight.detach().clone()
@@ -120,9 +115,29 @@ def test_taylor_equals_the_finite_difference(nudged_pair: dict, tmp_path: Path) 
             tgt.get_submodule(name).weight.copy_(w_t + step * delta)
         return mean_nll(tgt, gold)
 
-    derivative = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    return (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+
+
+def test_taylor_equals_the_finite_difference(nudged_pair: dict) -> None:
+    """-score is the directional derivative of L along W_src - W_tgt: compare with a central difference."""
+    man = _rank(nudged_pair, "taylor")
+    score = next(m.score for m in man.modules if m.name == CHANGED[0])
     # Agreement to 0.1-0.2% here; the float32 internals bound it, a wrong factor or sign would be off by 2x.
-    assert -score == pytest.approx(derivative, rel=5e-3)
+    assert -score == pytest.approx(_slope(nudged_pair, CHANGED[0], nudged_pair["workload"]), rel=5e-3)
+
+
+def test_taylor_keep_loss_equals_the_finite_difference(nudged_pair: dict) -> None:
+    """With --keep W, keep_loss is +the directional derivative of W's NLL, from its own backward pass; the task
+    part is the score without --keep, to the bit."""
+    keep = nudged_pair["root"] / "keep.jsonl"
+    keep.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("The cat sat on the mat.", "Seven is odd.")))
+    alone = {m.name: m.score for m in _rank(nudged_pair, "taylor").modules}
+    traded = _rank(nudged_pair, "taylor", keep=load_workload(str(keep)))
+    for m in traded.modules:
+        assert m.task_gain == alone[m.name] and m.score == m.task_gain - m.keep_loss
+    for name in CHANGED:
+        keep_loss = next(m.keep_loss for m in traded.modules if m.name == name)
+        assert keep_loss == pytest.approx(_slope(nudged_pair, name, str(keep)), rel=5e-3)
 
 
 def test_candidates_from_limits_swap_nll(nudged_pair: dict, tmp_path: Path) -> None:

@@ -46,6 +46,21 @@ def test_load_sorts_by_rank_and_round_trips(tmp_path: Path, sharded_pair: tuple[
     assert json.loads((tmp_path / "again.json").read_text()) == json.loads(path.read_text())
 
 
+def test_the_parts_of_a_keep_traded_score_round_trip(tmp_path: Path, sharded_pair: tuple[Path, Path]) -> None:
+    """`task_gain` and `keep_loss` (ranked with --keep) load and save as they are; a module without them writes
+    neither key, so a manifest ranked on the task alone is what it always was."""
+    path = write_manifest(tmp_path / "m.json", *sharded_pair)
+    plain = json.loads(path.read_text())
+    edit(path, lambda o: o["modules"][0].update(score=0.25, task_gain=0.75, keep_loss=0.5))
+    man = load_manifest(path)
+    assert (man.modules[0].task_gain, man.modules[0].keep_loss) == (0.75, 0.5)
+    assert man.modules[1].task_gain is None and man.modules[1].keep_loss is None
+    save_manifest(man, tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads(path.read_text())
+    save_manifest(load_manifest(write_manifest(tmp_path / "plain.json", *sharded_pair)), tmp_path / "plain2.json")
+    assert json.loads((tmp_path / "plain2.json").read_text()) == plain
+
+
 def edit(path: Path, change) -> Path:
     obj = json.loads(path.read_text())
     change(obj)
@@ -65,6 +80,9 @@ def edit(path: Path, change) -> Path:
         (lambda o: o["method"].update(name="magic"), "invalid manifest at method/name"),
         (lambda o: o["modules"][1].update(rank=1), "ranks must be 1..14"),
         (lambda o: o["modules"][1].update(name=o["modules"][0]["name"]), "listed twice"),
+        # A keep-traded score's parts come together (score = task_gain - keep_loss).
+        (lambda o: o["modules"][2].update(task_gain=0.5), "invalid manifest at modules/2: 'keep_loss' is a dependency"),
+        (lambda o: o["modules"][2].update(keep_loss="high", task_gain=0.5), "invalid manifest at modules/2/keep_loss"),
     ],
 )
 def test_invalid_manifests_are_refused(manifest_file: Path, change, message: str) -> None:

@@ -16,7 +16,9 @@ from surgery.analysis.ranking import (
     RANKING_METHODS,
     baseline_method,
     build_manifest,
+    check_needs,
     get_method,
+    methods_taking_keep,
     methods_that_need,
     ranking_method,
 )
@@ -107,6 +109,18 @@ def test_a_missing_need_gets_the_registry_message(planted, method: str) -> None:
     hint = {"stats": "--source-stats and --target-stats", "seed": "--seed", "gold": "--workload with gold"}[need]
     with pytest.raises(SurgeryError, match=f"method {method} needs {re.escape(hint)}"):
         _rank(method, source, target, None, None, seed=None, gold=False)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_keep_is_taken_only_by_the_methods_that_declare_it(method: str) -> None:
+    """One check, one message for every method: --keep names the methods that can trade against it."""
+    spec = get_method(method)
+    assert methods_taking_keep() == ["taylor", "swap-nll"]
+    if spec.takes_keep:
+        check_needs(spec, have_stats=True, seed=1, have_gold=True, have_keep=True)
+        return
+    with pytest.raises(SurgeryError, match=f"^method {method} cannot use --keep; use --method taylor or swap-nll,"):
+        check_needs(spec, have_stats=True, seed=1, have_gold=True, have_keep=True)
 
 
 @pytest.mark.parametrize("method", ["lae", "lae-abs", "lae-rel", "weight-delta", "swap-nll", "random-changed"])

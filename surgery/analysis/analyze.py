@@ -60,6 +60,7 @@ def analyze(
     target: str | Path,
     method: str = "taylor",
     seed: int | None = None,
+    keep: str | None = None,
     max_new_tokens: int = 128,
     batch_size: int = 8,
     max_memory: str | None = None,
@@ -76,6 +77,8 @@ def analyze(
         method: ranking method (see `surgery.analysis.ranking`); `taylor` by default (it needs a workload with
             gold solutions), `lae` for the paper's activation ranking.
         seed: for the `random` method.
+        keep: for `taylor` and `swap-nll`, a workload the target must not lose (plain text works, e.g.
+            `general-text:48`): each score becomes the module's task gain less its loss on it.
         max_new_tokens, batch_size, max_memory, options: as in `profile` (`options` also for the loss-based
             methods, which load the target themselves).
         overwrite: replace an existing `out` (the cached stats beside it are reused or replaced either way).
@@ -95,13 +98,14 @@ def analyze(
     spec = get_method(method)
     uses_stats = "stats" in spec.needs
     # Stats come from the profiles below; every other need is checked now.
-    check_needs(spec, have_stats=True, seed=seed, have_gold=True)
+    check_needs(spec, have_stats=True, seed=seed, have_gold=True, have_keep=keep is not None)
     check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
     if out.suffix != ".json":
         raise SurgeryError(f"manifest path {out.absolute()} should end in .json")
     src, tgt = open_checkpoint(source), open_checkpoint(target)
     compat = find_candidates(src, tgt, options.trust_remote_code)
     prompts = load_workload(workload)
+    kept = load_workload(keep) if keep is not None else None
     if "gold" in spec.needs:  # refused now, not after the target is loaded
         by_activations = ", ".join(methods_that_need("stats"))
         require_solutions(prompts, f"method {method} (--method {by_activations} rank by activations, with any prompts)")
@@ -136,6 +140,7 @@ def analyze(
         workload=prompts,
         options=options,
         batch_size=batch_size,
+        keep=kept,
     )
     save_manifest(manifest, out)
     return manifest

@@ -26,6 +26,7 @@ def rank(
     method: str = "lae",
     seed: int | None = None,
     workload: str | None = None,
+    keep: str | None = None,
     candidates_from: str | Path | None = None,
     max_candidates: int | None = None,
     batch_size: int = 8,
@@ -41,6 +42,8 @@ def rank(
         method: a registered ranking method.
         seed: for methods that need one (`random`).
         workload: a workload with gold solutions, for `taylor` and `swap-nll` (see `load_workload`).
+        keep: with those methods, a workload the target must not lose (plain text works, e.g.
+            `general-text:48`): each score becomes the module's task gain less its loss on it.
         candidates_from: score only the modules this manifest (of the same pair) ranks, ...
         max_candidates: ... and of those only its top N.
         batch_size: problems per forward pass (`taylor`, `swap-nll`).
@@ -59,6 +62,7 @@ def rank(
     if max_candidates is not None and (candidates_from is None or max_candidates < 1):
         raise SurgeryError("--max-candidates N takes N >= 1 and needs --candidates-from MANIFEST to take them from")
     prompts = load_workload(workload) if workload is not None else None
+    kept = load_workload(keep) if keep is not None else None
     stats = {"source": load_stats(source_stats) if source_stats else None}
     stats["target"] = load_stats(target_stats) if target_stats else None
     paths = {"source": source, "target": target}
@@ -89,6 +93,7 @@ def rank(
         batch_size=batch_size,
         only=only,
         only_reason=why,
+        keep=kept,
     )
     save_manifest(manifest, out)
     return manifest

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from surgery.analysis.ranking import METHODS, methods_that_need
+from surgery.analysis.ranking import METHODS, methods_taking_keep, methods_that_need
 from surgery.checkpoints.options import ModelOptions
 from surgery.cli.evaluation import echo_selection
 from surgery.cli.options import MAX_MEMORY, OVERWRITE, SELECT_OPTIONS, model_options, stack
@@ -28,6 +28,11 @@ _profile_options = stack(
     model_options,
 )
 SEED = click.option("--seed", type=int, help=f"Seed for --method {', '.join(methods_that_need('seed'))}.")
+KEEP = click.option(
+    "--keep",
+    help=f"{', '.join(methods_taking_keep())}: a workload the target must not lose (plain text works, e.g. "
+    "general-text:48); each score becomes the module's task gain minus its loss on it.",
+)
 
 
 def _method(default: str, why: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -39,7 +44,8 @@ def _method(default: str, why: str) -> Callable[[Callable[..., Any]], Callable[.
 def _summarize(manifest: Manifest, out: str, top: int = 5) -> None:
     click.echo(f"wrote {out}: {len(manifest.modules)} modules ranked by {manifest.method.name}")
     for m in manifest.modules[:top]:
-        click.echo(f"  {m.rank:4d}  {m.score:+.6g}  {m.name}")
+        parts = f"  (task {m.task_gain:+.4g}, keep {m.keep_loss:+.4g})" if m.keep_loss is not None else ""
+        click.echo(f"  {m.rank:4d}  {m.score:+.6g}  {m.name}{parts}")
 
 
 @click.command("profile")
@@ -89,6 +95,7 @@ def profile_cmd(
     "-w",
     help="taylor, swap-nll: a workload with gold solutions (gsm8k-train:N, math-train:N, JSONL prompt+solution).",
 )
+@KEEP
 @click.option("--candidates-from", help="Score only the modules this manifest ranks (swap-nll costs one pass each).")
 @click.option("--max-candidates", type=int, help="With --candidates-from: only its top N.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
@@ -103,6 +110,7 @@ def manifest_cmd(
     method: str,
     seed: int | None,
     workload: str | None,
+    keep: str | None,
     candidates_from: str | None,
     max_candidates: int | None,
     batch_size: int,
@@ -122,6 +130,7 @@ def manifest_cmd(
         method=method,
         seed=seed,
         workload=workload,
+        keep=keep,
         candidates_from=candidates_from,
         max_candidates=max_candidates,
         batch_size=batch_size,
@@ -137,6 +146,7 @@ def manifest_cmd(
 @_profile_options
 @_method("taylor", "taylor measured best on both studied pairs (README); lae is the paper's")
 @SEED
+@KEEP
 @click.option("--auto-k", is_flag=True, help="Then choose K on --validation, as `surgery select` does.")
 @click.option("--validation", help="With --auto-k: held-out problems with gold solutions, e.g. gsm8k-train:64:1.")
 @SELECT_OPTIONS
@@ -152,6 +162,7 @@ def analyze_cmd(
     options: ModelOptions,
     method: str,
     seed: int | None,
+    keep: str | None,
     auto_k: bool,
     validation: str | None,
     ks: str | None,
@@ -168,6 +179,8 @@ def analyze_cmd(
     given = [name for name in choice if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
     if given and validation is None:
         raise SurgeryError(f"--{given[0].replace('_', '-')} applies with --auto-k --validation W, which chooses K")
+    if keep is not None and validation is not None:
+        raise SurgeryError("--auto-k does not take --keep yet; run `surgery analyze --keep W`, then `surgery select`")
     if validation is None:
         from surgery.analysis.analyze import analyze
 
@@ -178,6 +191,7 @@ def analyze_cmd(
             target=target,
             method=method,
             seed=seed,
+            keep=keep,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             max_memory=max_memory,

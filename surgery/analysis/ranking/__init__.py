@@ -8,6 +8,7 @@ One file per method, each registering one scoring function (see `registry.py`):
 - `weight-delta`: ||W_src - W_tgt|| / ||W_tgt||, streamed; needs no activations.
 - `taylor`: -<dL/dW, W_src - W_tgt>, the first-order drop of the target's gold-solution NLL.
 - `swap-nll`: the measured drop of that NLL with each module alone swapped in.
+  Both take a keep workload (`--keep W`): a module's score is then its task gain less its loss on W.
 - `random`: a seeded shuffle; the baseline any method must beat.
 - `random-changed`: a seeded shuffle of the modules whose weights differ; the baseline when an
   update touched only some modules.
@@ -26,11 +27,13 @@ from surgery.analysis.ranking import random_order, random_changed  # noqa: F401
 from surgery.analysis.ranking.build import build_manifest, check_comparable, check_stats_match
 from surgery.analysis.ranking.registry import (
     RANKING_METHODS,
+    KeepScore,
     RankContext,
     RankingMethod,
     baseline_method,
     check_needs,
     get_method,
+    methods_taking_keep,
     methods_that_need,
     ranking_method,
 )
@@ -41,6 +44,7 @@ METHODS: tuple[str, ...] = tuple(RANKING_METHODS)
 __all__ = [
     "METHODS",
     "RANKING_METHODS",
+    "KeepScore",
     "RankContext",
     "RankingMethod",
     "baseline_method",
@@ -49,6 +53,7 @@ __all__ = [
     "check_needs",
     "check_stats_match",
     "get_method",
+    "methods_taking_keep",
     "methods_that_need",
     "ranking_method",
 ]

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import TYPE_CHECKING
 
-from surgery.analysis.ranking.registry import RankContext, check_needs, get_method
+from surgery.analysis.ranking.params import KeepRef
+from surgery.analysis.ranking.registry import KeepScore, RankContext, check_needs, get_method
 from surgery.analysis.workloads import require_solutions
 from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
@@ -58,6 +59,7 @@ def build_manifest(
     batch_size: int = 8,
     only: Sequence[str] | None = None,
     only_reason: str = "not scored",
+    keep: PromptSet | None = None,
 ) -> Manifest:
     """Score every candidate with `method` and rank them (highest score = rank 1).
 
@@ -71,12 +73,16 @@ def build_manifest(
         options: how those methods load and prompt the target (default `ModelOptions()`).
         batch_size: problems per forward pass for those methods.
         only: score only these candidates; the others go to `excluded` with `only_reason`.
+        keep: what the target must not lose (a workload with solutions; plain text has them), for the
+            methods that take one (`methods_taking_keep`): each score is then the module's task gain less
+            its loss on `keep`, both recorded beside it, and `method.params` records `keep`'s name and sha256.
 
     Returns:
         The manifest; ties keep module order, so ranking is deterministic.
 
     Raises:
-        SurgeryError: unknown method, a missing need, stats of other checkpoints, or non-finite scores.
+        SurgeryError: unknown method, a missing need, a keep workload the method cannot use or without
+            solutions, stats of other checkpoints, or non-finite scores.
 
     Example:
         >>> m = build_manifest("weight-delta", find_candidates(src, tgt), source=src, target=tgt)  # doctest: +SKIP
@@ -90,11 +96,20 @@ def build_manifest(
     uses_stats = "stats" in spec.needs
     uses_gold = "gold" in spec.needs
     check_needs(
-        spec, have_stats=src_stats is not None and tgt_stats is not None, seed=seed, have_gold=workload is not None
+        spec,
+        have_stats=src_stats is not None and tgt_stats is not None,
+        seed=seed,
+        have_gold=workload is not None,
+        have_keep=keep is not None,
     )
     if uses_gold:
         assert workload is not None
         require_solutions(workload, f"method {method}")
+    if keep is not None and keep.solutions is None:
+        raise SurgeryError(
+            f"keep workload {keep.name} has no solutions to measure the NLL of; use plain text (general-text:N, "
+            'stdlib-docs:N, or a JSONL of {"text": ...} lines) or prompts with solutions'
+        )
     options = options or ModelOptions()
     recorded = None  # the workload as the manifest records it
     if uses_stats:
@@ -117,6 +132,7 @@ def build_manifest(
         "seed": seed,
         "dtype": options.dtype,
         "chat": options.chat,
+        "keep": KeepRef(keep.name, keep.sha256) if keep is not None else None,
     }
     params = spec.params(**{f.name: request[f.name] for f in fields(spec.params)})
     ctx = RankContext(
@@ -130,11 +146,14 @@ def build_manifest(
         options=options,
         batch_size=batch_size,
         only=frozenset(only) if only is not None else None,
+        keep=keep,
     )
     scored = ctx.candidates
     if not scored:
         raise SurgeryError(f"none of the requested modules is a candidate ({only_reason}); check `surgery compat`")
-    scores = spec.score(ctx)
+    scored_as = spec.score(ctx)
+    parts = {n: v for n, v in scored_as.items() if isinstance(v, KeepScore)}
+    scores = {n: v.score if isinstance(v, KeepScore) else v for n, v in scored_as.items()}
 
     bad = next((c.name for c in scored if not math.isfinite(scores[c.name])), None)
     if bad is not None:
@@ -153,6 +172,8 @@ def build_manifest(
             a_tgt=tgt_stats.mean[c.name] if ctx.tgt_stats is not None else None,
             score=scores[c.name],
             rank=rank,
+            task_gain=parts[c.name].task_gain if c.name in parts else None,
+            keep_loss=parts[c.name].keep_loss if c.name in parts else None,
         )
         for rank, c in enumerate((scored[i] for i in order), 1)
     )
@@ -162,7 +183,8 @@ def build_manifest(
         source=_model_ref(source),
         target=_model_ref(target),
         workload=recorded,
-        method=Method(method, asdict(params)),
+        # A parameter the request left None is not recorded: a ranking without --keep reads as it always has.
+        method=Method(method, asdict(params, dict_factory=lambda kv: {k: v for k, v in kv if v is not None})),
         modules=entries,
         excluded=tuple((e.name, e.reason) for e in compat.excluded) + unscored,
     )

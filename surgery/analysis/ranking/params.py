@@ -2,7 +2,8 @@
 
 A method declares its class (`@ranking_method(..., params=SeedParams)`); `build_manifest` fills each
 field from the request value of the same name (`settings`: the stats' profile settings; `seed`;
-`dtype` and `chat`: the target's `ModelOptions`) and records `asdict(params)`. Methods that record the
+`dtype` and `chat`: the target's `ModelOptions`; `keep`: the keep workload) and records `asdict(params)`,
+leaving out the fields that are None (a request that did not use them). Methods that record the
 same things share a class; a method that records something new adds its own class here.
 """
 
@@ -35,8 +36,18 @@ class SeedParams:
 
 
 @dataclass(frozen=True)
+class KeepRef:
+    """The keep workload a ranking traded the task against: its name and the sha256 of its rows."""
+
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class GoldParams:
-    """The task-loss methods (`taylor`, `swap-nll`): how the target was loaded and prompted."""
+    """The task-loss methods (`taylor`, `swap-nll`): how the target was loaded and prompted, and the keep
+    workload each score was traded against (None, not recorded: the task alone, as before keep sets)."""
 
     dtype: str
     chat: bool
+    keep: KeepRef | None = None

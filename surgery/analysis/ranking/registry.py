@@ -2,7 +2,9 @@
 
 A method declares what it needs (`stats`: a profile of both models; `seed`: a seed; `gold`: a
 workload with gold solutions, to measure the task loss on the target), and one
-check here refuses a missing need with the same message for every method. It declares the
+check here refuses a missing need with the same message for every method. A method may also take a
+keep workload (`takes_keep`): what the target must not lose, traded against the task in each score
+(`KeepScore`); the same check refuses one given to a method that cannot use it. It declares the
 parameters its manifest records as a frozen dataclass (`params.py`). Adding a method is one file in
 this folder with one `@ranking_method` function, plus its import in `__init__.py`; the manifest
 schema's enum is generated from the registry (`schema.py`).
@@ -48,6 +50,8 @@ class RankContext(Generic[P]):
         options: how to load and prompt the target (`needs={"gold"}`).
         batch_size: problems per forward pass (`needs={"gold"}`).
         only: score only these candidates (None: all); the others are listed as excluded.
+        keep: what the target must not lose, with solutions (methods with `takes_keep` only; None: the
+            task alone). Such a method scores each module as a `KeepScore`.
     """
 
     source: Checkpoint
@@ -60,6 +64,7 @@ class RankContext(Generic[P]):
     options: ModelOptions = field(default_factory=ModelOptions)
     batch_size: int = 8
     only: frozenset[str] | None = None
+    keep: PromptSet | None = None
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -71,7 +76,27 @@ class RankContext(Generic[P]):
         return [c.name for c in self.candidates]
 
 
-Scorer = Callable[[RankContext], dict[str, float]]
+@dataclass(frozen=True)
+class KeepScore:
+    """A module's score traded against the keep workload: what restoring it gains on the task, less what
+    it costs on the keep workload. The manifest records both parts beside the score, so that a first-order
+    estimate (`taylor`) can be compared with the measured swap (`swap-nll`) part by part.
+
+    Attributes:
+        task_gain: the drop of the task NLL when the module is restored (nats per token).
+        keep_loss: the rise of the keep workload's NLL when it is restored (negative: restoring helps it too).
+    """
+
+    task_gain: float
+    keep_loss: float
+
+    @property
+    def score(self) -> float:
+        return self.task_gain - self.keep_loss
+
+
+# A scorer returns a float per module, or a `KeepScore` per module when it was given a keep workload.
+Scorer = Callable[[RankContext], dict[str, float] | dict[str, KeepScore]]
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,7 @@ class RankingMethod:
     """A registered method: its name (as written in manifests), scorer, needs, parameters and one-line summary.
 
     `baseline`: the chance ranking that `sweep` evaluates beside the manifest's (exactly one method is).
+    `takes_keep`: it can trade the task against a keep workload (`RankContext.keep`).
     """
 
     name: str
@@ -88,6 +114,7 @@ class RankingMethod:
     summary: str
     reference: str | None = None
     baseline: bool = False
+    takes_keep: bool = False
 
 
 RANKING_METHODS: dict[str, RankingMethod] = {}
@@ -100,6 +127,7 @@ def ranking_method(
     params: type = NoParams,
     reference: str | None = None,
     baseline: bool = False,
+    takes_keep: bool = False,
 ) -> Callable[[Scorer], Scorer]:
     """Register `score(ctx) -> {module: score}` (higher = transplant first) under `name`.
 
@@ -110,6 +138,7 @@ def ranking_method(
             values of the same names; the manifest records it as `method.params`.
         reference: where the method comes from, if published.
         baseline: the chance ranking `sweep` compares against (one method only).
+        takes_keep: it accepts a keep workload and then returns a `KeepScore` per module.
 
     Returns:
         The decorator; the function's docstring's first line is the method's summary (shown by `--help`).
@@ -125,7 +154,14 @@ def ranking_method(
             raise ValueError(f"ranking method {name!r} is a second baseline; sweep compares against one")
         summary = (score.__doc__ or "").strip().splitlines()[0] if score.__doc__ else name
         RANKING_METHODS[name] = RankingMethod(
-            name, score, frozenset(needs), params, summary, reference=reference, baseline=baseline
+            name,
+            score,
+            frozenset(needs),
+            params,
+            summary,
+            reference=reference,
+            baseline=baseline,
+            takes_keep=takes_keep,
         )
         return score
 
@@ -153,9 +189,22 @@ def methods_that_need(need: Need) -> list[str]:
     return [m.name for m in RANKING_METHODS.values() if need in m.needs]
 
 
-def check_needs(method: RankingMethod, *, have_stats: bool, seed: int | None, have_gold: bool = False) -> None:
-    """Refuse a request that lacks what `method` needs, before any slow work starts."""
+def methods_taking_keep() -> list[str]:
+    """The names of the registered methods that take a keep workload, in registration order."""
+    return [m.name for m in RANKING_METHODS.values() if m.takes_keep]
+
+
+def check_needs(
+    method: RankingMethod, *, have_stats: bool, seed: int | None, have_gold: bool = False, have_keep: bool = False
+) -> None:
+    """Refuse a request that lacks what `method` needs, or gives it a keep workload it cannot use, before any
+    slow work starts."""
     have = {"stats": have_stats, "seed": seed is not None, "gold": have_gold}
     missing = next((n for n in sorted(method.needs) if not have[n]), None)
     if missing is not None:
         raise SurgeryError(f"method {method.name} needs {_NEED_HINTS[missing]}")
+    if have_keep and not method.takes_keep:
+        raise SurgeryError(
+            f"method {method.name} cannot use --keep; use --method {' or '.join(methods_taking_keep())}, "
+            "which trade the task against the keep workload"
+        )

@@ -229,6 +229,9 @@ def test_profile_and_taylor_under_torchrun_equal_one_process(nudged_pair: dict, 
         assert b.mean[name] == pytest.approx(a.mean[name], rel=1e-6), name
         assert torch.allclose(b.per_prompt[name], a.per_prompt[name], rtol=1e-6), name
     t1, t2 = tmp_path / "t1.json", tmp_path / "t2.json"
+    # With --keep: the keep workload's backward pass is shared out the same way, and summed with the task's.
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("The cat sat on the mat.", "Seven is odd.")))
     rank = [
         "manifest",
         "-s",
@@ -239,12 +242,15 @@ def test_profile_and_taylor_under_torchrun_equal_one_process(nudged_pair: dict, 
         "taylor",
         "-w",
         w,
+        "--keep",
+        str(keep),
     ]
     assert cli(*rank, "--batch-size", "1", "-q", "-o", t1).exit_code == 0
     done = torchrun([*rank, "--batch-size", "1", "-q", "-o", str(t2)])
     assert done.returncode == 0, done.stderr[-8000:]
-    s1 = {m.name: m.score for m in load_manifest(t1).modules}
-    s2 = {m.name: m.score for m in load_manifest(t2).modules}
-    assert s1.keys() == s2.keys()
-    for name in s1:
-        assert s2[name] == pytest.approx(s1[name], rel=1e-6, abs=1e-15), name
+    m1 = {m.name: m for m in load_manifest(t1).modules}
+    m2 = {m.name: m for m in load_manifest(t2).modules}
+    assert m1.keys() == m2.keys()
+    for name, a in m1.items():
+        for part in ("score", "task_gain", "keep_loss"):
+            assert getattr(m2[name], part) == pytest.approx(getattr(a, part), rel=1e-6, abs=1e-15), (name, part)

@@ -199,12 +199,13 @@ def check_needs(
 ) -> None:
     """Refuse a request that lacks what `method` needs, or gives it a keep workload it cannot use, before any
     slow work starts."""
-    have = {"stats": have_stats, "seed": seed is not None, "gold": have_gold}
-    missing = next((n for n in sorted(method.needs) if not have[n]), None)
-    if missing is not None:
-        raise SurgeryError(f"method {method.name} needs {_NEED_HINTS[missing]}")
+    # A keep workload the method cannot use is refused first: the needs below would not make it usable.
     if have_keep and not method.takes_keep:
         raise SurgeryError(
             f"method {method.name} cannot use --keep; use --method {' or '.join(methods_taking_keep())}, "
             "which trade the task against the keep workload"
         )
+    have = {"stats": have_stats, "seed": seed is not None, "gold": have_gold}
+    missing = next((n for n in sorted(method.needs) if not have[n]), None)
+    if missing is not None:
+        raise SurgeryError(f"method {method.name} needs {_NEED_HINTS[missing]}")

@@ -10,7 +10,7 @@ from click.core import ParameterSource
 
 from surgery.analysis.ranking import METHODS, methods_taking_keep, methods_that_need
 from surgery.checkpoints.options import ModelOptions
-from surgery.cli.evaluation import echo_selection
+from surgery.cli.evaluation import SOLUTIONS, echo_selection
 from surgery.cli.options import MAX_MEMORY, OVERWRITE, SELECT_OPTIONS, model_options, stack
 from surgery.errors import SurgeryError
 from surgery.manifest import Manifest
@@ -147,6 +147,7 @@ def manifest_cmd(
 @_method("taylor", "taylor measured best on both studied pairs (README); lae is the paper's")
 @SEED
 @KEEP
+@SOLUTIONS
 @click.option("--auto-k", is_flag=True, help="Then choose K on --validation, as `surgery select` does.")
 @click.option("--validation", help="With --auto-k: held-out problems with gold solutions, e.g. gsm8k-train:64:1.")
 @SELECT_OPTIONS
@@ -163,6 +164,7 @@ def analyze_cmd(
     method: str,
     seed: int | None,
     keep: str | None,
+    solutions: str | None,
     auto_k: bool,
     validation: str | None,
     ks: str | None,
@@ -183,9 +185,21 @@ def analyze_cmd(
         raise SurgeryError("--auto-k does not take --keep yet; run `surgery analyze --keep W`, then `surgery select`")
     if validation is None:
         from surgery.analysis.analyze import analyze
+        from surgery.evaluation.solutions import ranking_workload
 
-        manifest = analyze(
+        ranked_on = ranking_workload(
             workload,
+            solutions,
+            out,
+            source=source,
+            method=method,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            options=options,
+            overwrite=overwrite,
+        )
+        manifest = analyze(
+            ranked_on,
             out,
             source=source,
             target=target,
@@ -218,6 +232,7 @@ def analyze_cmd(
         metric=metric,
         options=options,
         overwrite=overwrite,
+        solutions=solutions,
     )
     _summarize(result.manifest, out)
     echo_selection(result)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.analysis.ranking import get_method, methods_that_need
-from surgery.analysis.workloads import BUILTINS, PromptSet, load_workload, require_solutions
+from surgery.analysis.workloads import BUILTINS, TEXT_BUILTINS, PromptSet, load_workload, require_solutions
 from surgery.checkpoints.cache import cache_file, read_entry
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
 from surgery.checkpoints.loading import check_generation_options, load_tokenizer, with_model
@@ -151,7 +151,7 @@ def solution_problems(spec: str, what: str, *, benchmarks: bool = True) -> Bench
         return workload_benchmark(load_workload(spec), what, answers=True)
     raise SurgeryError(
         f"{spec!r} is no file, benchmark ({', '.join(BENCHMARKS)}) or built-in workload "
-        f"({', '.join(f'{n}:N' for n in BUILTINS)}); check the name or the path"
+        f"({', '.join(f'{n}:N' for n in BUILTINS if n not in TEXT_BUILTINS)}); check the name or the path"
     )
 
 

@@ -76,13 +76,52 @@ class ModuleEntry:
 
 
 @dataclass(frozen=True)
+class KeepPoint:
+    """What a patched model keeps of the target on one keep set (`evaluation.metrics.Retention`, as recorded).
+
+    `pct` is Retention % with its interval (100: the target's own, 0: a full rollback); None where the target has
+    no advantage on the set, and `undefined` says why. `nll_change` (patched - target, nats per token, with its
+    interval) is recorded either way: a regression check.
+    """
+
+    keep: str
+    pct: float | None
+    ci95: tuple[float, float] | None
+    nll_change: float
+    nll_change_ci95: tuple[float, float]
+    undefined: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KeepPoint:
+        ci = d["ci95"]
+        return cls(d["keep"], d["pct"], tuple(ci) if ci else None, d["nll_change"], tuple(d["nll_change_ci95"]),
+                   d.get("undefined"))  # type: ignore[arg-type]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class CurvePoint:
-    """One K of a selection curve: the metric on the validation problems, and the Recovery it means."""
+    """One K (and alpha) of a selection curve: the metric on the validation problems, the Recovery it means,
+    and with keep sets, what it keeps of the target on each. `alpha` < 1 is a blend (`transplant --alpha`)."""
 
     k: int
     value: float
     recovery: float | None
     recovery_ci95: tuple[float, float] | None
+    alpha: float = 1.0
+    retention: tuple[KeepPoint, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The point as the manifest writes it: `alpha` and `retention` only where they say something."""
+        d: dict = {"k": self.k, "value": self.value, "recovery": self.recovery}
+        d["recovery_ci95"] = list(self.recovery_ci95) if self.recovery_ci95 else None
+        if self.alpha != 1:
+            d["alpha"] = self.alpha
+        if self.retention:
+            d["retention"] = [
+                {**asdict(r), "ci95": list(r.ci95) if r.ci95 else None, "nll_change_ci95": list(r.nll_change_ci95)}
+                for r in self.retention
+            ]
+        return d
 
 
 @dataclass(frozen=True)
@@ -95,7 +134,10 @@ class Selection:
         metric: `nll` (gold-solution NLL) or `accuracy`.
         validation: the validation workload (name, sha256 of its prompts, count).
         baselines: the metric of the source and of the target on it.
-        curve: every K measured.
+        curve: every K (and alpha) measured.
+        alpha: the chosen blend (1: a copy), which `transplant` takes from here as it takes `k`.
+        keep: the keep sets Retention was measured on (name, sha256, count), in the order of each point's.
+        min_retention: the Retention every keep set had to keep, in percent (None: not asked).
     """
 
     k: int
@@ -104,18 +146,27 @@ class Selection:
     validation: dict[str, object]
     baselines: dict[str, float]
     curve: tuple[CurvePoint, ...]
+    alpha: float = 1.0
+    keep: tuple[dict[str, object], ...] = ()
+    min_retention: float | None = None
 
     def to_dict(self) -> dict:
-        return {
+        """The selection as the manifest writes it: `alpha`, `keep` and `min_retention` only where they are set."""
+        d = {
             "k": self.k,
             "rule": self.rule,
             "metric": self.metric,
             "validation": dict(self.validation),
             "baselines": dict(self.baselines),
-            "curve": [
-                {**asdict(p), "recovery_ci95": list(p.recovery_ci95) if p.recovery_ci95 else None} for p in self.curve
-            ],
+            "curve": [p.to_dict() for p in self.curve],
         }
+        if self.alpha != 1:
+            d["alpha"] = self.alpha
+        if self.keep:
+            d["keep"] = [dict(k) for k in self.keep]
+        if self.min_retention is not None:
+            d["min_retention"] = self.min_retention
+        return d
 
 
 @dataclass(frozen=True)
@@ -223,10 +274,27 @@ def manifest_from_dict(obj: object, where: str = "manifest") -> Manifest:
 
 def _selection(obj: dict) -> Selection:
     curve = tuple(
-        CurvePoint(p["k"], p["value"], p["recovery"], tuple(p["recovery_ci95"]) if p["recovery_ci95"] else None)
+        CurvePoint(
+            p["k"],
+            p["value"],
+            p["recovery"],
+            tuple(p["recovery_ci95"]) if p["recovery_ci95"] else None,  # type: ignore[arg-type]
+            p.get("alpha", 1.0),
+            tuple(KeepPoint.from_dict(r) for r in p.get("retention", ())),
+        )
         for p in obj["curve"]
     )
-    return Selection(obj["k"], obj["rule"], obj["metric"], obj["validation"], obj["baselines"], curve)
+    return Selection(
+        obj["k"],
+        obj["rule"],
+        obj["metric"],
+        obj["validation"],
+        obj["baselines"],
+        curve,
+        obj.get("alpha", 1.0),
+        tuple(obj.get("keep", ())),
+        obj.get("min_retention"),
+    )
 
 
 def ranked_elsewhere(manifest: Manifest, source: Checkpoint, target: Checkpoint) -> str | None:

@@ -129,7 +129,9 @@ def report_cmd(
 def echo_selection(result: SelectResult) -> None:
     """Print what `select` chose: the curve's table, then where it went."""
     click.echo(result.table)
-    click.echo(f"wrote {result.out}: K={result.selection.k} ({result.selection.rule}); curve in {result.plot}")
+    sel = result.selection
+    blend = f", alpha {sel.alpha:g}" if sel.alpha != 1 else ""
+    click.echo(f"wrote {result.out}: K={sel.k}{blend} ({sel.rule}); curve in {result.plot}")
 
 
 @click.command("sweep")
@@ -216,6 +218,14 @@ SOLUTIONS = click.option(
 )
 @SELECT_OPTIONS
 @SOLUTIONS
+@KEEP_SETS
+@click.option(
+    "--min-retention",
+    type=float,
+    help="With --keep: choose the smallest K whose Recovery reaches --min-recovery while every keep set keeps at "
+    "least this % of the target's advantage.",
+)
+@ALPHAS
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
 @click.option(
     "--max-new-tokens",
@@ -242,6 +252,9 @@ def select_cmd(
     min_recovery: float,
     metric: str,
     solutions: str | None,
+    keep: tuple[str, ...],
+    min_retention: float | None,
+    alphas: str | None,
     batch_size: int,
     max_new_tokens: int,
     options: ModelOptions,
@@ -249,7 +262,7 @@ def select_cmd(
     overwrite: bool,
 ) -> None:
     """Choose K for the manifest (-m M, or MANIFEST) on held-out problems: swap the top K in memory for each K and
-    measure Recovery."""
+    measure Recovery (with --keep, Retention too; with --alphas, each K blended)."""
     from surgery.evaluation.select import choose_k
 
     if manifest is not None and manifest_option is not None:
@@ -271,6 +284,9 @@ def select_cmd(
         options=options,
         overwrite=overwrite,
         solutions=solutions,
+        keep=keep,
+        min_retention=min_retention,
+        alphas=alphas,
     )
     echo_selection(result)
 

@@ -43,11 +43,10 @@ from surgery.transplants.write import TransplantResult
 @click.option(
     "--alpha",
     type=float,
-    default=1.0,
-    show_default=True,
     metavar="A",
     help="Blend: write target + A * (source - target) for the selected tensors (float32, rounded to the target's "
-    "dtype), 0 < A <= 1; 1 copies them. With --module '*': the WiSE-FT interpolation.",
+    "dtype), 0 < A <= 1; 1 copies them. With --module '*': the WiSE-FT interpolation. [default: the alpha "
+    "`surgery select` chose with the manifest's K, else 1]",
 )
 @click.option("--push-to-hub", "push_to", metavar="ORG/NAME", help="Push the output to this Hub repo once written.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
@@ -69,7 +68,7 @@ def transplant(
     link: bool,
     patch: bool,
     reversible: bool,
-    alpha: float,
+    alpha: float | None,
     push_to: str | None,
     private: bool,
     dry_run: bool,

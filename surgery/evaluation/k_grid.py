@@ -1,10 +1,11 @@
-"""The K values that `sweep`, `select` and `analyze --auto-k` measure: one default grid, one parser.
+"""The K values (and blends) that `sweep`, `select` and `analyze --auto-k` measure: one default grid, one parser.
 
 Torch-free, so that the CLI can show the defaults in `--help`.
 """
 
 from __future__ import annotations
 
+from surgery.checkpoints.streaming import check_alpha
 from surgery.errors import SurgeryError
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -58,4 +59,24 @@ def parse_ks(text: str | None, modules: int, smallest: int = 1) -> list[int]:
     values = parse_ints(text, "--ks", "K values")
     if values[-1] > modules:
         raise SurgeryError(f"--ks {values[-1]} is more than the manifest's {modules} modules; list K up to {modules}")
+    return values
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    """`--alphas`: comma-separated blends in (0, 1], each once, in the order given; None for [1.0].
+
+    Raises:
+        SurgeryError: a value that is not a number, or is outside (0, 1].
+    """
+    if text is None:
+        return [1.0]
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise SurgeryError(f"--alphas {text!r}: {part!r} is not a number; pass e.g. 0.25,0.5,1") from None
+        check_alpha(value, "--alphas")
+        if value not in values:
+            values.append(value)
     return values

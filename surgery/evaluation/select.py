@@ -16,7 +16,7 @@ of answering as the source does, rather than of imitating the gold solutions.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,14 +24,14 @@ from surgery.analysis.nll import encode_gold, gold_nll
 from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
-from surgery.checkpoints.loading import load_tokenizer, with_model
+from surgery.checkpoints.loading import load_tokenizer
 from surgery.checkpoints.options import ModelOptions
-from surgery.checkpoints.swap import swapped
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import STOP_STRINGS, Benchmark, grade, prompt_messages, prompt_text
 from surgery.evaluation.generate import greedy_generate, render
-from surgery.evaluation.k_grid import parse_ks
-from surgery.evaluation.metrics import mean_interval, paired_bootstrap, recovery
+from surgery.evaluation.k_grid import parse_alphas, parse_ks
+from surgery.evaluation.keep import keep_sets
+from surgery.evaluation.metrics import Retention, mean_interval, paired_bootstrap, recovery, retention
 from surgery.evaluation.solutions import (
     check_solver,
     find_cached,
@@ -39,9 +39,11 @@ from surgery.evaluation.solutions import (
     source_solutions,
     workload_benchmark,
 )
+from surgery.evaluation.tradeoff import VALIDATION, Patched, choose_point, measure_patched, nll_scorer
 from surgery.fileio import check_new_file
 from surgery.manifest import (
     CurvePoint,
+    KeepPoint,
     Manifest,
     Selection,
     Workload,
@@ -86,15 +88,37 @@ class _Validation:
     bench: Benchmark | None
 
 
-def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float, solutions: str | None = None) -> None:
-    """Refuse a bad `--metric`, `--min-recovery` or `--solutions`, and outputs that are not new: the manifest
-    `out` and its PNG.
+def check_options(
+    out: Path,
+    overwrite: bool,
+    metric: str,
+    min_recovery: float,
+    solutions: str | None = None,
+    *,
+    keep: Sequence[str] = (),
+    min_retention: float | None = None,
+    alphas: str | None = None,
+) -> tuple[list[PromptSet], list[float]]:
+    """Refuse a bad `--metric`, `--min-recovery`, `--solutions`, `--keep`, `--min-retention` or `--alphas`, and
+    outputs that are not new: the manifest `out` and its PNG.
 
     Both follow the rule of every `-o` (`check_new_file`): an existing file is replaced only with `overwrite`.
+
+    Returns:
+        The keep sets, loaded, and the alphas to measure.
     """
     out = out.absolute()  # as messages name paths
     if metric not in METRICS:
         raise SurgeryError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    blends = parse_alphas(alphas)
+    sets = keep_sets(keep)
+    if min_retention is not None:
+        if not sets:
+            raise SurgeryError(
+                "--min-retention needs a keep set to measure Retention on; add --keep W (e.g. general-text:48)"
+            )
+        if not 0 <= min_retention <= 100:
+            raise SurgeryError(f"--min-retention {min_retention} is outside 0-100; give a percentage")
     if solutions is not None:
         check_solver(solutions)
         if metric != "nll":
@@ -108,6 +132,7 @@ def check_options(out: Path, overwrite: bool, metric: str, min_recovery: float, 
         raise SurgeryError(f"manifest path {out} should end in .json")
     check_new_file(out, overwrite)
     check_new_file(out.with_suffix(".png"), overwrite)
+    return sets, blends
 
 
 def check_auto_k(
@@ -155,6 +180,9 @@ def choose_k(
     options: ModelOptions | None = None,
     overwrite: bool = False,
     solutions: str | None = None,
+    keep: Sequence[str] = (),
+    min_retention: float | None = None,
+    alphas: str | None = None,
 ) -> SelectResult:
     """Measure the top K of `manifest` for each K on `validation`, choose K, and write the manifest with it.
 
@@ -177,6 +205,12 @@ def choose_k(
         solutions: `source` to score, instead of the gold solutions, the source's own answers to the validation
             problems that their gold answers grade correct (`source_solutions`: generated once, kept in surgery's
             cache); `nll` only.
+        keep: keep sets, what the target must not lose (`general-text:N`, a JSONL of text, ...): every model's
+            NLL on each is measured too, and each point of the curve gets its Retention (`metrics.retention`).
+        min_retention: the Retention, in percent, every keep set must keep at the chosen K (where the target
+            has an advantage on it to keep); needs `keep`.
+        alphas: comma-separated blends in (0, 1] to measure each K at (`transplant --alpha`); the chosen alpha is
+            written with K. None: 1 alone (a copy).
 
     Returns:
         The manifest written, with `selection`, and the curve's table.
@@ -188,7 +222,9 @@ def choose_k(
     """
     options = options or ModelOptions()
     out = Path(out)
-    check_options(out, overwrite, metric, min_recovery, solutions)
+    sets, blends = check_options(
+        out, overwrite, metric, min_recovery, solutions, keep=keep, min_retention=min_retention, alphas=alphas
+    )
     man = load_manifest(manifest)
     k_values = parse_ks(ks, len(man.modules))
     src, tgt = open_checkpoint(source), open_checkpoint(target)
@@ -203,53 +239,52 @@ def choose_k(
         held_out = _Validation(load_workload(str(solved.out)), None)
         what = f"{metric} of the source's correct answers"
     count = len(held_out.prompts.prompts)
+    measure_one = _nll_scores if metric == "nll" else _accuracy_scores
+    keep_scores = nll_scorer({w.name: w for w in sets}, options.chat)
 
-    measure = _nll_scores if metric == "nll" else _accuracy_scores
-
-    def on_source(lm, tokenizer) -> dict[str, list[float]]:
-        return {"source": measure(lm, tokenizer, held_out, options, batch_size, max_new_tokens)}
-
-    def on_target(lm, tokenizer) -> dict[str, list[float]]:
-        result = {"target": measure(lm, tokenizer, held_out, options, batch_size, max_new_tokens)}
-        for k in k_values:
-            tensors = [t for m in select_modules(man.modules, top_k=k) for t in m.tensors]
-            with swapped(lm, src, tensors):
-                result[f"k{k}"] = measure(lm, tokenizer, held_out, options, batch_size, max_new_tokens)
-        return result
-
-    ks_text = ",".join(map(str, k_values))
-    print(f"select: {count} validation problems ({what}); source, target, then K = {ks_text}", file=sys.stderr)
-    per_problem = {**_with_model(src, options, on_source), **_with_model(tgt, options, on_target)}
-    s, t = per_problem["source"], per_problem["target"]
-    _check_gap(s, t, metric, count)
-    mean = {key: sum(v) / len(v) for key, v in per_problem.items()}
-    curve = tuple(
-        CurvePoint(
-            k,
-            mean[f"k{k}"],
-            recovery(mean[f"k{k}"], mean["target"], mean["source"]),
-            paired_bootstrap(s, t, per_problem[f"k{k}"])["recovery"],
+    def score(lm, tokenizer) -> dict[str, list[float]]:
+        return {VALIDATION: measure_one(lm, tokenizer, held_out, options, batch_size, max_new_tokens)} | keep_scores(
+            lm, tokenizer
         )
+
+    states = [
+        Patched(f"k{k}-a{a:g}", tuple(t for m in select_modules(man.modules, top_k=k) for t in m.tensors), a, k)
         for k in k_values
-    )
-    reached = [p for p in curve if p.recovery is not None and p.recovery >= min_recovery]
-    if reached:
-        chosen = reached[0]
-        rule = f"smallest K with Recovery >= {min_recovery:g}% of the {metric} gap on the validation problems"
-    else:
-        chosen = max(curve, key=lambda p: p.recovery if p.recovery is not None else float("-inf"))
-        rule = (
-            f"no K reached {min_recovery:g}% Recovery of the {metric} gap; the best K "
-            f"({_pct(chosen.recovery)} at K={chosen.k}) was taken"
+        for a in blends
+    ]
+    grid = ",".join(map(str, k_values)) + (f" at alpha {','.join(f'{a:g}' for a in blends)}" if blends != [1] else "")
+    kept = f"; keep NLL on {', '.join(w.name for w in sets)}" if sets else ""
+    print(f"select: {count} validation problems ({what}){kept}; source, target, then K = {grid}", file=sys.stderr)
+    scores = measure_patched(src, tgt, states, score, options)
+    s, t = scores["source"], scores["target"]
+    _check_gap(s[VALIDATION], t[VALIDATION], metric, count)
+
+    def point(state: Patched) -> CurvePoint:
+        p = scores[state.label]
+        value = _mean(p[VALIDATION])
+        return CurvePoint(
+            state.k or 0,
+            value,
+            recovery(value, _mean(t[VALIDATION]), _mean(s[VALIDATION])),
+            paired_bootstrap(s[VALIDATION], t[VALIDATION], p[VALIDATION])["recovery"],
+            state.alpha,
+            tuple(keep_point(w.name, retention(s[w.name], t[w.name], p[w.name])) for w in sets),
         )
+
+    curve = tuple(point(state) for state in states)
+    chosen, rule, met = choose_point(curve, min_recovery, min_retention, metric)
+    if not met:
         print(f"note: {rule}", file=sys.stderr)
     selection = Selection(
         k=chosen.k,
         rule=rule,
         metric=metric,
         validation={"name": held_out.prompts.name, "sha256": held_out.prompts.sha256, "count": count},
-        baselines={"source": mean["source"], "target": mean["target"]},
+        baselines={"source": _mean(s[VALIDATION]), "target": _mean(t[VALIDATION])},
         curve=curve,
+        alpha=chosen.alpha,
+        keep=tuple({"name": w.name, "sha256": w.sha256, "count": len(w.prompts)} for w in sets),
+        min_retention=min_retention,
     )
     result = replace(man, selection=selection)
     save_manifest(result, out)
@@ -257,31 +292,48 @@ def choose_k(
     return SelectResult(result, out, out.with_suffix(".png"), curve_table(selection))
 
 
+def keep_point(name: str, r: Retention) -> KeepPoint:
+    """A point's Retention on one keep set, as the manifest records it."""
+    return KeepPoint(name, r.pct, r.ci95, r.nll_change, r.nll_change_ci95, r.undefined)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def curve_table(selection: Selection) -> str:
-    """The curve as a markdown table, the chosen K marked."""
+    """The curve as a markdown table, the chosen K (and alpha) marked; with keep sets, each one's Retention."""
     unit = "mean gold NLL" if selection.metric == "nll" else "accuracy"
-    lines = [
-        f"| K | {unit} | Recovery [95% CI] |",
-        "|---|---|---|",
-        f"| source | {selection.baselines['source']:.4f} | |",
-        f"| target | {selection.baselines['target']:.4f} | |",
-    ]
+    blended = any(p.alpha != 1 for p in selection.curve)
+    keeps = [f"Retention on {k['name']} [95% CI]" for k in selection.keep]
+    columns = ["K", *(["alpha"] if blended else []), unit, "Recovery [95% CI]", *keeps]
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(cells + [""] * (len(columns) - len(cells))) + " |"
+
+    lines = [row(columns), "|---" * len(columns) + "|"]
+    for name in ("source", "target"):
+        lines.append(row([name, *([""] if blended else []), f"{selection.baselines[name]:.4f}"]))
     for p in selection.curve:
         ci = f" [{p.recovery_ci95[0]:.1f}, {p.recovery_ci95[1]:.1f}]" if p.recovery_ci95 else ""
-        mark = " (chosen)" if p.k == selection.k else ""
-        lines.append(f"| {p.k}{mark} | {p.value:.4f} | {_pct(p.recovery)}{ci} |")
+        mark = " (chosen)" if (p.k, p.alpha) == (selection.k, selection.alpha) else ""
+        alpha = [f"{p.alpha:g}"] if blended else []
+        lines.append(
+            row([f"{p.k}{mark}", *alpha, f"{p.value:.4f}", f"{_pct(p.recovery)}{ci}", *map(_kept, p.retention)])
+        )
     return "\n".join(lines)
+
+
+def _kept(r: KeepPoint) -> str:
+    """A Retention cell: the percentage with its interval, or the keep NLL change where Retention is undefined."""
+    if r.pct is None:
+        lo, hi = r.nll_change_ci95
+        return f"undefined (keep NLL {r.nll_change:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+    return f"{r.pct:.1f}%" + (f" [{r.ci95[0]:.1f}, {r.ci95[1]:.1f}]" if r.ci95 else "")
 
 
 def _pct(value: float | None) -> str:
     return f"{value:.1f}%" if value is not None else "undefined"
-
-
-def _with_model(ckpt: Checkpoint, options: ModelOptions, work: Callable[..., dict[str, list[float]]]):
-    """Run `work(model, tokenizer)` on `ckpt`, then free the model: one model in memory at a time."""
-    ckpt.check_config()
-    tokenizer = load_tokenizer(ckpt.path, options.trust_remote_code)
-    return with_model(ckpt.path, options, lambda lm: work(lm, tokenizer))
 
 
 def _validation(spec: str, metric: str, solutions: str | None) -> _Validation:
@@ -406,25 +458,47 @@ def _check_gap(source: list[float], target: list[float], metric: str, n: int) ->
 
 
 def _plot(selection: Selection, path: Path) -> None:
+    """Recovery against K (a line per alpha, its 95% band), the chosen K marked; with keep sets, a second panel
+    with the Retention on each (the keep NLL change where Retention is undefined is not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [p.k for p in selection.curve]
-    rec = [p.recovery if p.recovery is not None else float("nan") for p in selection.curve]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ks, rec, marker="o", label=f"Recovery ({selection.metric})")
-    lows = [p.recovery_ci95[0] if p.recovery_ci95 else float("nan") for p in selection.curve]
-    highs = [p.recovery_ci95[1] if p.recovery_ci95 else float("nan") for p in selection.curve]
-    ax.fill_between(ks, lows, highs, alpha=0.2, label="95% CI")
-    ax.axvline(selection.k, color="k", linestyle="--", label=f"chosen K={selection.k}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("K (top modules transplanted)")
-    ax.set_ylabel("Recovery of the source-target gap (%)")
-    ax.set_title(f"select on {selection.validation['name']} ({selection.validation['count']} problems)")
-    ax.legend(loc="lower right")
+    keeps = [str(k["name"]) for k in selection.keep]
+    fig, axes = plt.subplots(1, 1 + bool(keeps), figsize=(6 + 6 * bool(keeps), 4), squeeze=False)
+    rec_ax = axes[0][0]
+    alphas = sorted({p.alpha for p in selection.curve}, reverse=True)
+    for alpha in alphas:
+        points = [p for p in selection.curve if p.alpha == alpha]
+        ks = [p.k for p in points]
+        name = f"Recovery ({selection.metric})" + (f", alpha {alpha:g}" if len(alphas) > 1 else "")
+        rec = [p.recovery if p.recovery is not None else float("nan") for p in points]
+        (line,) = rec_ax.plot(ks, rec, marker="o", label=name)
+        lows = [p.recovery_ci95[0] if p.recovery_ci95 else float("nan") for p in points]
+        highs = [p.recovery_ci95[1] if p.recovery_ci95 else float("nan") for p in points]
+        rec_ax.fill_between(ks, lows, highs, alpha=0.2, color=line.get_color())
+        if keeps:
+            for i, keep in enumerate(keeps):
+                kept = [p.retention[i].pct if p.retention[i].pct is not None else float("nan") for p in points]
+                label = f"Retention on {keep}" + (f", alpha {alpha:g}" if len(alphas) > 1 else "")
+                axes[0][1].plot(ks, kept, marker="s", ls="--" if i else "-", label=label)
+    chosen = f"chosen K={selection.k}" + (f", alpha {selection.alpha:g}" if selection.alpha != 1 else "")
+    rec_ax.set_ylabel("Recovery of the source-target gap (%)")
+    rec_ax.set_title(f"select on {selection.validation['name']} ({selection.validation['count']} problems)")
+    if keeps:
+        axes[0][1].set_ylabel("Retention of the target's advantage (%)")
+        axes[0][1].set_title("what the patch keeps of the target")
+        if selection.min_retention is not None:
+            axes[0][1].axhline(selection.min_retention, color="gray", lw=0.8, ls=":", label="--min-retention")
+    all_ks = sorted({p.k for p in selection.curve})
+    for ax in axes[0]:
+        ax.axvline(selection.k, color="k", linestyle="--", label=chosen)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax.minorticks_off()
+        ax.set_xlabel("K (top modules transplanted)")
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -21,11 +21,9 @@ from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import open_checkpoint
 from surgery.checkpoints.loading import load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
-from surgery.checkpoints.streaming import check_alpha
 from surgery.checkpoints.swap import swapped
 from surgery.distributed import dist_info
-from surgery.errors import SurgeryError
-from surgery.evaluation.k_grid import SWEEP_SMALLEST_K, default_grid, parse_ints, parse_ks
+from surgery.evaluation.k_grid import SWEEP_SMALLEST_K, default_grid, parse_alphas, parse_ints, parse_ks
 from surgery.evaluation.keep import keep_sets
 from surgery.evaluation.metrics import Retention, describe
 from surgery.evaluation.report import Interval, report
@@ -246,26 +244,6 @@ _REPORTED = (
 def label(method: str, k: int, alpha: float) -> str:
     """A patched model's name in a sweep folder: `taylor-k16`, or blended `taylor-k16-a0.5`."""
     return f"{method}-k{k}" + (f"-a{alpha:g}" if alpha != 1 else "")
-
-
-def parse_alphas(text: str | None) -> list[float]:
-    """`--alphas`: comma-separated blends in (0, 1], each once, in the order given; None for [1.0].
-
-    Raises:
-        SurgeryError: a value that is not a number, or is outside (0, 1].
-    """
-    if text is None:
-        return [1.0]
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise SurgeryError(f"--alphas {text!r}: {part!r} is not a number; pass e.g. 0.25,0.5,1") from None
-        check_alpha(value, "--alphas")
-        if value not in values:
-            values.append(value)
-    return values
 
 
 def _rows(

@@ -34,7 +34,7 @@ def transplant_output(
     patch: bool = False,
     reversible: bool = False,
     dry_run: bool = False,
-    alpha: float = 1.0,
+    alpha: float | None = None,
 ) -> TransplantResult | PatchResult | WritePlan:
     """Write what `surgery transplant` writes: `transplant`'s checkpoint, or with `patch` `write_patch`'s patch.
 

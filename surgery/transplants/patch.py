@@ -132,7 +132,7 @@ def write_patch(
     modules: Sequence[str] = (),
     force: bool = False,
     trust_remote_code: bool = False,
-    alpha: float = 1.0,
+    alpha: float | None = None,
 ) -> PatchResult:
     """Write a patch folder holding only the selected modules' tensors (see the module docstring).
 

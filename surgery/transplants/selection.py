@@ -104,16 +104,17 @@ def select_transplant(
     trust_remote_code: bool = False,
     out: Path | None = None,
     overwrite: bool = False,
-    alpha: float = 1.0,
+    alpha: float | None = None,
 ) -> Selected:
     """Open and check the inputs and apply the selection options (see `transplant` for their meaning).
 
     `out`, when given, is checked (it must not exist unless `overwrite`, nor be an input) before the
     manifest is read. `alpha` (the blend's weight of the source) is checked first, and with a blend every
-    selected tensor must be floating point. Raises SurgeryError on any invalid input.
+    selected tensor must be floating point; None takes the alpha `surgery select` chose with the manifest's K
+    (when that K is used), else 1. Raises SurgeryError on any invalid input.
     """
-    check_alpha(alpha)
-    alpha = float(alpha)
+    if alpha is not None:
+        check_alpha(alpha)
     tgt, src = open_checkpoint(target), open_checkpoint(source)
     # A config that disagrees with the tensors would be copied into an output `from_pretrained` cannot load.
     tgt.check_config()
@@ -132,7 +133,9 @@ def select_transplant(
     if chosen_k is not None:
         # Said here, in the record and in the card.
         top_k, k_from = chosen_k.k, f"chosen by surgery select: {chosen_k.rule}"
-        print(f"top-k {top_k} from the manifest's selection ({chosen_k.rule})", file=sys.stderr)
+        blend = f", alpha {chosen_k.alpha:g}" if alpha is None and chosen_k.alpha != 1 else ""
+        print(f"top-k {top_k}{blend} from the manifest's selection ({chosen_k.rule})", file=sys.stderr)
+    alpha = float(alpha if alpha is not None else chosen_k.alpha if chosen_k is not None else 1.0)
     # A manifest ranked on these exact checkpoints (the fingerprints cover the config and every tensor's
     # name, dtype and shape) has a candidate list that stands in for rebuilding the model on the meta
     # device. That keeps torch and transformers out of this process: they cost ~340 MiB RSS and seconds

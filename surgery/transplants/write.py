@@ -147,7 +147,7 @@ def transplant(
     trust_remote_code: bool = False,
     eval_results: Sequence[str | Path] = (),
     link: bool = False,
-    alpha: float = 1.0,
+    alpha: float | None = None,
 ) -> TransplantResult:
     """Write a copy of `target` with the selected modules' tensors taken from `source` (or blended with it).
 
@@ -176,7 +176,8 @@ def transplant(
             bytes and headers stay the target's; across filesystems they are copied, with a note).
         alpha: the source's weight, 0 < alpha <= 1. 1 copies the selected tensors byte for byte; less writes
             `target + alpha * (source - target)` for each, computed in float32 and rounded to the target's
-            dtype (with every module selected, `modules=["*"]`, the WiSE-FT interpolation of the two).
+            dtype (with every module selected, `modules=["*"]`, the WiSE-FT interpolation of the two). None:
+            the alpha `surgery select` chose, when the manifest's K is used, else 1.
 
     Returns:
         What was written.

@@ -20,7 +20,7 @@ from surgery.analysis.ranking import build_manifest, methods_taking_keep
 from surgery.checkpoints.loading import load_tokenizer
 from surgery.manifest import Manifest
 from tests.helpers import cli, refused
-from tests.tradeoff import Tradeoff, build_tradeoff
+from tests.tradeoff import PROSE, Tradeoff, build_tradeoff
 
 LOSS_METHODS = ("taylor", "swap-nll")
 
@@ -119,6 +119,20 @@ def test_analyze_takes_keep(tradeoff: Tradeoff, tmp_path: Path) -> None:
     assert man.modules[0].name == tradeoff.damaged and _entry(man, tradeoff.tuned).score < 0
 
 
+def test_analyze_auto_k_trades_and_selects_against_the_keep_set(tradeoff: Tradeoff, tmp_path: Path) -> None:
+    """--auto-k --keep W: taylor ranks against W, and select measures each K's Retention on W and keeps >= R."""
+    validation = tmp_path / "prose.jsonl"
+    validation.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROSE))
+    out = tmp_path / "m.json"
+    r = cli("analyze", "-s", tradeoff.source, "-t", tradeoff.target, "-w", tradeoff.task, "--keep", tradeoff.keep,
+            "--auto-k", "--validation", validation, "-k", "1,2", "--min-retention", 80, "-q", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    man = load_manifest(out)
+    assert man.method.params["keep"]["name"] == "keep.jsonl" and man.selection is not None
+    assert man.selection.k == 1 and [k["name"] for k in man.selection.keep] == ["keep.jsonl"]
+    assert all(len(p.retention) == 1 for p in man.selection.curve)
+
+
 def test_keep_is_refused_by_methods_that_cannot_use_it(tradeoff: Tradeoff, tmp_path: Path) -> None:
     assert methods_taking_keep() == ["taylor", "swap-nll"]
     message = "method weight-delta cannot use --keep; use --method taylor or swap-nll"
@@ -128,8 +142,11 @@ def test_keep_is_refused_by_methods_that_cannot_use_it(tradeoff: Tradeoff, tmp_p
     # analyze refuses before it profiles anything (no stats cached beside the manifest).
     task = ["-w", tradeoff.task, "--keep", tradeoff.keep]
     refused(["analyze", *pair, *task, "--method", "lae", *out], "method lae cannot use --keep", watch=tmp_path)
-    auto_k = ["--auto-k", "--validation", tradeoff.task]
-    refused(["analyze", *pair, *task, *auto_k, *out], "--auto-k does not take --keep yet", watch=tmp_path)
+    refused(
+        ["analyze", *pair, "-w", tradeoff.task, "--min-retention", "80", *out],
+        "--min-retention applies with --auto-k",
+        watch=tmp_path,
+    )
     src, tgt = open_checkpoint(tradeoff.source), open_checkpoint(tradeoff.target)
     with pytest.raises(SurgeryError, match=message):
         build_manifest(

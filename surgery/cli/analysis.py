@@ -170,6 +170,7 @@ def analyze_cmd(
     ks: str | None,
     min_recovery: float,
     metric: str,
+    min_retention: float | None,
     out: str,
     overwrite: bool,
 ) -> None:
@@ -177,12 +178,10 @@ def analyze_cmd(
     if auto_k != (validation is not None):
         raise SurgeryError("--auto-k and --validation W go together: K is chosen on the validation problems")
     ctx = click.get_current_context()
-    choice = ("ks", "min_recovery", "metric")
+    choice = ("ks", "min_recovery", "metric", "min_retention")
     given = [name for name in choice if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
     if given and validation is None:
         raise SurgeryError(f"--{given[0].replace('_', '-')} applies with --auto-k --validation W, which chooses K")
-    if keep is not None and validation is not None:
-        raise SurgeryError("--auto-k does not take --keep yet; run `surgery analyze --keep W`, then `surgery select`")
     if validation is None:
         from surgery.analysis.analyze import analyze
         from surgery.evaluation.solutions import ranking_workload
@@ -233,6 +232,8 @@ def analyze_cmd(
         options=options,
         overwrite=overwrite,
         solutions=solutions,
+        keep=keep,
+        min_retention=min_retention,
     )
     _summarize(result.manifest, out)
     echo_selection(result)

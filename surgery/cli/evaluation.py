@@ -219,12 +219,6 @@ SOLUTIONS = click.option(
 @SELECT_OPTIONS
 @SOLUTIONS
 @KEEP_SETS
-@click.option(
-    "--min-retention",
-    type=float,
-    help="With --keep: choose the smallest K whose Recovery reaches --min-recovery while every keep set keeps at "
-    "least this % of the target's advantage.",
-)
 @ALPHAS
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Problems per forward pass.")
 @click.option(

@@ -109,6 +109,12 @@ SELECT_OPTIONS = stack(
         show_default=True,
         help="Gold-solution NLL (one pass per K) or accuracy (generate and grade, as eval does).",
     ),
+    click.option(
+        "--min-retention",
+        type=float,
+        help="With --keep: choose the smallest K whose Recovery reaches --min-recovery while every keep set keeps "
+        "at least this % of the target's advantage over the source.",
+    ),
 )
 
 

@@ -32,6 +32,8 @@ def analyze_and_select(
     options: ModelOptions | None = None,
     overwrite: bool = False,
     solutions: str | None = None,
+    keep: str | None = None,
+    min_retention: float | None = None,
 ) -> SelectResult:
     """`analyze` the pair on `workload`, then `select` K on `validation`, and write one manifest with both.
 
@@ -47,6 +49,8 @@ def analyze_and_select(
         solutions: `source` to rank on the source's own correct answers to the workload's problems instead of
             its gold solutions (`solutions.ranking_workload`), and, with `metric` `nll`, to choose K on its correct
             answers to the validation problems (as `select` does).
+        keep: a keep workload: `taylor` and `swap-nll` trade the task against it (as `analyze`), and `select`
+            measures each K's Retention on it, choosing with `min_retention` (as `select --keep`).
 
     Returns:
         What `select` wrote: the ranked manifest with its `selection`, the curve's table and plot.
@@ -69,6 +73,8 @@ def analyze_and_select(
         overwrite=overwrite,
         options=options,
         solutions=validation_solutions,
+        keep=keep,
+        min_retention=min_retention,
     )
     ranked_on = ranking_workload(
         workload,
@@ -93,6 +99,7 @@ def analyze_and_select(
         max_memory=max_memory,
         options=options,
         overwrite=overwrite,
+        keep=keep,
     )
     return choose_k(
         out,
@@ -108,4 +115,6 @@ def analyze_and_select(
         options=options,
         overwrite=True,  # the manifest `analyze` just wrote, now with its K
         solutions=validation_solutions,
+        keep=(keep,) if keep is not None else (),
+        min_retention=min_retention,
     )

@@ -148,6 +148,8 @@ def check_auto_k(
     overwrite: bool,
     options: ModelOptions | None = None,
     solutions: str | None = None,
+    keep: str | None = None,
+    min_retention: float | None = None,
 ) -> None:
     """What `analyze --auto-k` checks before it ranks, so that a refusal never leaves a manifest without a K.
 
@@ -157,7 +159,8 @@ def check_auto_k(
     Raises:
         SurgeryError: as `select` does.
     """
-    check_options(out, overwrite, metric, min_recovery, solutions)
+    keeps = (keep,) if keep is not None else ()
+    check_options(out, overwrite, metric, min_recovery, solutions, keep=keeps, min_retention=min_retention)
     trust = (options or ModelOptions()).trust_remote_code
     parse_ks(ks, len(find_candidates(open_checkpoint(source), open_checkpoint(target), trust).candidates))
     held_out = _validation(validation, metric, solutions)  # gold solutions, final answers where they are graded

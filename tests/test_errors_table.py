@@ -27,7 +27,7 @@ from tests.helpers import BROKEN, make_model, refused, write_manifest
 DOC = Path(__file__).parent.parent / "docs" / "errors.md"
 COMMANDS = {
     "inspect", "compat", "transplant", "verify", "profile", "manifest", "analyze",
-    "eval", "report", "sweep", "select", "push", "import-gguf", "import-pickle", "apply",
+    "eval", "report", "sweep", "select", "solutions", "push", "import-gguf", "import-pickle", "apply",
 }  # fmt: skip
 
 

@@ -19,7 +19,18 @@ Modules are ranked on TRAIN-split workloads and everything is scored on GSM8K TE
     make demo                                   # builds and caches the SmolLM2 pair once
     .venv/bin/python bench/study.py             # docs/results.md
     .venv/bin/python bench/study.py --pair rollback                       # docs/results-rollback.md
-    .venv/bin/python bench/study.py --pair qwen-rollback --acc-limit 100  # docs/results-qwen1.5b.md
+    .venv/bin/python bench/study.py --pair qwen-rollback --acc-limit 100  # docs/results-qwen1.5b-selection.md
+
+With --tradeoff it runs the trade-off study instead (`tradeoff_study`): what a transplant recovers (Recovery of
+the source's on-policy validation NLL) against what it costs the target (Retention on keep sets), for each
+ranking's top K (taylor on gold solutions, taylor on-policy, keep-aware taylor, random-changed) and for plain
+interpolation over alpha; select's rule on each ranking; first order against the measured swap; and accuracy of
+the choice beside the interpolation with the same Retention (--acc-limit; resumable, --acc-report-only reports
+what earlier runs finished).
+
+    .venv/bin/python bench/study.py --pair qwen-rollback --tradeoff --acc-limit 200   # docs/results-qwen1.5b.md
+    .venv/bin/python bench/study.py --pair addition --tradeoff --gold-workload addition-train:16 \
+        --workload addition-train:16 --benchmark addition --budget 32 --doc results-addition.md  # fast stand-in
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,7 +65,12 @@ from surgery.transplants.write import output_fingerprint
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVATION_METHODS = ("lae", "lae-rel", "weight-delta")
 METHODS = (*ACTIVATION_METHODS, "taylor", "swap-nll", "random-changed")
-DOCS = {"math-sft": "results.md", "rollback": "results-rollback.md", "qwen-rollback": "results-qwen1.5b.md"}
+DOCS = {
+    "addition": "results-addition.md",
+    "math-sft": "results.md",
+    "rollback": "results-rollback.md",
+    "qwen-rollback": "results-qwen1.5b-selection.md",
+}
 
 
 def build(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
@@ -68,6 +85,14 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, str]:
   the MLP up and down projections (`QWEN_ROLLBACK` in `surgery/demo/pairs.py`). Only those
   {{changed}} modules differ."""
         return source, target, "bfloat16", text
+    if args.pair == "addition":  # `make demo`'s pair: a fast stand-in for --tradeoff
+        pair = PAIRS["smollm2-addition"]
+        source, target = build_pair(base_model(pair, args.work), args.work / "pair", pair.recipe)
+        r = pair.recipe
+        text = f"""Target: SmolLM2-135M-Instruct. Source: it after {r.steps} AdamW steps (batch {r.batch_size}, lr
+  {r.lr}) on two-digit additions of the train split (`ADDITION_SFT`); every block changed
+  ({{changed}} modules differ)."""
+        return source, target, "auto", text
     # math-sft is the demo's smollm2-math pair; rollback is built on its source.
     source, target = build_pair(base_model(PAIRS["smollm2-math"], args.work), args.work / "pair", MATH_SFT)
     if args.pair == "rollback":
@@ -116,10 +141,12 @@ def rankings(
 
 
 def validation_workload(args: argparse.Namespace) -> str:
-    """gsm8k-train with the first seed >= 1 whose problems share none with the ranking workloads."""
+    """The gold workload's train split with the first seed >= 1 whose problems share none with the ranking
+    workloads (gsm8k-train:N:SEED for the GSM8K pairs)."""
     used = set(load_workload(args.workload).prompts) | set(load_workload(args.gold_workload).prompts)
+    split = args.gold_workload.split(":")[0]
     for seed in range(1, 100):
-        spec = f"gsm8k-train:{args.validation_count}:{seed}"
+        spec = f"{split}:{args.validation_count}:{seed}"
         if not used & set(load_workload(spec).prompts):
             return spec
     raise SystemExit("no disjoint validation seed found")
@@ -242,6 +269,403 @@ def nll_plot(tables: dict[str, SweepTable], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --tradeoff: what a transplant recovers, what it costs the target, and plain interpolation beside it.
+# ---------------------------------------------------------------------------------------------------------
+
+TRADEOFF_METHODS = ("taylor", "taylor-on-policy", "taylor-keep", "random-changed")
+KEEP_RANK_ROWS = 40  # held-out docstrings that keep-aware ranking sees; Retention is measured on the others
+TRADEOFF_DOC = "results-qwen1.5b.md"
+
+
+def _text_jsonl(path: Path, texts: list[str]) -> str:
+    """A keep set of plain texts as a JSONL workload, written once."""
+    if not path.is_file():
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None under 3 points or with a constant side."""
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for m in order[i : j + 1]:
+                r[m] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(xs) < 3:
+        return None
+    a, b = ranks(xs), ranks(ys)
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    return cov / (va * vb) ** 0.5 if va and vb else None
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+def _pct(value: float | None, ci: Sequence[float] | None = None) -> str:
+    if value is None:
+        return "undefined"
+    return f"{value:.1f}%" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+class Measured:
+    """Per-row scores of every model measured, saved to a JSON file as each comes (a rerun resumes from it)."""
+
+    def __init__(self, path: Path, identity: dict) -> None:
+        self.path, self.identity = path, identity
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.scores: dict = saved.get("scores", {}) if saved.get("identity") == identity else {}
+
+    def save(self, label: str, scores: dict[str, list[float]]) -> None:
+        self.scores[label] = scores
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"identity": self.identity, "scores": self.scores}))
+        tmp.replace(self.path)
+
+
+def tradeoff_accuracy(
+    args: argparse.Namespace, src, tgt, states: dict, folder: Path, options: ModelOptions, log
+) -> dict[str, Path]:
+    """Greedy GSM8K accuracy (test split, seed 42) of each patched state (swapped into the target in memory, as
+    `sweep` does), then of the target and the source: resumable folders, one per model, in that order."""
+    from surgery.checkpoints.loading import with_model
+    from surgery.checkpoints.swap import swapped
+    from surgery.evaluation.runner import eval_settings, evaluate, evaluate_loaded, prepare
+    from surgery.transplants.write import output_fingerprint
+
+    bench, problems = prepare(args.benchmark, args.acc_limit, 42, 0)
+    tokenizer = load_tokenizer(tgt.path, False)
+    out = {label: folder / f"{label}-n{args.acc_limit}" for label in states}
+    out |= {role: folder / f"{role}-n{args.acc_limit}" for role in ("target", "source")}
+    if args.acc_report_only:
+        return out  # what earlier runs finished, as far as they got
+
+    def patched(lm) -> None:
+        for label, state in states.items():
+            log(f"accuracy: {label} on {args.acc_limit} problems")
+            settings = eval_settings(lm, tokenizer, bench, problems, limit=args.acc_limit, seed=42, shots=0, chat=True,
+                                     max_new_tokens=args.budget,
+                                     fingerprint=output_fingerprint(tgt, src, state.tensors, state.alpha))  # fmt: skip
+            with swapped(lm, src, list(state.tensors), alpha=state.alpha):
+                evaluate_loaded(lm, tokenizer, bench, problems, settings, out[label], label, 16, True)
+
+    with_model(tgt.path, options, patched)
+    for role, ckpt in (("target", tgt), ("source", src)):
+        log(f"accuracy: {role} on {args.acc_limit} problems")
+        evaluate(ckpt.path, args.benchmark, out[role], limit=args.acc_limit, max_new_tokens=args.budget, batch_size=16,
+                 options=replace(options, progress=True))  # fmt: skip
+    return out
+
+
+def _correct(folder: Path) -> dict[str, float]:
+    return {r["id"]: float(r["correct"]) for r in read_records(folder / RECORDS)}
+
+
+def accuracy_text(acc: dict[str, Path], pick: str, matched: str, scores: dict, acc_limit: int) -> str:
+    """Accuracy of each model on the problems it finished, the transplant minus the interpolation problem by
+    problem, Recovery where source and target are done, and how on-policy / gold NLL rank against accuracy."""
+    from surgery.evaluation.metrics import paired_bootstrap, wilson_interval
+
+    done = {label: _correct(folder) for label, folder in acc.items() if folder.is_dir()}
+    lines = ["| model | problems scored | accuracy [95% Wilson] |", "|---|---|---|"]
+    for label, rec in done.items():
+        if rec:
+            lo, hi = wilson_interval(int(sum(rec.values())), len(rec))
+            lines.append(f"| {label} | {len(rec)} of {acc_limit} | {100 * _mean(list(rec.values())):.1f}% "
+                         f"[{100 * lo:.1f}, {100 * hi:.1f}] |")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    a, b = done.get(pick, {}), done.get(matched, {})
+    both = sorted(set(a) & set(b))
+    if both:
+        diffs = [a[i] - b[i] for i in both]
+        lo, hi = mean_interval(diffs)
+        verdict = "apart" if lo > 0 or hi < 0 else "not told apart"
+        text += (f"\n`{pick}` minus `{matched}`, problem by problem: {100 * _mean(diffs):+.1f} points "
+                 f"[{100 * lo:+.1f}, {100 * hi:+.1f}] on {len(both)} problems ({verdict}).\n")  # fmt: skip
+    s, t = done.get("source", {}), done.get("target", {})
+    for label in (pick, matched):
+        p = done.get(label, {})
+        ids = sorted(set(s) & set(t) & set(p))
+        if ids and len(ids) == acc_limit:
+            boot = paired_bootstrap([s[i] for i in ids], [t[i] for i in ids], [p[i] for i in ids])
+            rec = recovery_of([s[i] for i in ids], [t[i] for i in ids], [p[i] for i in ids])
+            text += f"\nAccuracy Recovery of `{label}`: {_pct(rec, boot['recovery'])} on {len(ids)} problems.\n"
+    # How the teacher-forced signals rank the models whose accuracy was measured on every problem.
+    full = [label for label, rec in done.items() if len(rec) == acc_limit and label in scores]
+    if len(full) >= 3:
+        accs = [_mean(list(done[x].values())) for x in full]
+        for name in ("on-policy", "gold"):
+            rho = spearman([-_mean(scores[x][name]) for x in full], accs)
+            text += f"\nSpearman rank correlation of -{name} NLL with accuracy over {', '.join(full)}: "
+            text += f"{rho:+.2f} (n = {len(full)}).\n" if rho is not None else "undefined.\n"
+    return text
+
+
+def recovery_of(s: list[float], t: list[float], p: list[float]) -> float | None:
+    from surgery.evaluation.metrics import recovery
+
+    return recovery(_mean(p), _mean(t), _mean(s))
+
+
+def tradeoff_plot(points: dict, methods: Sequence[str], ks: list[int], alphas: list[float], keeps: list[str],
+                  chosen: dict, path: Path) -> None:  # fmt: skip
+    """Recovery (on-policy validation NLL) against Retention on each keep set: a line per ranking over K, one for
+    interpolation over alpha, select's choices circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keeps), figsize=(6.5 * len(keeps), 5), squeeze=False)
+    for i, keep in enumerate(keeps):
+        ax = axes[0][i]
+        lines = [(m, [points[f"{m}-k{k}"] for k in ks], [f"K={k}" for k in ks], "-o") for m in methods]
+        interp = [points[f"interpolate-a{a:g}"] for a in alphas]
+        lines.append(("interpolation", interp, [f"a={a:g}" for a in alphas], "--s"))
+        for name, pts, tags, style in lines:
+            xs = [p.retention[i].pct if p.retention[i].pct is not None else float("nan") for p in pts]
+            ys = [p.recovery if p.recovery is not None else float("nan") for p in pts]
+            (line,) = ax.plot(xs, ys, style, label=name)
+            for x, y, tag in zip(xs, ys, tags, strict=True):
+                ax.annotate(tag, (x, y), fontsize=6, color=line.get_color(), xytext=(3, 3), textcoords="offset points")
+        for p, _, _ in chosen.values():
+            if p.retention[i].pct is not None and p.recovery is not None:
+                ax.scatter([p.retention[i].pct], [p.recovery], s=160, facecolors="none", edgecolors="k")
+        ax.axhline(100, color="green", lw=0.8, ls=":")
+        ax.axvline(100, color="red", lw=0.8, ls=":")
+        ax.set_xlabel(f"Retention % on {keep} (100: the target, 0: the source)")
+        ax.set_ylabel("Recovery % of on-policy validation NLL (100: the source)")
+        ax.set_title(f"trade-off, keep set {keep} (circles: select's choice)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tradeoff_study(args: argparse.Namespace) -> None:
+    """Recovery against Retention for each ranking's top K and for interpolation, select's rule on each ranking,
+    first order against the measured swap, and accuracy of the choice beside the interpolation that keeps as much."""
+    from surgery.data import held_out_docstrings
+    from surgery.evaluation.metrics import paired_bootstrap, recovery, retention
+    from surgery.evaluation.select import keep_point
+    from surgery.evaluation.solutions import solutions
+    from surgery.evaluation.tradeoff import Patched, choose_point, measure_patched, nll_scorer
+    from surgery.manifest import CurvePoint
+
+    t0 = time.perf_counter()
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - t0:.0f} s] {text}", flush=True)
+
+    source, target, dtype, pair_text = build(args)
+    options = ModelOptions(dtype=dtype, progress=False)  # type: ignore[arg-type]
+    study = args.work / f"tradeoff-{args.pair}"
+    study.mkdir(parents=True, exist_ok=True)
+    src, tgt = open_checkpoint(source), open_checkpoint(target)
+    validation = validation_workload(args)
+
+    # On-policy workloads: the source's own graded-correct answers to the ranking and the validation problems.
+    on_policy, solved = {}, {}
+    for name, spec in (("rank", args.gold_workload), ("validation", validation)):
+        path = study / f"on-policy-{name}.jsonl"
+        log(f"solutions: the source answers {spec}")
+        result = solutions(
+            source, spec, path, max_new_tokens=args.budget, batch_size=16, options=options, overwrite=True
+        )  # fmt: skip  (its answers are resumed from path.eval/: nothing regenerated)
+        on_policy[name], solved[name] = str(path), f"{result.summary.correct} of {result.summary.problems}"
+    docs = held_out_docstrings()
+    keep_rank = _text_jsonl(study / "keep-stdlib-rank.jsonl", docs[:KEEP_RANK_ROWS])
+    keep_specs = {
+        "stdlib-docs": _text_jsonl(study / "keep-stdlib.jsonl", docs[KEEP_RANK_ROWS : KEEP_RANK_ROWS + args.keep_rows]),
+        "general-text": f"general-text:{args.keep_rows}",
+    }
+
+    folder = study / "rankings"
+    folder.mkdir(exist_ok=True)
+    plan = {
+        "taylor": {"method": "taylor", "workload": args.gold_workload},
+        "taylor-on-policy": {"method": "taylor", "workload": on_policy["rank"]},
+        "taylor-keep": {"method": "taylor", "workload": on_policy["rank"], "keep": keep_rank},
+        "random-changed": {"method": "random-changed", "seed": 0},
+    }
+    old = args.work / f"study-{args.pair}" / "rankings"  # the selection study's, ranked the same way
+    manifests = {}
+    for label, kwargs in plan.items():
+        path = folder / f"{label}.json"
+        if not path.is_file() and label in ("taylor", "random-changed") and (old / f"{label}.json").is_file():
+            shutil.copyfile(old / f"{label}.json", path)
+        if not path.is_file():
+            log(f"ranking {label}")
+            rank(path, source=src.path, target=tgt.path, batch_size=args.batch_size, options=options, **kwargs)
+        manifests[label] = load_manifest(path)
+    changed = [m for m in manifests["random-changed"].modules if m.score >= 0]
+    every = tuple(t for m in changed for t in m.tensors)  # interpolating an unchanged module changes nothing
+
+    def top(label: str, k: int) -> tuple[str, ...]:
+        return tuple(t for m in select_modules(manifests[label].modules, top_k=k) for t in m.tensors)
+
+    ks = [int(k) for k in args.tradeoff_ks.split(",")]
+    alphas = [float(a) for a in args.alphas.split(",")]
+    states = [Patched(f"{m}-k{k}", top(m, k), 1.0, k) for m in TRADEOFF_METHODS for k in ks]
+    states += [Patched(f"interpolate-a{a:g}", every, a, len(changed)) for a in alphas]
+    by_label = {s.label: s for s in states}
+    sets = {
+        "on-policy": load_workload(on_policy["validation"]),
+        "gold": load_workload(validation),
+        **{name: load_workload(spec) for name, spec in keep_specs.items()},
+    }
+    fingerprints = {"source": src.fingerprint, "target": tgt.fingerprint, "dtype": dtype}
+    cache = Measured(study / "scores.json", {n: w.sha256 for n, w in sets.items()} | fingerprints)
+    log(f"measuring {len(states)} patched models on " + ", ".join(f"{n} ({len(w.prompts)})" for n, w in sets.items()))
+    scores = measure_patched(src, tgt, states, nll_scorer(sets, chat=True), options, known=cache.scores,
+                             on_scored=cache.save)  # fmt: skip
+    s, t = scores["source"], scores["target"]
+    keeps = list(keep_specs)
+
+    def point(state: Patched) -> CurvePoint:
+        p = scores[state.label]
+        return CurvePoint(
+            k=state.k or 0,
+            value=_mean(p["on-policy"]),
+            recovery=recovery(_mean(p["on-policy"]), _mean(t["on-policy"]), _mean(s["on-policy"])),
+            recovery_ci95=paired_bootstrap(s["on-policy"], t["on-policy"], p["on-policy"])["recovery"],
+            alpha=state.alpha,
+            retention=tuple(keep_point(n, retention(s[n], t[n], p[n])) for n in keeps),
+        )
+
+    points = {st.label: point(st) for st in states}
+    gold = {st.label: recovery(_mean(scores[st.label]["gold"]), _mean(t["gold"]), _mean(s["gold"])) for st in states}
+    chosen = {m: choose_point([points[f"{m}-k{k}"] for k in ks], args.min_recovery, args.min_retention, "nll")
+              for m in TRADEOFF_METHODS}  # fmt: skip
+    interp = [points[f"interpolate-a{a:g}"] for a in alphas]
+    pick_point = chosen[args.acc_method][0]
+    pick = f"{args.acc_method}-k{pick_point.k}"
+    # The interpolation that keeps as much of the update (Retention on stdlib-docs) as select's choice.
+    matched_point = min(interp, key=lambda p: abs((p.retention[0].pct or 0.0) - (pick_point.retention[0].pct or 0.0)))
+    matched = f"interpolate-a{matched_point.alpha:g}"
+
+    # First order against the measured swap, on the ranking's own workloads: taylor-keep's top modules one by one.
+    tops = manifests["taylor-keep"].modules[: args.singles]
+    singles = [Patched(f"single-{m.name}", tuple(m.tensors), 1.0, 1) for m in tops]
+    rank_sets = {"task": load_workload(on_policy["rank"]), "keep": load_workload(keep_rank)}
+    cache1 = Measured(study / "scores-single.json", {n: w.sha256 for n, w in rank_sets.items()} | fingerprints)
+    log(f"measuring {len(singles)} single-module swaps on the ranking workloads")
+    single = measure_patched(src, tgt, singles, nll_scorer(rank_sets, chat=True), options, known=cache1.scores,
+                             on_scored=cache1.save)  # fmt: skip
+
+    acc_text = "Not run (`--acc-limit 0`).\n"
+    if args.acc_limit:
+        models = {pick: by_label[pick], matched: by_label[matched]}
+        acc = tradeoff_accuracy(args, src, tgt, models, study / "acc", options, log)
+        acc_text = accuracy_text(acc, pick, matched, scores, args.acc_limit)
+    minutes = (time.perf_counter() - t0) / 60
+    docs_dir = ROOT / "docs"
+    stem = Path(args.doc).stem
+    tradeoff_plot(points, TRADEOFF_METHODS, ks, alphas, keeps, chosen, docs_dir / f"{stem}-tradeoff.png")
+
+    def row(label: str) -> str:
+        p = points[label]
+        kept = " | ".join(_kept(r) for r in p.retention)
+        return f"| {label} | {_pct(p.recovery, p.recovery_ci95)} | {_pct(gold[label])} | {kept} |"
+
+    table = ["| model | Recovery, on-policy NLL [95% CI] | Recovery, gold NLL | " + " | ".join(
+        f"Retention on {k} [95% CI]" for k in keeps) + " |", "|---" * (3 + len(keeps)) + "|"]  # fmt: skip
+    table += [row(st.label) for st in states]
+    base = {n: (_mean(s[n]), _mean(t[n])) for n in sets}
+    choices = [f"| {m} | K={p.k} | {_pct(p.recovery, p.recovery_ci95)} | "
+               + " | ".join(_kept(r) for r in p.retention) + f" | {rule} |"
+               for m, (p, rule, _) in chosen.items()]  # fmt: skip
+    first_order = []
+    for m in tops:
+        p = single[f"single-{m.name}"]
+        gain = _mean(single["target"]["task"]) - _mean(p["task"])
+        loss = _mean(p["keep"]) - _mean(single["target"]["keep"])
+        first_order.append(f"| {m.name} | {m.task_gain:+.4f} | {gain:+.4f} | {m.keep_loss:+.4f} | {loss:+.4f} |")
+    (docs_dir / f"{stem}.json").write_text(json.dumps({
+        "baselines": base, "points": {k: v.to_dict() for k, v in points.items()}, "gold_recovery": gold,
+        "chosen": {m: {"k": p.k, "rule": r} for m, (p, r, _) in chosen.items()}, "pick": pick, "matched": matched,
+    }, indent=1))  # fmt: skip
+    text = f"""# The {args.pair} pair: what a transplant recovers, what it costs, and interpolation beside it
+
+Generated by `bench/study.py {" ".join(sys.argv[1:])}` ({minutes:.0f} minutes of this run on 2 CPU cores;
+everything is cached under `{study}`, so a rerun counts only its own minutes); raw numbers in
+`docs/{stem}.json`.
+
+## Setup
+- **Pair.** {pair_text.format(changed=f"{len(changed)} of {len(manifests['random-changed'].modules)}")}
+- **On-policy solutions** (`surgery solutions`, {args.budget} new tokens): the source's graded-correct answers to
+  the ranking problems `{args.gold_workload}` ({solved["rank"]} correct) and to the validation problems
+  `{validation}` ({solved["validation"]} correct), each after the exact prompt `eval` renders.
+- **Rankings.** `taylor` on the gold solutions of `{args.gold_workload}`; `taylor-on-policy` on the source's
+  answers to the same problems; `taylor-keep`: the same with `--keep` the first {KEEP_RANK_ROWS} held-out
+  standard-library docstrings; `random-changed` (seed 0).
+- **Keep sets** (Retention: the share of the target's keep-NLL advantage over the source that a patched model
+  keeps; 100% = the target, 0% = a full rollback): `stdlib-docs`, {args.keep_rows} held-out docstrings not seen by
+  the ranking (what the update was for), and `general-text`, {args.keep_rows} paragraphs of the vendored prose.
+- **Recovery** is measured on the on-policy validation NLL (the source's own answers to `{validation}`), and on
+  the gold NLL of the same problems for comparison; 95% paired-bootstrap intervals.
+- **Interpolation** is every changed module blended at alpha (`transplant --module '*' --alpha A` writes the same
+  tensors; unchanged modules blend to themselves): the WiSE-FT baseline.
+
+Baselines (mean NLL, nats/token; source / target): {", ".join(f"{n} {a:.4f} / {b:.4f}" for n, (a, b) in base.items())}.
+
+## The trade-off
+
+![Recovery against Retention]({stem}-tradeoff.png)
+
+{chr(10).join(table)}
+
+## What `select` chooses on each ranking
+
+`--min-recovery {args.min_recovery:g} --min-retention {args.min_retention:g}` on the on-policy validation NLL,
+over K = {args.tradeoff_ks}.
+
+| ranking | choice | Recovery | {" | ".join(f"Retention on {k}" for k in keeps)} | rule |
+|---|---|---|{"---|" * len(keeps)}---|
+{chr(10).join(choices)}
+
+The interpolation with the Retention on stdlib-docs closest to `{pick}`'s: `{matched}`.
+
+## First order against the measured swap
+
+taylor-keep's top {len(tops)} modules, each swapped in alone and measured on the ranking's own workloads (the
+on-policy ranking answers and the {KEEP_RANK_ROWS} keep-ranking docstrings), nats per token:
+
+| module | task gain, first order | task gain, measured | keep loss, first order | keep loss, measured |
+|---|---|---|---|---|
+{chr(10).join(first_order)}
+
+## Accuracy: the choice against the interpolation that keeps as much
+
+{args.benchmark} test, seed 42, {args.acc_limit} problems, {args.budget} new tokens, {dtype}; in-memory patched
+models as `sweep` measures them.
+
+{acc_text}
+"""
+    (docs_dir / args.doc).write_text(text)
+    print(f"wrote {docs_dir / args.doc} in {minutes:.0f} min")
+
+
+def _kept(r) -> str:
+    if r.pct is None:
+        lo, hi = r.nll_change_ci95
+        return f"undefined; keep NLL {r.nll_change:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return _pct(r.pct, r.ci95)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", choices=tuple(DOCS), default="math-sft")
@@ -261,8 +685,31 @@ def main() -> None:
                     help="rankings to sweep for accuracy; the first is compared with each other one")  # fmt: skip
     ap.add_argument("--budgets", default="384", help="max_new_tokens of the accuracy sweep")
     ap.add_argument("--acc-ks", default="8,16,32")
+    ap.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="the trade-off study instead (Recovery against Retention, interpolation, accuracy)",
+    )
+    ap.add_argument("--tradeoff-ks", default="8,16,32", help="--tradeoff: K of each ranking")
+    ap.add_argument("--alphas", default="0.1,0.25,0.5,0.75,1", help="--tradeoff: interpolation weights")
+    ap.add_argument("--keep-rows", type=int, default=24, help="--tradeoff: rows of each keep set")
+    ap.add_argument("--singles", type=int, default=3, help="--tradeoff: modules swapped alone (first order check)")
+    ap.add_argument("--min-recovery", type=float, default=50.0, help="--tradeoff: select's --min-recovery")
+    ap.add_argument("--min-retention", type=float, default=50.0, help="--tradeoff: select's --min-retention")
+    ap.add_argument("--acc-method", default="taylor-keep", help="--tradeoff: the ranking whose choice is scored")
+    ap.add_argument("--budget", type=int, default=384, help="--tradeoff: max_new_tokens of answers and accuracy")
+    ap.add_argument("--benchmark", default="gsm8k", help="--tradeoff: the test set of the accuracy part")
+    ap.add_argument("--doc", default=TRADEOFF_DOC, help="--tradeoff: the page written under docs/")
+    ap.add_argument(
+        "--acc-report-only",
+        action="store_true",
+        help="--tradeoff: generate nothing; report the accuracy runs as far as earlier runs got",
+    )
     args = ap.parse_args()
     args.work = args.work or ROOT / (".demo-large" if args.pair == "qwen-rollback" else ".demo")
+    if args.tradeoff:
+        tradeoff_study(args)
+        return
     t0 = time.perf_counter()
     out = ROOT / "docs" / DOCS[args.pair]
     source, target, dtype, pair_text = build(args)

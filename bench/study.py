@@ -338,34 +338,40 @@ class Measured:
 def tradeoff_accuracy(
     args: argparse.Namespace, src, tgt, states: dict, folder: Path, options: ModelOptions, log
 ) -> dict[str, Path]:
-    """Greedy GSM8K accuracy (test split, seed 42) of each patched state (swapped into the target in memory, as
-    `sweep` does), then of the target and the source: resumable folders, one per model, in that order."""
+    """Greedy accuracy (test split, seed 42) of each patched state (swapped into the target in memory, as `sweep`
+    does), the target and the source, in chunks of --acc-chunk problems taken in turn, so that however far a run
+    gets, every model has answered the same problems: resumable folders, one per model."""
     from surgery.checkpoints.loading import with_model
     from surgery.checkpoints.swap import swapped
-    from surgery.evaluation.runner import eval_settings, evaluate, evaluate_loaded, prepare
+    from surgery.evaluation.runner import eval_settings, evaluate_loaded, prepare
     from surgery.transplants.write import output_fingerprint
 
     bench, problems = prepare(args.benchmark, args.acc_limit, 42, 0)
     tokenizer = load_tokenizer(tgt.path, False)
-    out = {label: folder / f"{label}-n{args.acc_limit}" for label in states}
-    out |= {role: folder / f"{role}-n{args.acc_limit}" for role in ("target", "source")}
+    out = {label: folder / f"{label}-n{args.acc_limit}" for label in (*states, "target", "source")}
     if args.acc_report_only:
         return out  # what earlier runs finished, as far as they got
 
-    def patched(lm) -> None:
-        for label, state in states.items():
-            log(f"accuracy: {label} on {args.acc_limit} problems")
-            settings = eval_settings(lm, tokenizer, bench, problems, limit=args.acc_limit, seed=42, shots=0, chat=True,
-                                     max_new_tokens=args.budget,
-                                     fingerprint=output_fingerprint(tgt, src, state.tensors, state.alpha))  # fmt: skip
-            with swapped(lm, src, list(state.tensors), alpha=state.alpha):
-                evaluate_loaded(lm, tokenizer, bench, problems, settings, out[label], label, 16, True)
+    def run(lm, label: str, fingerprint: str, upto: int) -> None:
+        # The settings of the whole subset (its problem ids), so a later chunk, or a full run, resumes the folder;
+        # a prefix of the subset (which is in dataset order, a random sample) is itself a random sample.
+        settings = eval_settings(lm, tokenizer, bench, problems, limit=args.acc_limit, seed=42, shots=0, chat=True,
+                                 max_new_tokens=args.budget, fingerprint=fingerprint)  # fmt: skip
+        evaluate_loaded(lm, tokenizer, bench, problems[:upto], settings, out[label], label, 16, False)
 
-    with_model(tgt.path, options, patched)
-    for role, ckpt in (("target", tgt), ("source", src)):
-        log(f"accuracy: {role} on {args.acc_limit} problems")
-        evaluate(ckpt.path, args.benchmark, out[role], limit=args.acc_limit, max_new_tokens=args.budget, batch_size=16,
-                 options=replace(options, progress=True))  # fmt: skip
+    for upto in range(args.acc_chunk, args.acc_limit + args.acc_chunk, args.acc_chunk):
+        upto = min(upto, args.acc_limit)
+        log(f"accuracy: every model on the first {upto} of {args.acc_limit} problems")
+
+        def on_target(lm, upto: int = upto) -> None:
+            for label, state in states.items():
+                fingerprint = output_fingerprint(tgt, src, state.tensors, state.alpha)
+                with swapped(lm, src, list(state.tensors), alpha=state.alpha):
+                    run(lm, label, fingerprint, upto)
+            run(lm, "target", tgt.fingerprint, upto)
+
+        with_model(tgt.path, options, on_target)
+        with_model(src.path, options, lambda lm, upto=upto: run(lm, "source", src.fingerprint, upto))
     return out
 
 
@@ -398,18 +404,23 @@ def accuracy_text(acc: dict[str, Path], pick: str, matched: str, scores: dict, a
     for label in (pick, matched):
         p = done.get(label, {})
         ids = sorted(set(s) & set(t) & set(p))
-        if ids and len(ids) == acc_limit:
+        if ids:
             boot = paired_bootstrap([s[i] for i in ids], [t[i] for i in ids], [p[i] for i in ids])
             rec = recovery_of([s[i] for i in ids], [t[i] for i in ids], [p[i] for i in ids])
             text += f"\nAccuracy Recovery of `{label}`: {_pct(rec, boot['recovery'])} on {len(ids)} problems.\n"
-    # How the teacher-forced signals rank the models whose accuracy was measured on every problem.
-    full = [label for label, rec in done.items() if len(rec) == acc_limit and label in scores]
-    if len(full) >= 3:
-        accs = [_mean(list(done[x].values())) for x in full]
+    # How the teacher-forced signals rank the models, on the problems every model answered.
+    measured = [label for label, rec in done.items() if rec and label in scores]
+    common = sorted(set.intersection(*(set(done[x]) for x in measured))) if measured else []
+    if len(measured) >= 3 and common:
+        accs = [_mean([done[x][i] for i in common]) for x in measured]
         for name in ("on-policy", "gold"):
-            rho = spearman([-_mean(scores[x][name]) for x in full], accs)
-            text += f"\nSpearman rank correlation of -{name} NLL with accuracy over {', '.join(full)}: "
-            text += f"{rho:+.2f} (n = {len(full)}).\n" if rho is not None else "undefined.\n"
+            rho = spearman([-_mean(scores[x][name]) for x in measured], accs)
+            text += (
+                f"\nSpearman rank correlation of -{name} validation NLL with accuracy on {len(common)} problems over "
+            )
+            text += f"{', '.join(measured)}: " + (
+                f"{rho:+.2f} (n = {len(measured)}).\n" if rho is not None else "undefined.\n"
+            )
     return text
 
 
@@ -700,6 +711,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=384, help="--tradeoff: max_new_tokens of answers and accuracy")
     ap.add_argument("--benchmark", default="gsm8k", help="--tradeoff: the test set of the accuracy part")
     ap.add_argument("--doc", default=TRADEOFF_DOC, help="--tradeoff: the page written under docs/")
+    ap.add_argument("--acc-chunk", type=int, default=32, help="--tradeoff: problems each model answers in turn")
     ap.add_argument(
         "--acc-report-only",
         action="store_true",

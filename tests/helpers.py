@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gguf
@@ -357,3 +357,28 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def flip_bit(folder: Path, tensor: str, at: int = 3) -> None:
+    """Flip the lowest bit of byte `at` of `tensor` in the checkpoint `folder`, in place (a corrupt output)."""
+    from surgery.checkpoints.folder import open_checkpoint
+
+    ref = open_checkpoint(folder).tensors[tensor]
+    with open(ref.shard.path, "r+b") as f:
+        f.seek(ref.offset + at)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def noisy_target(lm: torch.nn.Module, modules: Sequence[str], target: Path) -> Path:
+    """Save `lm` (a loaded source) to `target` with `modules` overwritten by loud seeded noise, and a tokenizer:
+    a target worse than its source on every problem, in those modules alone."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name in modules:
+            w = lm.get_submodule(name).weight
+            w.copy_(torch.randn_like(w) * 2.0)
+    lm.save_pretrained(target)
+    save_tokenizer(target)
+    return target

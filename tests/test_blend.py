@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from surgery.checkpoints.swap import swapped
 from surgery.transplants.patch import PATCH_RECORD
 from surgery.transplants.records import PatchRecord, TransplantRecord
 from surgery.transplants.write import output_fingerprint
-from tests.helpers import cli, make_model, refused, tree_digest
+from tests.helpers import cli, flip_bit, make_model, refused, tree_digest
 
 MODULES = ["model.layers.1.mlp.*", "model.layers.0.self_attn.q_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -150,12 +149,7 @@ def test_verify_recomputes_the_blend_and_names_an_edited_tensor(tmp_path: Path, 
 
     # One bit of a blended tensor flipped: exit 1, naming it and the formula.
     name = "model.layers.1.mlp.up_proj.weight"
-    ref = open_checkpoint(out).tensors[name]
-    with open(ref.shard.path, "r+b") as f:
-        f.seek(ref.offset + 3)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bit(out, name)
     bad = cli("verify", out)
     assert bad.exit_code == 1
     assert bad.stderr.startswith(

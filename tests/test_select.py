@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import Result
 from transformers import AutoModelForCausalLM
 
 from surgery import load_manifest
-from tests.helpers import cli, make_model, save_tokenizer
+from tests.helpers import cli, make_model, noisy_target, save_tokenizer
 
 CHANGED = ("model.layers.1.mlp.down_proj", "model.layers.3.mlp.up_proj")
 QUESTIONS = [f"What is {a} plus {b}?" for a, b in ((2, 3), (7, 5), (10, 4), (6, 6), (9, 1), (3, 8), (4, 4), (5, 2))]
@@ -28,15 +27,7 @@ def noisy_pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("select")
     source = make_model(root / "source", 21, num_hidden_layers=4)
     save_tokenizer(source)
-    lm = AutoModelForCausalLM.from_pretrained(source)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name in CHANGED:
-            w = lm.get_submodule(name).weight
-            w.copy_(torch.randn_like(w) * 2.0)
-    target = root / "target"
-    lm.save_pretrained(target)
-    save_tokenizer(target)
+    target = noisy_target(AutoModelForCausalLM.from_pretrained(source), CHANGED, root / "target")
     manifest = root / "m.json"
     r = cli("manifest", "-s", source, "-t", target, "--method", "weight-delta", "-o", manifest)
     assert r.exit_code == 0, r.output

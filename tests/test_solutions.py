@@ -16,7 +16,7 @@ from surgery.analysis.nll import encode_gold, gold_nll
 from surgery.checkpoints.options import ModelOptions
 from surgery.evaluation.runner import evaluate, read_records
 from surgery.evaluation.solutions import solutions
-from tests.helpers import cli, make_model, refused, save_tokenizer
+from tests.helpers import cli, make_model, noisy_target, refused, save_tokenizer
 
 CHANGED = ("model.layers.1.mlp.down_proj", "model.layers.3.mlp.up_proj")
 QUESTIONS = [f"What is {a} plus {b}?" for a, b in ((2, 3), (7, 5), (10, 4), (6, 6), (9, 1), (3, 8), (4, 4), (5, 2))]
@@ -62,13 +62,7 @@ def digit_pair(tmp_path_factory: pytest.TempPathFactory) -> dict:
         head.zero_()
         head[digits] = kept
         lm.save_pretrained(source)
-        torch.manual_seed(1)
-        for name in CHANGED:
-            w = lm.get_submodule(name).weight
-            w.copy_(torch.randn_like(w) * 2.0)
-    target = root / "target"
-    lm.save_pretrained(target)
-    save_tokenizer(target)
+    target = noisy_target(lm, CHANGED, root / "target")
     manifest = root / "m.json"
     assert cli("manifest", "-s", source, "-t", target, "--method", "weight-delta", "-o", manifest).exit_code == 0
     answers = _answers(source, QUESTIONS, root / "train")

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from surgery import SurgeryError, open_checkpoint, transplant, verify
 from surgery.cli import main
 from surgery.transplants.verify import VerificationError
-from tests.helpers import cli, make_model, tree_digest, write_manifest
+from tests.helpers import cli, flip_bit, make_model, tree_digest, write_manifest
 
 CASES = {
     "single-fp32": {"dtype": torch.float32},
@@ -101,12 +101,7 @@ def test_transplant_end_to_end(tmp_path: Path, case: str) -> None:
 
     # Flip one byte inside a transplanted tensor: verify must name it.
     name = "model.layers.1.mlp.up_proj.weight"
-    ref = open_checkpoint(out).tensors[name]
-    with open(ref.shard.path, "r+b") as f:
-        f.seek(ref.offset + 3)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bit(out, name)
     bad = cli("verify", out, "-t", tgt, "-s", src)
     assert bad.exit_code == 1
     assert bad.stderr.startswith(f"verify failed: tensor {name!r}: byte 3 differs from the source checkpoint")
@@ -308,11 +303,7 @@ def test_verify_finds_an_edit_of_the_target_in_place_through_a_linked_shard(tmp_
     ckpt = open_checkpoint(tgt)
     ref = next(ref for ref in ckpt.tensors.values() if ref.shard.path.name == linked[0])
     assert ref.info.nbytes > 1000
-    with open(ref.shard.path, "r+b") as f:
-        f.seek(ref.offset + 100)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bit(tgt, ref.info.name, at=100)
     bad = cli("verify", out)
     assert bad.exit_code == 1, bad.output
     assert f"tensor {ref.info.name!r}: sha256 differs from the one in transplant.json; {linked[0]} is a hard link" in (

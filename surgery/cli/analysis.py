@@ -183,23 +183,12 @@ def analyze_cmd(
     if given and validation is None:
         raise SurgeryError(f"--{given[0].replace('_', '-')} applies with --auto-k --validation W, which chooses K")
     if validation is None:
-        from surgery.analysis.analyze import analyze
-        from surgery.evaluation.solutions import ranking_workload
+        from surgery.evaluation.analyze_select import analyze_on
 
-        ranked_on = ranking_workload(
+        manifest = analyze_on(
             workload,
-            solutions,
             out,
-            source=source,
-            method=method,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            options=options,
-            overwrite=overwrite,
-        )
-        manifest = analyze(
-            ranked_on,
-            out,
+            solutions=solutions,
             source=source,
             target=target,
             method=method,

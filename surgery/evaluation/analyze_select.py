@@ -1,4 +1,5 @@
-"""`analyze --auto-k`: rank a pair, then choose K on held-out problems, into one manifest.
+"""`surgery analyze`: rank a pair (on the source's own answers with --solutions source), and with --auto-k choose K
+on held-out problems, into one manifest.
 
 Here rather than in `analysis.analyze`, because choosing K evaluates (the analysis layer may not import
 evaluation), as do the source's answers of `--solutions source`.
@@ -12,6 +13,7 @@ from surgery.analysis.analyze import analyze
 from surgery.checkpoints.options import ModelOptions
 from surgery.evaluation.select import SelectResult, check_auto_k, choose_k
 from surgery.evaluation.solutions import ranking_workload
+from surgery.manifest import Manifest
 
 
 def analyze_and_select(
@@ -76,30 +78,20 @@ def analyze_and_select(
         keep=keep,
         min_retention=min_retention,
     )
-    ranked_on = ranking_workload(
+    analyze_on(
         workload,
-        solutions,
         out,
-        source=source,
-        method=method,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        options=options,
-        overwrite=overwrite,
-    )
-    analyze(
-        ranked_on,
-        out,
+        solutions=solutions,
         source=source,
         target=target,
         method=method,
         seed=seed,
+        keep=keep,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_memory=max_memory,
         options=options,
         overwrite=overwrite,
-        keep=keep,
     )
     return choose_k(
         out,
@@ -117,4 +109,49 @@ def analyze_and_select(
         solutions=validation_solutions,
         keep=(keep,) if keep is not None else (),
         min_retention=min_retention,
+    )
+
+
+def analyze_on(
+    workload: str,
+    out: str | Path,
+    *,
+    solutions: str | None,
+    source: str | Path,
+    target: str | Path,
+    method: str,
+    seed: int | None,
+    keep: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    max_memory: str | None,
+    options: ModelOptions,
+    overwrite: bool,
+) -> Manifest:
+    """`analyze` on `workload`, or with `solutions="source"` on the source's own correct answers to its problems
+    (`solutions.ranking_workload`: generated once, cached): what `surgery analyze` runs, with or without --auto-k."""
+    ranked_on = ranking_workload(
+        workload,
+        solutions,
+        out,
+        source=source,
+        method=method,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        options=options,
+        overwrite=overwrite,
+    )
+    return analyze(
+        ranked_on,
+        out,
+        source=source,
+        target=target,
+        method=method,
+        seed=seed,
+        keep=keep,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_memory=max_memory,
+        options=options,
+        overwrite=overwrite,
     )

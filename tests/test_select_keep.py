@@ -131,3 +131,32 @@ def test_choose_point_rule() -> None:
     # A keep set where the target has no advantage (Retention undefined) constrains nothing.
     chosen, _, met = choose_point([_point(1, 95, None)], 90, 80, "nll")
     assert met and chosen.k == 1
+
+
+def test_measure_patched_resumes_from_known_scores(ranked) -> None:
+    """Scores already measured are not measured again, and a model none of whose scores is missing is not loaded."""
+    from surgery import ModelOptions, open_checkpoint
+    from surgery.analysis.workloads import load_workload
+    from surgery.evaluation.tradeoff import Patched, measure_patched, nll_scorer
+
+    pair, _, validation = ranked
+    src, tgt = open_checkpoint(pair.source), open_checkpoint(pair.target)
+    damaged = tuple(t for t in src.tensors if t.startswith(pair.damaged + "."))
+    states = [Patched("damaged", damaged, 1.0, 1), Patched("half", damaged, 0.5, 1)]
+    calls: list[str] = []
+    score = nll_scorer({"v": load_workload(validation)}, chat=True)
+
+    def counted(lm, tok):
+        calls.append("x")
+        return score(lm, tok)
+
+    saved: dict = {}
+    first = measure_patched(src, tgt, states, counted, ModelOptions(progress=False), on_scored=saved.__setitem__)
+    assert len(calls) == 4 and saved == first and set(first) == {"source", "target", "damaged", "half"}
+    # The blend is a third model, neither the target nor the copy.
+    assert first["half"]["v"] not in (first["target"]["v"], first["damaged"]["v"])
+    again = measure_patched(src, tgt, states, counted, ModelOptions(progress=False), known=first)
+    assert again == first and len(calls) == 4
+    partial = measure_patched(src, tgt, states, counted, ModelOptions(progress=False),
+                              known={k: v for k, v in first.items() if k != "half"})  # fmt: skip
+    assert partial == first and len(calls) == 5

@@ -382,3 +382,14 @@ def noisy_target(lm: torch.nn.Module, modules: Sequence[str], target: Path) -> P
     lm.save_pretrained(target)
     save_tokenizer(target)
     return target
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint `folder`, by name, read with safetensors (the reference reader)."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return out

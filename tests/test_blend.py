@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from surgery import SurgeryError, apply, open_checkpoint, open_patch, transplant, verify, write_patch
@@ -21,7 +20,7 @@ from surgery.checkpoints.swap import swapped
 from surgery.transplants.patch import PATCH_RECORD
 from surgery.transplants.records import PatchRecord, TransplantRecord
 from surgery.transplants.write import output_fingerprint
-from tests.helpers import cli, flip_bit, make_model, refused, tree_digest
+from tests.helpers import cli, flip_bit, make_model, refused, tensors, tree_digest
 
 MODULES = ["model.layers.1.mlp.*", "model.layers.0.self_attn.q_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -38,14 +37,6 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dic
         made[f"target-{name}"] = make_model(root / f"target-{name}", 1, dtype=dtype, shard="20KB")
         made[f"source-{name}"] = make_model(root / f"source-{name}", 2, dtype=dtype, shard="30KB")
     return {(t, s): {"target": made[f"target-{t}"], "source": made[f"source-{s}"]} for t, s in PAIRS}
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
-    return out
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

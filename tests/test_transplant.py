@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from surgery import SurgeryError, open_checkpoint, transplant, verify
 from surgery.cli import main
 from surgery.transplants.verify import VerificationError
-from tests.helpers import cli, flip_bit, make_model, tree_digest, write_manifest
+from tests.helpers import cli, flip_bit, make_model, tensors, tree_digest, write_manifest
 
 CASES = {
     "single-fp32": {"dtype": torch.float32},
@@ -26,14 +26,6 @@ CASES = {
     "sharded-fp32-tied": {"dtype": torch.float32, "tied": True, "shard": "20KB"},
     "qwen2-bias": {"arch": "qwen2", "shard": "20KB"},
 }
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
-    return out
 
 
 def logits(model_dir: Path | None = None, model: torch.nn.Module | None = None) -> torch.Tensor:

@@ -413,7 +413,7 @@ def accuracy_text(acc: dict[str, Path], pick: str, matched: str, scores: dict, a
     common = sorted(set.intersection(*(set(done[x]) for x in measured))) if measured else []
     if len(measured) >= 3 and common:
         accs = [_mean([done[x][i] for i in common]) for x in measured]
-        for name in ("on-policy", "gold"):
+        for name in [n for n in ("on-policy", "gold") if n in scores["source"]]:
             rho = spearman([-_mean(scores[x][name]) for x in measured], accs)
             text += (
                 f"\nSpearman rank correlation of -{name} validation NLL with accuracy on {len(common)} problems over "
@@ -530,20 +530,31 @@ def tradeoff_study(args: argparse.Namespace) -> None:
 
     ks = [int(k) for k in args.tradeoff_ks.split(",")]
     alphas = [float(a) for a in args.alphas.split(",")]
-    states = [Patched(f"{m}-k{k}", top(m, k), 1.0, k) for m in TRADEOFF_METHODS for k in ks]
+    methods = [m for m in args.tradeoff_methods.split(",") if m]
+    if not set(methods) <= set(TRADEOFF_METHODS) or args.acc_method not in methods:
+        raise SystemExit(f"--tradeoff-methods: some of {','.join(TRADEOFF_METHODS)}, --acc-method among them")
+    states = [Patched(f"{m}-k{k}", top(m, k), 1.0, k) for m in methods for k in ks]
     states += [Patched(f"interpolate-a{a:g}", every, a, len(changed)) for a in alphas]
     by_label = {s.label: s for s in states}
+    # Every changed module at alpha 1 is the source itself: its scores are the source's, not measured again.
+    measured_states = [st for st in states if not (st.label.startswith("interpolate-") and st.alpha == 1)]
+    # First order against the measured swap: taylor-keep's top modules, one at a time.
+    tops = manifests["taylor-keep"].modules[: args.singles]
+    singles = [Patched(f"single-{m.name}", tuple(m.tensors), 1.0, 1) for m in tops]
     sets = {
         "on-policy": load_workload(on_policy["validation"]),
-        "gold": load_workload(validation),
+        **({"gold": load_workload(validation)} if args.gold else {}),
         **{name: load_workload(spec) for name, spec in keep_specs.items()},
     }
     fingerprints = {"source": src.fingerprint, "target": tgt.fingerprint, "dtype": dtype}
     cache = Measured(study / "scores.json", {n: w.sha256 for n, w in sets.items()} | fingerprints)
-    log(f"measuring {len(states)} patched models on " + ", ".join(f"{n} ({len(w.prompts)})" for n, w in sets.items()))
-    scores = measure_patched(src, tgt, states, nll_scorer(sets, chat=True), options, known=cache.scores,
+    todo = measured_states + singles
+    log(f"measuring {len(todo)} patched models on " + ", ".join(f"{n} ({len(w.prompts)})" for n, w in sets.items()))
+    scores = measure_patched(src, tgt, todo, nll_scorer(sets, chat=True), options, known=cache.scores,
                              on_scored=cache.save)  # fmt: skip
     s, t = scores["source"], scores["target"]
+    for st in states:
+        scores.setdefault(st.label, s)
     keeps = list(keep_specs)
 
     def point(state: Patched) -> CurvePoint:
@@ -558,24 +569,16 @@ def tradeoff_study(args: argparse.Namespace) -> None:
         )
 
     points = {st.label: point(st) for st in states}
-    gold = {st.label: recovery(_mean(scores[st.label]["gold"]), _mean(t["gold"]), _mean(s["gold"])) for st in states}
+    gold = {st.label: recovery(_mean(scores[st.label]["gold"]), _mean(t["gold"]), _mean(s["gold"])) if args.gold
+            else None for st in states}  # fmt: skip
     chosen = {m: choose_point([points[f"{m}-k{k}"] for k in ks], args.min_recovery, args.min_retention, "nll")
-              for m in TRADEOFF_METHODS}  # fmt: skip
+              for m in methods}  # fmt: skip
     interp = [points[f"interpolate-a{a:g}"] for a in alphas]
     pick_point = chosen[args.acc_method][0]
     pick = f"{args.acc_method}-k{pick_point.k}"
     # The interpolation that keeps as much of the update (Retention on stdlib-docs) as select's choice.
     matched_point = min(interp, key=lambda p: abs((p.retention[0].pct or 0.0) - (pick_point.retention[0].pct or 0.0)))
     matched = f"interpolate-a{matched_point.alpha:g}"
-
-    # First order against the measured swap, on the ranking's own workloads: taylor-keep's top modules one by one.
-    tops = manifests["taylor-keep"].modules[: args.singles]
-    singles = [Patched(f"single-{m.name}", tuple(m.tensors), 1.0, 1) for m in tops]
-    rank_sets = {"task": load_workload(on_policy["rank"]), "keep": load_workload(keep_rank)}
-    cache1 = Measured(study / "scores-single.json", {n: w.sha256 for n, w in rank_sets.items()} | fingerprints)
-    log(f"measuring {len(singles)} single-module swaps on the ranking workloads")
-    single = measure_patched(src, tgt, singles, nll_scorer(rank_sets, chat=True), options, known=cache1.scores,
-                             on_scored=cache1.save)  # fmt: skip
 
     acc_text = "Not run (`--acc-limit 0`).\n"
     if args.acc_limit:
@@ -585,15 +588,19 @@ def tradeoff_study(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - t0) / 60
     docs_dir = ROOT / "docs"
     stem = Path(args.doc).stem
-    tradeoff_plot(points, TRADEOFF_METHODS, ks, alphas, keeps, chosen, docs_dir / f"{stem}-tradeoff.png")
+    tradeoff_plot(points, methods, ks, alphas, keeps, chosen, docs_dir / f"{stem}-tradeoff.png")
 
     def row(label: str) -> str:
         p = points[label]
         kept = " | ".join(_kept(r) for r in p.retention)
-        return f"| {label} | {_pct(p.recovery, p.recovery_ci95)} | {_pct(gold[label])} | {kept} |"
+        golden = f" {_pct(gold[label])} |" if args.gold else ""
+        return f"| {label} | {_pct(p.recovery, p.recovery_ci95)} |{golden} {kept} |"
 
     table = ["| model | Recovery, on-policy NLL [95% CI] | Recovery, gold NLL | " + " | ".join(
         f"Retention on {k} [95% CI]" for k in keeps) + " |", "|---" * (3 + len(keeps)) + "|"]  # fmt: skip
+    if not args.gold:
+        table[0] = table[0].replace(" Recovery, gold NLL |", "")
+        table[1] = "|---" * (2 + len(keeps)) + "|"
     table += [row(st.label) for st in states]
     base = {n: (_mean(s[n]), _mean(t[n])) for n in sets}
     choices = [f"| {m} | K={p.k} | {_pct(p.recovery, p.recovery_ci95)} | "
@@ -601,9 +608,9 @@ def tradeoff_study(args: argparse.Namespace) -> None:
                for m, (p, rule, _) in chosen.items()]  # fmt: skip
     first_order = []
     for m in tops:
-        p = single[f"single-{m.name}"]
-        gain = _mean(single["target"]["task"]) - _mean(p["task"])
-        loss = _mean(p["keep"]) - _mean(single["target"]["keep"])
+        p = scores[f"single-{m.name}"]
+        gain = _mean(t["on-policy"]) - _mean(p["on-policy"])
+        loss = _mean(p["stdlib-docs"]) - _mean(t["stdlib-docs"])
         first_order.append(f"| {m.name} | {m.task_gain:+.4f} | {gain:+.4f} | {m.keep_loss:+.4f} | {loss:+.4f} |")
     (docs_dir / f"{stem}.json").write_text(json.dumps({
         "baselines": base, "points": {k: v.to_dict() for k, v in points.items()}, "gold_recovery": gold,
@@ -622,12 +629,15 @@ everything is cached under `{study}`, so a rerun counts only its own minutes); r
   `{validation}` ({solved["validation"]} correct), each after the exact prompt `eval` renders.
 - **Rankings.** `taylor` on the gold solutions of `{args.gold_workload}`; `taylor-on-policy` on the source's
   answers to the same problems; `taylor-keep`: the same with `--keep` the first {KEEP_RANK_ROWS} held-out
-  standard-library docstrings; `random-changed` (seed 0).
+  standard-library docstrings; `random-changed` (seed 0). Measured in this run: {", ".join(f"`{m}`" for m in methods)},
+  at K = {args.tradeoff_ks}.
 - **Keep sets** (Retention: the share of the target's keep-NLL advantage over the source that a patched model
   keeps; 100% = the target, 0% = a full rollback): `stdlib-docs`, {args.keep_rows} held-out docstrings not seen by
   the ranking (what the update was for), and `general-text`, {args.keep_rows} paragraphs of the vendored prose.
-- **Recovery** is measured on the on-policy validation NLL (the source's own answers to `{validation}`), and on
-  the gold NLL of the same problems for comparison; 95% paired-bootstrap intervals.
+- **Recovery** is measured on the on-policy validation NLL (the source's own answers to `{validation}`){
+        ", and on the gold NLL of the same problems for comparison" if args.gold else ""
+    }; 95% paired-bootstrap
+  intervals. Interpolation at alpha 1 is the source itself (Recovery 100%, Retention 0%), not measured again.
 - **Interpolation** is every changed module blended at alpha (`transplant --module '*' --alpha A` writes the same
   tensors; unchanged modules blend to themselves): the WiSE-FT baseline.
 
@@ -652,8 +662,10 @@ The interpolation with the Retention on stdlib-docs closest to `{pick}`'s: `{mat
 
 ## First order against the measured swap
 
-taylor-keep's top {len(tops)} modules, each swapped in alone and measured on the ranking's own workloads (the
-on-policy ranking answers and the {KEEP_RANK_ROWS} keep-ranking docstrings), nats per token:
+taylor-keep's top {len(tops)} modules, each swapped in alone. First order: the manifest's parts, estimated on the
+ranking's workloads (the source's answers to `{args.gold_workload}`, the {KEEP_RANK_ROWS} keep-ranking docstrings).
+Measured: the drop of the on-policy validation NLL and the rise of the stdlib-docs keep NLL (other problems and other
+docstrings of the same kinds, so the two columns differ by sampling too). Nats per token:
 
 | module | task gain, first order | task gain, measured | keep loss, first order | keep loss, measured |
 |---|---|---|---|---|
@@ -702,9 +714,11 @@ def main() -> None:
         help="the trade-off study instead (Recovery against Retention, interpolation, accuracy)",
     )
     ap.add_argument("--tradeoff-ks", default="8,16,32", help="--tradeoff: K of each ranking")
+    ap.add_argument("--tradeoff-methods", default=",".join(TRADEOFF_METHODS), help="--tradeoff: the rankings measured")
     ap.add_argument("--alphas", default="0.1,0.25,0.5,0.75,1", help="--tradeoff: interpolation weights")
     ap.add_argument("--keep-rows", type=int, default=24, help="--tradeoff: rows of each keep set")
     ap.add_argument("--singles", type=int, default=3, help="--tradeoff: modules swapped alone (first order check)")
+    ap.add_argument("--gold", action="store_true", help="--tradeoff: also the gold NLL of the validation problems")
     ap.add_argument("--min-recovery", type=float, default=50.0, help="--tradeoff: select's --min-recovery")
     ap.add_argument("--min-retention", type=float, default=50.0, help="--tradeoff: select's --min-retention")
     ap.add_argument("--acc-method", default="taylor-keep", help="--tradeoff: the ranking whose choice is scored")

@@ -536,8 +536,6 @@ def tradeoff_study(args: argparse.Namespace) -> None:
     states = [Patched(f"{m}-k{k}", top(m, k), 1.0, k) for m in methods for k in ks]
     states += [Patched(f"interpolate-a{a:g}", every, a, len(changed)) for a in alphas]
     by_label = {s.label: s for s in states}
-    # Every changed module at alpha 1 is the source itself: its scores are the source's, not measured again.
-    measured_states = [st for st in states if not (st.label.startswith("interpolate-") and st.alpha == 1)]
     # First order against the measured swap: taylor-keep's top modules, one at a time.
     tops = manifests["taylor-keep"].modules[: args.singles]
     singles = [Patched(f"single-{m.name}", tuple(m.tensors), 1.0, 1) for m in tops]
@@ -548,13 +546,15 @@ def tradeoff_study(args: argparse.Namespace) -> None:
     }
     fingerprints = {"source": src.fingerprint, "target": tgt.fingerprint, "dtype": dtype}
     cache = Measured(study / "scores.json", {n: w.sha256 for n, w in sets.items()} | fingerprints)
-    todo = measured_states + singles
+    todo = states + singles
     log(f"measuring {len(todo)} patched models on " + ", ".join(f"{n} ({len(w.prompts)})" for n, w in sets.items()))
     scores = measure_patched(src, tgt, todo, nll_scorer(sets, chat=True), options, known=cache.scores,
                              on_scored=cache.save)  # fmt: skip
     s, t = scores["source"], scores["target"]
-    for st in states:
-        scores.setdefault(st.label, s)
+    # A check of the whole path: every changed module copied (alpha 1) is the source, so it must score as the source.
+    rollback = [p for p in states if p.label.startswith("interpolate-") and p.alpha == 1]
+    check = max((abs(a - b) for st in rollback for n in sets for a, b in zip(scores[st.label][n], s[n], strict=True)),
+                default=None)  # fmt: skip
     keeps = list(keep_specs)
 
     def point(state: Patched) -> CurvePoint:
@@ -576,8 +576,14 @@ def tradeoff_study(args: argparse.Namespace) -> None:
     interp = [points[f"interpolate-a{a:g}"] for a in alphas]
     pick_point = chosen[args.acc_method][0]
     pick = f"{args.acc_method}-k{pick_point.k}"
-    # The interpolation that keeps as much of the update (Retention on stdlib-docs) as select's choice.
-    matched_point = min(interp, key=lambda p: abs((p.retention[0].pct or 0.0) - (pick_point.retention[0].pct or 0.0)))
+
+    # The interpolation that keeps as much of the update as select's choice: the closest Retention on stdlib-docs,
+    # or where Retention is undefined (the target has no advantage there to keep), the closest keep NLL change.
+    def cost(p: CurvePoint) -> float:
+        r = p.retention[0]
+        return r.pct if pick_point.retention[0].pct is not None and r.pct is not None else r.nll_change
+
+    matched_point = min(interp, key=lambda p: abs(cost(p) - cost(pick_point)))
     matched = f"interpolate-a{matched_point.alpha:g}"
 
     acc_text = "Not run (`--acc-limit 0`).\n"
@@ -637,7 +643,8 @@ everything is cached under `{study}`, so a rerun counts only its own minutes); r
 - **Recovery** is measured on the on-policy validation NLL (the source's own answers to `{validation}`){
         ", and on the gold NLL of the same problems for comparison" if args.gold else ""
     }; 95% paired-bootstrap
-  intervals. Interpolation at alpha 1 is the source itself (Recovery 100%, Retention 0%), not measured again.
+  intervals. Interpolation at alpha 1 copies every changed module, so it is the source itself: its NLLs differ from
+  the source's by at most {"n/a" if check is None else f"{check:.2g}"} nats on every row (a check of the path).
 - **Interpolation** is every changed module blended at alpha (`transplant --module '*' --alpha A` writes the same
   tensors; unchanged modules blend to themselves): the WiSE-FT baseline.
 
@@ -658,7 +665,8 @@ over K = {args.tradeoff_ks}.
 |---|---|---|{"---|" * len(keeps)}---|
 {chr(10).join(choices)}
 
-The interpolation with the Retention on stdlib-docs closest to `{pick}`'s: `{matched}`.
+The interpolation with the Retention on stdlib-docs (where it is undefined, the keep NLL change) closest to
+`{pick}`'s: `{matched}`.
 
 ## First order against the measured swap
 

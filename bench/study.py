@@ -279,9 +279,10 @@ TRADEOFF_DOC = "results-qwen1.5b.md"
 
 
 def _text_jsonl(path: Path, texts: list[str]) -> str:
-    """A keep set of plain texts as a JSONL workload, written once."""
-    if not path.is_file():
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    """A keep set of plain texts as a JSONL workload (rewritten only when its texts change)."""
+    text = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
     return str(path)
 
 
@@ -609,6 +610,7 @@ def tradeoff_study(args: argparse.Namespace) -> None:
         table[1] = "|---" * (2 + len(keeps)) + "|"
     table += [row(st.label) for st in states]
     base = {n: (_mean(s[n]), _mean(t[n])) for n in sets}
+    rows = {n: len(w.prompts) for n, w in sets.items()}
     choices = [f"| {m} | K={p.k} | {_pct(p.recovery, p.recovery_ci95)} | "
                + " | ".join(_kept(r) for r in p.retention) + f" | {rule} |"
                for m, (p, rule, _) in chosen.items()]  # fmt: skip
@@ -638,8 +640,8 @@ everything is cached under `{study}`, so a rerun counts only its own minutes); r
   standard-library docstrings; `random-changed` (seed 0). Measured in this run: {", ".join(f"`{m}`" for m in methods)},
   at K = {args.tradeoff_ks}.
 - **Keep sets** (Retention: the share of the target's keep-NLL advantage over the source that a patched model
-  keeps; 100% = the target, 0% = a full rollback): `stdlib-docs`, {args.keep_rows} held-out docstrings not seen by
-  the ranking (what the update was for), and `general-text`, {args.keep_rows} paragraphs of the vendored prose.
+  keeps; 100% = the target, 0% = a full rollback): `stdlib-docs`, {rows["stdlib-docs"]} held-out docstrings not seen by
+  the ranking (what the update was for), and `general-text`, {rows["general-text"]} paragraphs of the vendored prose.
 - **Recovery** is measured on the on-policy validation NLL (the source's own answers to `{validation}`){
         ", and on the gold NLL of the same problems for comparison" if args.gold else ""
     }; 95% paired-bootstrap

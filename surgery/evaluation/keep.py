@@ -24,7 +24,8 @@ KEEP_DIR = "keep"
 
 
 def keep_nll(model, tokenizer, workload: PromptSet, chat: bool) -> list[float]:
-    """The loaded model's keep NLL per row of `workload`, in nats per token (NaN for a row with nothing scored).
+    """The loaded model's NLL per row of `workload` (a keep set, or any workload with solutions), in nats per token
+    (NaN for a row with nothing scored).
 
     Raises:
         SurgeryError: the workload has no solutions, or its prompts fail to render.

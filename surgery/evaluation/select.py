@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from surgery.analysis.nll import encode_gold, gold_nll
 from surgery.analysis.workloads import PromptSet, load_workload, require_solutions
 from surgery.checkpoints.candidates import find_candidates
 from surgery.checkpoints.folder import Checkpoint, open_checkpoint
@@ -30,7 +29,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import STOP_STRINGS, Benchmark, grade, prompt_messages, prompt_text
 from surgery.evaluation.generate import greedy_generate, render
 from surgery.evaluation.k_grid import parse_alphas, parse_ks
-from surgery.evaluation.keep import keep_sets
+from surgery.evaluation.keep import keep_nll, keep_sets
 from surgery.evaluation.metrics import Retention, mean_interval, paired_bootstrap, recovery, retention
 from surgery.evaluation.solutions import (
     check_solver,
@@ -370,8 +369,7 @@ def _as_eval_renders(tokenizer, validation: _Validation, chat: bool) -> PromptSe
 
 def _nll_scores(lm, tokenizer, validation: _Validation, options, batch_size, max_new_tokens) -> list[float]:
     """Per-problem NLL of the solutions, prompts rendered as `eval` renders them (or as they are, if rendered)."""
-    gold = encode_gold(tokenizer, _as_eval_renders(tokenizer, validation, options.chat), options.chat)
-    return gold_nll(lm, gold.prompts, gold.solutions, gold.pad_id)
+    return keep_nll(lm, tokenizer, _as_eval_renders(tokenizer, validation, options.chat), options.chat)
 
 
 def _accuracy_scores(lm, tokenizer, validation: _Validation, options, batch_size, max_new_tokens) -> list[float]:

@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from surgery.analysis.nll import GoldSet, encode_gold, gold_nll
 from surgery.analysis.workloads import PromptSet
 from surgery.checkpoints.folder import Checkpoint
 from surgery.checkpoints.loading import load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
+from surgery.evaluation.keep import keep_nll
 from surgery.manifest import CurvePoint
 
 # What a loaded model is scored with: (model, tokenizer) -> per-row scores by set name.
@@ -98,16 +98,11 @@ def measure_patched(
     return result
 
 
-def nll_scorer(sets: Mapping[str, PromptSet | Callable[[Any], GoldSet]], chat: bool) -> Scorer:
-    """Per-row teacher-forced NLL on each set: a workload with solutions (encoded by `encode_gold`), or a
-    function of the tokenizer that encodes its own (`select` renders gold problems as `eval` does)."""
+def nll_scorer(sets: Mapping[str, PromptSet], chat: bool) -> Scorer:
+    """Per-row teacher-forced NLL on each set, a workload with solutions (`keep.keep_nll`)."""
 
     def score(lm, tokenizer) -> dict[str, list[float]]:
-        out = {}
-        for name, s in sets.items():
-            gold = encode_gold(tokenizer, s, chat) if isinstance(s, PromptSet) else s(tokenizer)
-            out[name] = gold_nll(lm, gold.prompts, gold.solutions, gold.pad_id)
-        return out
+        return {name: keep_nll(lm, tokenizer, workload, chat) for name, workload in sets.items()}
 
     return score
 

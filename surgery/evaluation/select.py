@@ -38,7 +38,7 @@ from surgery.evaluation.solutions import (
     source_solutions,
     workload_benchmark,
 )
-from surgery.evaluation.tradeoff import VALIDATION, Patched, choose_point, measure_patched, nll_scorer
+from surgery.evaluation.tradeoff import VALIDATION, Patched, choose_point, measure_patched, nll_scorer, percent
 from surgery.fileio import check_new_file
 from surgery.manifest import (
     CurvePoint,
@@ -321,7 +321,7 @@ def curve_table(selection: Selection) -> str:
         mark = " (chosen)" if (p.k, p.alpha) == (selection.k, selection.alpha) else ""
         alpha = [f"{p.alpha:g}"] if blended else []
         lines.append(
-            row([f"{p.k}{mark}", *alpha, f"{p.value:.4f}", f"{_pct(p.recovery)}{ci}", *map(_kept, p.retention)])
+            row([f"{p.k}{mark}", *alpha, f"{p.value:.4f}", f"{percent(p.recovery)}{ci}", *map(_kept, p.retention)])
         )
     return "\n".join(lines)
 
@@ -332,10 +332,6 @@ def _kept(r: KeepPoint) -> str:
         lo, hi = r.nll_change_ci95
         return f"undefined (keep NLL {r.nll_change:+.3f} [{lo:+.3f}, {hi:+.3f}])"
     return f"{r.pct:.1f}%" + (f" [{r.ci95[0]:.1f}, {r.ci95[1]:.1f}]" if r.ci95 else "")
-
-
-def _pct(value: float | None) -> str:
-    return f"{value:.1f}%" if value is not None else "undefined"
 
 
 def _validation(spec: str, metric: str, solutions: str | None) -> _Validation:

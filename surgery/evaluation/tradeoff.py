@@ -121,7 +121,8 @@ def _where(point: CurvePoint) -> str:
     return f"K={point.k}" + (f", alpha {point.alpha:g}" if point.alpha != 1 else "")
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A percentage as select and its rule print it: `57.7%`, or `undefined`."""
     return f"{value:.1f}%" if value is not None else "undefined"
 
 
@@ -151,12 +152,12 @@ def choose_point(
         chosen = max(kept, key=lambda p: p.recovery if p.recovery is not None else float("-inf"))
         rule = (
             f"no K reached {min_recovery:g}% Recovery of the {metric} gap{keeps}; the best Recovery"
-            f"{' that keeps it' if keeps else ''} ({_pct(chosen.recovery)} at {_where(chosen)}) was taken"
+            f"{' that keeps it' if keeps else ''} ({percent(chosen.recovery)} at {_where(chosen)}) was taken"
         )
     else:
         chosen = max(curve, key=_least_kept)
         rule = (
-            f"no point keeps {min_retention:g}% Retention; the one that keeps the most ({_pct(_least_kept(chosen))} "
-            f"at {_where(chosen)}, Recovery {_pct(chosen.recovery)}) was taken"
+            f"no point keeps {min_retention:g}% Retention; the one that keeps the most ({percent(_least_kept(chosen))} "
+            f"at {_where(chosen)}, Recovery {percent(chosen.recovery)}) was taken"
         )
     return chosen, rule, False

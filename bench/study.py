@@ -502,7 +502,7 @@ def tradeoff_study(args: argparse.Namespace) -> None:
     keep_rank = _text_jsonl(study / "keep-stdlib-rank.jsonl", docs[:KEEP_RANK_ROWS])
     keep_specs = {
         "stdlib-docs": _text_jsonl(study / "keep-stdlib.jsonl", docs[KEEP_RANK_ROWS : KEEP_RANK_ROWS + args.keep_rows]),
-        "general-text": f"general-text:{args.keep_rows}",
+        "general-text": f"general-text:{args.general_rows or args.keep_rows}",
     }
 
     folder = study / "rankings"
@@ -726,7 +726,8 @@ def main() -> None:
     ap.add_argument("--tradeoff-ks", default="8,16,32", help="--tradeoff: K of each ranking")
     ap.add_argument("--tradeoff-methods", default=",".join(TRADEOFF_METHODS), help="--tradeoff: the rankings measured")
     ap.add_argument("--alphas", default="0.1,0.25,0.5,0.75,1", help="--tradeoff: interpolation weights")
-    ap.add_argument("--keep-rows", type=int, default=24, help="--tradeoff: rows of each keep set")
+    ap.add_argument("--keep-rows", type=int, default=24, help="--tradeoff: rows of each keep set (see --general-rows)")
+    ap.add_argument("--general-rows", type=int, default=0, help="--tradeoff: rows of general-text (0: --keep-rows)")
     ap.add_argument("--singles", type=int, default=3, help="--tradeoff: modules swapped alone (first order check)")
     ap.add_argument("--gold", action="store_true", help="--tradeoff: also the gold NLL of the validation problems")
     ap.add_argument("--min-recovery", type=float, default=50.0, help="--tradeoff: select's --min-recovery")

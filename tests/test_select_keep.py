@@ -108,10 +108,12 @@ def test_bad_keep_options_are_refused_before_anything_runs(ranked, tmp_path: Pat
              *extra, "-o", tmp_path / "sel.json"], message, watch=tmp_path)  # fmt: skip
 
 
-def _point(k: int, recovery: float, *kept: float | None, alpha: float = 1.0) -> CurvePoint:
-    return CurvePoint(
-        k, 0.0, recovery, None, alpha, tuple(KeepPoint(f"w{i}", r, None, 0.0, (0.0, 0.0)) for i, r in enumerate(kept))
-    )
+def _point(
+    k: int, recovery: float, *kept: float | None, alpha: float = 1.0, rise: tuple[float, float] = (-0.1, 0.1)
+) -> CurvePoint:
+    """A curve point keeping `kept` % on each keep set (None: undefined, its keep NLL change's interval `rise`)."""
+    keeps = tuple(KeepPoint(f"w{i}", r, None, sum(rise) / 2, rise) for i, r in enumerate(kept))
+    return CurvePoint(k, 0.0, recovery, None, alpha, keeps)
 
 
 def test_choose_point_rule() -> None:
@@ -128,9 +130,19 @@ def test_choose_point_rule() -> None:
     # Nothing keeps enough: the point that keeps the most.
     chosen, rule, met = choose_point(curve, 90, 99.5, "nll")
     assert not met and chosen.k == 1 and "no point keeps 99.5% Retention" in rule
-    # A keep set where the target has no advantage (Retention undefined) constrains nothing.
-    chosen, _, met = choose_point([_point(1, 95, None)], 90, 80, "nll")
-    assert met and chosen.k == 1
+    # A keep set where the target has no advantage (Retention undefined) passes while its keep NLL change is
+    # within noise, and fails the keep bar on a rise beyond noise: the regression check.
+    chosen, rule, met = choose_point([_point(1, 95, None)], 90, 80, "nll")
+    assert met and chosen.k == 1 and "where it is undefined, no keep NLL rise beyond noise" in rule
+    curve = [_point(1, 95, None, rise=(0.05, 0.2)), _point(2, 97, None, rise=(-0.02, 0.1))]
+    chosen, _, met = choose_point(curve, 90, 80, "nll")
+    assert met and chosen.k == 2
+    chosen, rule, met = choose_point([curve[0], _point(2, 97, 10)], 90, 80, "nll")
+    assert not met and chosen.k == 2 and "no point keeps 80% Retention" in rule
+    chosen, rule, met = choose_point(curve[:1], 90, 80, "nll")
+    assert not met and chosen.k == 1 and "keep NLL rose on w0" in rule
+    # Without --min-retention nothing is checked on the keep side.
+    assert choose_point(curve[:1], 90, None, "nll")[2]
 
 
 def test_measure_patched_resumes_from_known_scores(ranked) -> None:

@@ -113,7 +113,8 @@ SELECT_OPTIONS = stack(
         "--min-retention",
         type=float,
         help="With --keep: choose the smallest K whose Recovery reaches --min-recovery while every keep set keeps "
-        "at least this % of the target's advantage over the source.",
+        "at least this % of the target's advantage over the source (where the target has none, while its keep NLL "
+        "does not rise beyond noise).",
     ),
 )
 

@@ -209,8 +209,9 @@ def choose_k(
             cache); `nll` only.
         keep: keep sets, what the target must not lose (`general-text:N`, a JSONL of text, ...): every model's
             NLL on each is measured too, and each point of the curve gets its Retention (`metrics.retention`).
-        min_retention: the Retention, in percent, every keep set must keep at the chosen K (where the target
-            has an advantage on it to keep); needs `keep`.
+        min_retention: the Retention, in percent, every keep set must keep at the chosen K; on a keep set where
+            the target has no advantage to keep (Retention undefined), the keep NLL must not rise above the
+            target's beyond noise instead; needs `keep`.
         alphas: comma-separated blends in (0, 1] to measure each K at (`transplant --alpha`); the chosen alpha is
             written with K. None: 1 alone (a copy).
 

@@ -23,7 +23,7 @@ from surgery.checkpoints.loading import load_tokenizer, with_model
 from surgery.checkpoints.options import ModelOptions
 from surgery.checkpoints.swap import swapped
 from surgery.evaluation.keep import keep_nll
-from surgery.manifest import CurvePoint
+from surgery.manifest import CurvePoint, KeepPoint
 
 # What a loaded model is scored with: (model, tokenizer) -> per-row scores by set name.
 Scorer = Callable[[Any, Any], dict[str, list[float]]]
@@ -107,14 +107,28 @@ def nll_scorer(sets: Mapping[str, PromptSet], chat: bool) -> Scorer:
     return score
 
 
+def _regressed(r: KeepPoint) -> bool:
+    """A keep set where the target has no advantage (Retention undefined) and the patched model's keep NLL rose
+    above the target's beyond noise (the change's 95% interval is above 0): the regression check."""
+    return r.pct is None and r.nll_change_ci95[0] > 0
+
+
 def _kept(point: CurvePoint, min_retention: float | None) -> bool:
-    """Whether every keep set with a defined Retention keeps at least `min_retention` % (a keep set where the
-    target has no advantage constrains nothing: there is nothing of the target's to keep)."""
-    return min_retention is None or all(r.pct is None or r.pct >= min_retention for r in point.retention)
+    """Whether every keep set keeps at least `min_retention` % of the target's advantage, or, where the target
+    has none to keep (Retention undefined), shows no keep NLL rise beyond noise."""
+    if min_retention is None:
+        return True
+    return all(not _regressed(r) if r.pct is None else r.pct >= min_retention for r in point.retention)
 
 
 def _least_kept(point: CurvePoint) -> float:
     return min((r.pct for r in point.retention if r.pct is not None), default=float("inf"))
+
+
+def _keeping(point: CurvePoint) -> tuple[int, float]:
+    """How much a point keeps, for "the point that keeps the most": fewer regressions first, then the least
+    Retention over its keep sets."""
+    return -sum(_regressed(r) for r in point.retention), _least_kept(point)
 
 
 def _where(point: CurvePoint) -> str:
@@ -138,7 +152,9 @@ def choose_point(
     Returns:
         (the point, the rule in words, whether it met both bars).
     """
-    keeps = f" while Retention stays >= {min_retention:g}%" if min_retention is not None else ""
+    undefined = any(r.pct is None for p in curve for r in p.retention)
+    check = " (where it is undefined, no keep NLL rise beyond noise)" if undefined else ""
+    keeps = f" while Retention stays >= {min_retention:g}%{check}" if min_retention is not None else ""
     met = [p for p in curve if p.recovery is not None and p.recovery >= min_recovery and _kept(p, min_retention)]
     if met:
         k = min(p.k for p in met)
@@ -155,9 +171,11 @@ def choose_point(
             f"{' that keeps it' if keeps else ''} ({percent(chosen.recovery)} at {_where(chosen)}) was taken"
         )
     else:
-        chosen = max(curve, key=_least_kept)
+        chosen = max(curve, key=_keeping)
+        regressed = ", ".join(r.keep for r in chosen.retention if _regressed(r))
         rule = (
-            f"no point keeps {min_retention:g}% Retention; the one that keeps the most ({percent(_least_kept(chosen))} "
-            f"at {_where(chosen)}, Recovery {percent(chosen.recovery)}) was taken"
+            f"no point keeps {min_retention:g}% Retention{check}; "
+            f"the one that keeps the most ({percent(_least_kept(chosen))} at {_where(chosen)}, Recovery "
+            f"{percent(chosen.recovery)}{f'; keep NLL rose on {regressed}' if regressed else ''}) was taken"
         )
     return chosen, rule, False

@@ -26,12 +26,15 @@ QUIET = ModelOptions(progress=False)
 RUN = ("--max-new-tokens", TOKENS, "--batch-size", BATCH, "-q")
 
 
-def _answers(model: Path, questions: list[str], folder: Path, options: ModelOptions = QUIET) -> list[str]:
-    """What `model` answers to each question, as eval asks it."""
+def _answers(
+    model: Path, questions: list[str], folder: Path, options: ModelOptions = QUIET, **asking: object
+) -> list[str]:
+    """What `model` answers to each question, as eval asks it (`asking`: eval's shots and prompt)."""
     folder.mkdir(exist_ok=True)
     probe = folder / "probe.jsonl"
     probe.write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in questions))
-    evaluate(model, str(probe), folder / "probe", max_new_tokens=TOKENS, batch_size=BATCH, options=options)
+    evaluate(model, str(probe), folder / "probe", max_new_tokens=TOKENS, batch_size=BATCH, options=options,
+             **asking)  # type: ignore[arg-type]  # fmt: skip
     return [r["output"] for r in read_records(folder / "probe" / "records.jsonl")]
 
 
@@ -157,6 +160,29 @@ def test_a_gold_workload_is_asked_as_eval_asks_its_problems(digit_pair: dict, tm
         probe = records["probe.jsonl:" + line["id"].split(":")[1]]
         assert line["prompt"] == probe["prompt"] and line["prompt"].startswith("Question: ")
         assert line["prompt_format"] == "plain" and line["solution"] == probe["output"]
+
+
+def test_solutions_asks_with_evals_shots_prompt_style_and_memory_budget(digit_pair: dict, tmp_path: Path) -> None:
+    """--shots, --prompt lm-eval and --max-memory reach eval's runner: each kept prompt is the one an eval with the
+    same options renders (lm-eval's plain text, the exemplar first), each kept answer that eval's answer."""
+    answers = _answers(digit_pair["source"], QUESTIONS, tmp_path, prompt="lm-eval", shots=1)
+    bench = _problems(tmp_path, "lm", QUESTIONS, answers)["bench"]
+    out = tmp_path / "w.jsonl"
+    r = cli("solutions", digit_pair["source"], "-w", bench, "--prompt", "lm-eval", "--shots", 1, "--max-memory",
+            "1GiB", *RUN, "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "4 of 8 answers graded correct (50.0%), plain prompts" in r.stdout
+    probe = {r["id"].split(":")[1]: r for r in read_records(tmp_path / "probe" / "records.jsonl")}
+    lines = _lines(out)
+    assert [line["id"] for line in lines] == [f"lm.jsonl:{i}" for i in (1, 3, 5, 7)]
+    for line in lines:
+        asked = probe[line["id"].split(":")[1]]
+        assert line["prompt"] == asked["prompt"] and line["solution"] == asked["output"]
+        assert line["prompt_format"] == "plain" and line["prompt"].count("Question: ") == 2
+    settings = json.loads((Path(f"{out}.eval") / "settings.json").read_text())
+    assert (settings["prompt"], settings["shots"], settings["chat"]) == ("lm-eval", 1, False)
+    refused(["solutions", digit_pair["source"], "-w", bench, "--shots", 9, "-o", tmp_path / "x.jsonl"], "shots",
+            watch=tmp_path)  # fmt: skip
 
 
 def test_taylor_and_select_score_the_prompts_as_they_are(digit_pair: dict, tmp_path: Path) -> None:

@@ -26,11 +26,21 @@ from surgery.fileio import check_new_file
 if TYPE_CHECKING:
     from surgery.evaluation.select import SelectResult
 
+# How a problem is asked: `eval` and `solutions` (whose prompts must be eval's) take both.
+SHOTS = click.option("--shots", type=int, default=0, show_default=True, help="Chain-of-thought exemplars (0-8).")
+PROMPT = click.option(
+    "--prompt",
+    type=click.Choice(["surgery", "lm-eval"]),
+    default="surgery",
+    show_default=True,
+    help="surgery: answer-format instruction, chat template; lm-eval: lm-eval-harness's gsm8k prompt (comparable).",
+)
+
 _eval_options = stack(
     click.option("--benchmark", "-b", required=True, help=f"{', '.join(BENCHMARKS)}, or a JSONL with question/answer."),
     click.option("--limit", type=int, help="Score a seeded random subset of N problems (the paper: 50)."),
     click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit subset."),
-    click.option("--shots", type=int, default=0, show_default=True, help="Chain-of-thought exemplars (0-8)."),
+    SHOTS,
     click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per generate call."),
     model_options,
 )
@@ -43,13 +53,7 @@ _eval_options = stack(
 @MAX_MEMORY
 @click.option("--out", "-o", required=True, help="Results folder; a rerun with the same settings resumes.")
 @click.option("--patch", help="A patch folder (`transplant --patch`) to apply in memory first; nothing is written.")
-@click.option(
-    "--prompt",
-    type=click.Choice(["surgery", "lm-eval"]),
-    default="surgery",
-    show_default=True,
-    help="surgery: answer-format instruction, chat template; lm-eval: lm-eval-harness's gsm8k prompt (comparable).",
-)
+@PROMPT
 @click.option(
     "--keep",
     multiple=True,
@@ -298,7 +302,10 @@ def select_cmd(
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the --limit subset.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Greedy decoding budget.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per generate call.")
+@SHOTS
+@PROMPT
 @model_options
+@MAX_MEMORY
 @click.option(
     "--out",
     "-o",
@@ -313,7 +320,10 @@ def solutions_cmd(
     seed: int,
     max_new_tokens: int,
     batch_size: int,
+    shots: int,
+    prompt: str,
     options: ModelOptions,
+    max_memory: str | None,
     out: str,
     overwrite: bool,
 ) -> None:
@@ -329,6 +339,9 @@ def solutions_cmd(
         seed=seed,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        shots=shots,
+        prompt=prompt,
+        max_memory=max_memory,
         options=options,
         overwrite=overwrite,
     )

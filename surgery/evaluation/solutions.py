@@ -39,11 +39,13 @@ from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
     BENCHMARKS,
+    PROMPT_STYLES,
     Benchmark,
     Problem,
     extract_boxed,
     gsm8k_gold,
     load_benchmark,
+    prompt_messages,
     select_problems,
 )
 from surgery.evaluation.runner import RECORDS, SUMMARY, eval_settings, evaluate_loaded, problem_ids_sha256, read_records
@@ -164,6 +166,9 @@ def solutions(
     seed: int = 42,
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    shots: int = 0,
+    prompt: str = "surgery",
+    max_memory: str | None = None,
     options: ModelOptions | None = None,
     overwrite: bool = False,
 ) -> SolutionsResult:
@@ -178,6 +183,8 @@ def solutions(
         out: the workload to write (JSONL): one line per correct answer, the prompt exactly as eval rendered it.
         limit, seed: answer a seeded random subset of `limit` problems, as `eval` picks it.
         max_new_tokens, batch_size: greedy decoding budget and batch size.
+        shots, prompt: exemplars and prompt style, as `eval` takes them (`prompt="lm-eval"` is plain text).
+        max_memory: as in `eval`: weights beyond this RAM budget are read from disk (accelerate).
         options: how the model is loaded and prompted (dtype, chat template, device, progress).
         overwrite: replace an existing `out`.
 
@@ -194,14 +201,18 @@ def solutions(
     records = out.with_name(out.name + ".eval")
     if records.exists() and not records.is_dir():
         raise SurgeryError(f"{records.absolute()} is not a folder; move it away: solutions keeps its answers there")
-    check_generation_options(max_new_tokens, batch_size, None, options.device)
+    check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
+    if prompt not in PROMPT_STYLES:
+        raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
     bench = solution_problems(workload, "surgery solutions")
     problems, warning = select_problems(bench, limit, seed)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    prompt_messages(problems[0], bench.grader, shots)  # validates `shots` before any loading
     return _solve(
-        open_checkpoint(model), bench, problems, out, records, limit, seed, max_new_tokens, batch_size, options
-    )
+        open_checkpoint(model), bench, problems, out, records, limit, seed, max_new_tokens, batch_size, options,
+        shots=shots, prompt=prompt, max_memory=max_memory,
+    )  # fmt: skip
 
 
 def source_solutions(
@@ -335,6 +346,10 @@ def _solve(
     max_new_tokens: int,
     batch_size: int,
     options: ModelOptions,
+    *,
+    shots: int = 0,
+    prompt: str = "surgery",
+    max_memory: str | None = None,
 ) -> SolutionsResult:
     """Generate and grade in `records` (eval's runner, resumable), then write the correct answers to `out`.
 
@@ -352,16 +367,17 @@ def _solve(
             problems,
             limit=limit,
             seed=seed,
-            shots=0,
+            shots=shots,
             chat=options.chat,
             max_new_tokens=max_new_tokens,
             fingerprint=ckpt.fingerprint,
+            prompt=prompt,
         )
         return evaluate_loaded(
             lm, tokenizer, bench, problems, settings, records, str(ckpt.path), batch_size, options.progress
         )
 
-    summary = with_model(ckpt.path, options, run)
+    summary = with_model(ckpt.path, options, run, max_memory=max_memory)
     result = SolutionsResult(out, records, summary)
     kept = [r for r in read_records(records / RECORDS) if r["correct"]]
     if not kept:

@@ -403,6 +403,11 @@ def test_eval_results_of_another_model_are_refused_or_noted_with_force(hub: dict
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
     assert f"{target_summary} measured another model" in refused.stderr and "--force" in refused.stderr
     assert not out.exists()
+    # --dry-run refuses it as the write would, and passes with --force.
+    dry = cli(*args, "--eval-results", target_summary, "--dry-run")
+    assert dry.exit_code == 2 and f"{target_summary} measured another model" in dry.stderr
+    assert cli(*args, "--eval-results", target_summary, "--force", "--dry-run").exit_code == 0
+    assert not out.exists()
     forced = cli(*args, "--eval-results", target_summary, "--force")
     assert forced.exit_code == 0 and "attached because of --force" in forced.stderr
     card = (out / "README.md").read_text()

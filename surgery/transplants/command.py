@@ -12,7 +12,7 @@ from surgery.errors import SurgeryError
 from surgery.transplants.patch import PatchResult, plan_patch, write_patch
 from surgery.transplants.plan import WritePlan
 from surgery.transplants.selection import select_transplant
-from surgery.transplants.write import TransplantResult, plan_transplant, transplant
+from surgery.transplants.write import TransplantResult, output_summaries, plan_transplant, transplant
 
 
 def transplant_output(
@@ -68,6 +68,7 @@ def transplant_output(
     }
     if dry_run:
         sel = select_transplant(**inputs, **choice)
+        output_summaries(sel, eval_results, force)  # refused as the write would refuse them
         return plan_patch(sel, reversible=reversible) if patch else plan_transplant(sel, link=link)
     if patch:
         return write_patch(**inputs, **choice, progress=progress, reversible=reversible)

@@ -201,11 +201,7 @@ def transplant(
         alpha=alpha,
     )
     out = out.resolve()
-    summaries = [load_eval_summary(p) for p in eval_results]
-    # The output's fingerprint is read only when there are summaries to check against it: for a cast
-    # selection it imports torch, which a plain transplant never needs.
-    expected = output_fingerprint(sel.target, sel.source, sel.tensors, sel.alpha) if summaries else ""
-    notes = foreign_summaries(eval_results, summaries, expected, force)
+    summaries, notes = output_summaries(sel, eval_results, force)
     record = TransplantRecord(sel.provenance, sel.selection, tuple(c.name for c in sel.modules), alpha=sel.alpha)
 
     def card() -> str:
@@ -216,6 +212,20 @@ def transplant(
         out, sel.target, plan, record=record, card=card, overwrite=overwrite, link=link, progress=progress
     )
     return TransplantResult.made(out, [c.name for c in sel.modules], written, sel.target, sel.alpha)
+
+
+def output_summaries(sel: Selected, eval_results: Sequence[str | Path], force: bool) -> tuple[list[dict], list[str]]:
+    """The eval summaries for the card of `sel`'s output, and the card's notes on them.
+
+    Raises:
+        SurgeryError: a summary that cannot be read, or one of another model than this output (unless `force`:
+            then it is kept, with a note).
+    """
+    summaries = [load_eval_summary(p) for p in eval_results]
+    # The output's fingerprint is read only when there are summaries to check against it: for a cast
+    # selection it imports torch, which a plain transplant never needs.
+    expected = output_fingerprint(sel.target, sel.source, sel.tensors, sel.alpha) if summaries else ""
+    return summaries, foreign_summaries(eval_results, summaries, expected, force)
 
 
 def write_checkpoint(

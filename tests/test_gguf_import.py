@@ -74,6 +74,25 @@ def test_a_log_gets_no_redrawn_bars(tmp_path: Path, ggufs: dict[str, Path]) -> N
     assert "GGUF tensors" not in result.stderr and "Writing model shards" not in result.stderr, result.stderr
 
 
+def test_quiet_turns_the_bars_off_on_a_terminal_too(
+    tmp_path: Path, ggufs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """-q reaches the switch that turns transformers' bars (the converter's too) on or off."""
+    import surgery.checkpoints.loading as loading
+
+    asked, switch = [], loading.transformers_bars
+
+    def recorded(progress: bool):
+        asked.append(progress)
+        return switch(progress)
+
+    monkeypatch.setattr(loading, "transformers_bars", recorded)
+    for extra, name in (([], "bars"), (["-q"], "quiet")):
+        result = CliRunner().invoke(main, ["import-gguf", str(ggufs["tied"]), "-o", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    assert asked[0] is True and asked[-1] is False
+
+
 def test_bfloat16_untied(tmp_path: Path, ggufs: dict[str, Path]) -> None:
     out = import_gguf(ggufs["untied"], tmp_path / "bf16", dtype="bfloat16")
     assert out == (tmp_path / "bf16").resolve()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgery.cli.options import OUT_FOLDER, OVERWRITE
+from surgery.cli.options import OUT_FOLDER, OVERWRITE, QUIET
 
 
 @click.command("import-gguf")
@@ -18,7 +18,8 @@ from surgery.cli.options import OUT_FOLDER, OVERWRITE
     help="Dtype of the stored weights (quantised tensors are de-quantised first).",
 )
 @OVERWRITE
-def import_gguf_cmd(gguf_file: str, out: str, dtype: str, overwrite: bool) -> None:
+@QUIET
+def import_gguf_cmd(gguf_file: str, out: str, dtype: str, overwrite: bool, quiet: bool) -> None:
     """Convert a GGUF file into a safetensors checkpoint folder with config, generation config and tokenizer.
 
     Any causal LM transformers reads from GGUF (llama, qwen2, ...); a tied head stays tied.
@@ -27,7 +28,7 @@ def import_gguf_cmd(gguf_file: str, out: str, dtype: str, overwrite: bool) -> No
     # Imported here, like the other model commands: the converter pulls in torch and transformers.
     from surgery.importers.from_gguf import import_gguf
 
-    folder = import_gguf(gguf_file, out, dtype=dtype, overwrite=overwrite)
+    folder = import_gguf(gguf_file, out, dtype=dtype, overwrite=overwrite, progress=not quiet)
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     click.echo(f"wrote {folder}: {dtype} safetensors ({size / 2**20:.1f} MiB), config, generation config, tokenizer")
 

@@ -28,6 +28,7 @@ def import_gguf(
     *,
     dtype: str = "float32",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write a GGUF file's model as a safetensors checkpoint folder with config, generation config and tokenizer.
 
@@ -40,6 +41,7 @@ def import_gguf(
         out: the output folder; must not exist unless `overwrite`.
         dtype: the stored dtype: `float32`, `bfloat16` or `float16`.
         overwrite: replace an existing `out`, only once the new one is complete.
+        progress: transformers' bars (de-quantizing, writing) on a terminal; False: none (`-q`).
 
     Returns:
         The output folder, resolved.
@@ -58,7 +60,7 @@ def import_gguf(
 
     import torch
 
-    with _bars():
+    with _bars(progress):
         model, tokenizer = _load(src, architecture, getattr(torch, dtype))
         with staged_folder(out, overwrite, sum(t.nbytes for t in model.state_dict().values())) as tmp:
             model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
@@ -67,8 +69,9 @@ def import_gguf(
 
 
 @contextmanager
-def _bars() -> Iterator[None]:
-    """transformers' bars on a terminal only (`transformers_bars`), its GGUF converter's included.
+def _bars(progress: bool) -> Iterator[None]:
+    """transformers' bars on a terminal only, and not with `progress` off (`transformers_bars`), its GGUF
+    converter's included.
 
     The converter draws its "Converting and de-quantizing GGUF tensors" bar with tqdm directly, past
     transformers' switch; for the import it gets transformers' own tqdm, which obeys the switch and
@@ -82,7 +85,7 @@ def _bars() -> Iterator[None]:
     own = converter.tqdm
     converter.tqdm = hf_logging.tqdm
     try:
-        with transformers_bars(progress=True):
+        with transformers_bars(progress=progress):
             yield
     finally:
         converter.tqdm = own

@@ -341,7 +341,8 @@ def tradeoff_accuracy(
 ) -> dict[str, Path]:
     """Greedy accuracy (test split, seed 42) of each patched state (swapped into the target in memory, as `sweep`
     does), the target and the source, in chunks of --acc-chunk problems taken in turn, so that however far a run
-    gets, every model has answered the same problems: resumable folders, one per model."""
+    gets, every model has answered the same problems: resumable folders, one per model. With --acc-patched-first,
+    the patched states answer every problem first (their paired comparison), then the target and the source."""
     from surgery.checkpoints.loading import with_model
     from surgery.checkpoints.swap import swapped
     from surgery.evaluation.runner import eval_settings, evaluate_loaded, prepare
@@ -358,21 +359,26 @@ def tradeoff_accuracy(
         # a prefix of the subset (which is in dataset order, a random sample) is itself a random sample.
         settings = eval_settings(lm, tokenizer, bench, problems, limit=args.acc_limit, seed=42, shots=0, chat=True,
                                  max_new_tokens=args.budget, fingerprint=fingerprint)  # fmt: skip
-        evaluate_loaded(lm, tokenizer, bench, problems[:upto], settings, out[label], label, 16, False)
+        evaluate_loaded(lm, tokenizer, bench, problems[:upto], settings, out[label], label, args.acc_batch, False)
 
-    for upto in range(args.acc_chunk, args.acc_limit + args.acc_chunk, args.acc_chunk):
-        upto = min(upto, args.acc_limit)
-        log(f"accuracy: every model on the first {upto} of {args.acc_limit} problems")
+    passes = [(True, False), (False, True)] if args.acc_patched_first else [(True, True)]
+    for patched, baselines in passes:
+        for upto in range(args.acc_chunk, args.acc_limit + args.acc_chunk, args.acc_chunk):
+            upto = min(upto, args.acc_limit)
+            who = "every model" if patched and baselines else "the patched models" if patched else "target, source"
+            log(f"accuracy: {who} on the first {upto} of {args.acc_limit} problems")
 
-        def on_target(lm, upto: int = upto) -> None:
-            for label, state in states.items():
-                fingerprint = output_fingerprint(tgt, src, state.tensors, state.alpha)
-                with swapped(lm, src, list(state.tensors), alpha=state.alpha):
-                    run(lm, label, fingerprint, upto)
-            run(lm, "target", tgt.fingerprint, upto)
+            def on_target(lm, upto: int = upto, patched: bool = patched, baselines: bool = baselines) -> None:
+                for label, state in states.items() if patched else ():
+                    fingerprint = output_fingerprint(tgt, src, state.tensors, state.alpha)
+                    with swapped(lm, src, list(state.tensors), alpha=state.alpha):
+                        run(lm, label, fingerprint, upto)
+                if baselines:
+                    run(lm, "target", tgt.fingerprint, upto)
 
-        with_model(tgt.path, options, on_target)
-        with_model(src.path, options, lambda lm, upto=upto: run(lm, "source", src.fingerprint, upto))
+            with_model(tgt.path, options, on_target)
+            if baselines:
+                with_model(src.path, options, lambda lm, upto=upto: run(lm, "source", src.fingerprint, upto))
     return out
 
 
@@ -737,6 +743,12 @@ def main() -> None:
     ap.add_argument("--benchmark", default="gsm8k", help="--tradeoff: the test set of the accuracy part")
     ap.add_argument("--doc", default=TRADEOFF_DOC, help="--tradeoff: the page written under docs/")
     ap.add_argument("--acc-chunk", type=int, default=32, help="--tradeoff: problems each model answers in turn")
+    ap.add_argument("--acc-batch", type=int, default=16, help="--tradeoff: prompts per generate call")
+    ap.add_argument(
+        "--acc-patched-first",
+        action="store_true",
+        help="--tradeoff: the choice and the interpolation answer every problem before the target and the source",
+    )
     ap.add_argument(
         "--acc-report-only",
         action="store_true",

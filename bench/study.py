@@ -386,18 +386,27 @@ def _correct(folder: Path) -> dict[str, float]:
     return {r["id"]: float(r["correct"]) for r in read_records(folder / RECORDS)}
 
 
-def accuracy_text(acc: dict[str, Path], pick: str, matched: str, scores: dict, acc_limit: int) -> str:
+def _answer_shapes(folder: Path, budget: int) -> str:
+    """How a model's answers end: cut at the budget, or the final '#### N' line alone (no working shown)."""
+    records = read_records(folder / RECORDS)
+    cut = sum(r["tokens"] >= budget for r in records)
+    bare = sum(r["output"].strip().startswith("####") and "\n" not in r["output"].strip() for r in records)
+    return f"{cut} | {bare}"
+
+
+def accuracy_text(acc: dict[str, Path], pick: str, matched: str, scores: dict, acc_limit: int, budget: int) -> str:
     """Accuracy of each model on the problems it finished, the transplant minus the interpolation problem by
     problem, Recovery where source and target are done, and how on-policy / gold NLL rank against accuracy."""
     from surgery.evaluation.metrics import paired_bootstrap, wilson_interval
 
     done = {label: _correct(folder) for label, folder in acc.items() if folder.is_dir()}
-    lines = ["| model | problems scored | accuracy [95% Wilson] |", "|---|---|---|"]
+    lines = [f"| model | problems scored | accuracy [95% Wilson] | answers cut at {budget} tokens | answers that are "
+             "the '#### N' line alone |", "|---|---|---|---|---|"]  # fmt: skip
     for label, rec in done.items():
         if rec:
             lo, hi = wilson_interval(int(sum(rec.values())), len(rec))
             lines.append(f"| {label} | {len(rec)} of {acc_limit} | {100 * _mean(list(rec.values())):.1f}% "
-                         f"[{100 * lo:.1f}, {100 * hi:.1f}] |")  # fmt: skip
+                         f"[{100 * lo:.1f}, {100 * hi:.1f}] | {_answer_shapes(acc[label], budget)} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     a, b = done.get(pick, {}), done.get(matched, {})
     both = sorted(set(a) & set(b))
@@ -597,7 +606,7 @@ def tradeoff_study(args: argparse.Namespace) -> None:
     if args.acc_limit:
         models = {pick: by_label[pick], matched: by_label[matched]}
         acc = tradeoff_accuracy(args, src, tgt, models, study / "acc", options, log)
-        acc_text = accuracy_text(acc, pick, matched, scores, args.acc_limit)
+        acc_text = accuracy_text(acc, pick, matched, scores, args.acc_limit, args.budget)
     minutes = (time.perf_counter() - t0) / 60
     docs_dir = ROOT / "docs"
     stem = Path(args.doc).stem

@@ -275,6 +275,12 @@ def _check_prompt_args(grader: str, shots: int) -> None:
         raise SurgeryError(f"--shots must be an integer from 0 to {MAX_SHOTS}, got {shots!r}")
 
 
+def check_prompt_style(prompt: str) -> None:
+    """Refuse a `--prompt` that is not one of `PROMPT_STYLES` (`eval` and `solutions`)."""
+    if prompt not in PROMPT_STYLES:
+        raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
+
+
 def _user_turn(question: str, grader: str, style: str = "surgery") -> str:
     return question.strip() if style == "lm-eval" else f"{question.strip()}\n{_INSTRUCTIONS[grader]}"
 

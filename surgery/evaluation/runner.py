@@ -30,10 +30,10 @@ from surgery.distributed import barrier, dist_info, init
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
     LM_EVAL_STOP_STRINGS,
-    PROMPT_STYLES,
     STOP_STRINGS,
     Benchmark,
     Problem,
+    check_prompt_style,
     grade,
     load_benchmark,
     prompt_messages,
@@ -204,8 +204,7 @@ def evaluate(
             "--patch is copied into the loaded weights, which --max-memory may leave on disk; drop --max-memory, "
             "or write the patched checkpoint with `surgery apply` and eval that with --max-memory"
         )
-    if prompt not in PROMPT_STYLES:
-        raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
+    check_prompt_style(prompt)
     bench, problems = prepare(benchmark, limit, seed, shots)
     workloads = keep_sets(keep)
     ckpt = open_checkpoint(model)

@@ -39,9 +39,9 @@ from surgery.checkpoints.options import ModelOptions
 from surgery.errors import SurgeryError
 from surgery.evaluation.benchmarks import (
     BENCHMARKS,
-    PROMPT_STYLES,
     Benchmark,
     Problem,
+    check_prompt_style,
     extract_boxed,
     gsm8k_gold,
     load_benchmark,
@@ -202,8 +202,7 @@ def solutions(
     if records.exists() and not records.is_dir():
         raise SurgeryError(f"{records.absolute()} is not a folder; move it away: solutions keeps its answers there")
     check_generation_options(max_new_tokens, batch_size, max_memory, options.device)
-    if prompt not in PROMPT_STYLES:
-        raise SurgeryError(f"--prompt {prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
+    check_prompt_style(prompt)
     bench = solution_problems(workload, "surgery solutions")
     problems, warning = select_problems(bench, limit, seed)
     if warning:
